@@ -1,0 +1,543 @@
+"""The MoE dialect: four JAX primitives that spell out a Mixture-of-Experts layer.
+
+The survey's equations (1)-(4) become named operations, so that a traced model
+shows its MoE structure and passes can read and rewrite every decision:
+
+=================  ==========================================================
+``moe_route``      x [T,d], router weight [d,E] (, selection bias [E])
+                   -> combine weights [T,K] (f32), expert ids [T,K] (int32)
+``moe_dispatch``   x [T,d], expert ids [T,K]
+                   -> grouped rows [T*K,d], group sizes [E], order [T*K]
+``moe_expert_ffn`` grouped rows [N,d], group sizes [E], *expert weights
+                   -> grouped outputs [N,d]
+``moe_combine``    grouped outputs [N,d], order [N], combine weights [T,K]
+                   -> y [T,d]
+=================  ==========================================================
+
+Conventions that every implementation and pass relies on:
+
+* An expert id of ``-1`` marks a dropped slot (dynamic gating, capacity). Its
+  combine weight is 0, dispatch sorts it after every real row and leaves it out
+  of the group sizes, so it consumes no expert compute.
+* Rows of the grouped tensor past ``sum(group_sizes)`` are padding; the expert
+  op returns zeros there.
+* ``order[i]`` is the flat slot ``t*K + j`` whose token row ``i`` holds.
+
+Each primitive keeps its reference implementation (its meaning), abstract
+evaluation, batching rule, JVP and XLA lowering together, like JAX's own
+``lax`` primitives. The expert op's ``impl`` param selects one of several
+registered implementations (:func:`register_ffn_impl`); all compute the same
+function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+from jax.interpreters import ad, batching, mlir
+
+__all__ = [
+    "Routing",
+    "moe_route",
+    "moe_dispatch",
+    "moe_expert_ffn",
+    "moe_combine",
+    "sparse_moe",
+    "route_p",
+    "dispatch_p",
+    "expert_ffn_p",
+    "combine_p",
+    "DIALECT_PRIMITIVES",
+    "is_dialect_primitive",
+    "register_ffn_impl",
+    "ffn_impls",
+    "ffn_reference",
+    "activation_fn",
+    "ACTIVATIONS",
+]
+
+GATING_MODES = ("topk", "top_p", "threshold", "skip")
+SCORE_FNS = ("softmax", "sigmoid")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
+# --------------------------------------------------------------------------
+# Routing configuration: one hashable value carries every routing decision.
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Every decision of ``moe_route``; hashable so it can be a primitive param.
+
+    Attributes:
+      k: experts selected per token (for ``top_p``/``threshold`` the cap is
+        ``max_k``).
+      score: ``"softmax"`` or ``"sigmoid"`` scoring of router logits.
+      norm_topk: renormalise the selected weights to sum to 1.
+      scale: multiplier on the final weights (DeepSeek's routed scaling).
+      n_group, topk_group: group-limited routing (DeepSeek-V2/V3): experts are
+        split in ``n_group`` groups and only the best ``topk_group`` groups are
+        eligible. ``n_group=1`` disables it.
+      group_score: how a group is scored: ``"max"`` (V2) or ``"top2_sum"`` (V3).
+      gating: ``"topk"`` (static), ``"top_p"`` (smallest set reaching mass
+        ``top_p``), ``"threshold"`` (experts whose probability reaches
+        ``threshold``) or ``"skip"`` (top-k, then drop experts whose weight is
+        below ``skip_ratio`` times the top weight).
+      max_k: the cap on experts per token for dynamic modes (defaults to k).
+      expert_map: after selection, expert ``e`` is replaced by
+        ``expert_map[e]`` (merging); slots landing on the same expert add up.
+    """
+
+    k: int
+    score: str = "softmax"
+    norm_topk: bool = True
+    scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    gating: str = "topk"
+    top_p: float = 1.0
+    threshold: float = 0.0
+    skip_ratio: float = 0.0
+    max_k: int | None = None
+    expert_map: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"Routing.k must be >= 1, got {self.k}")
+        if self.score not in SCORE_FNS:
+            raise ValueError(f"Routing.score must be one of {SCORE_FNS}, got {self.score!r}")
+        if self.gating not in GATING_MODES:
+            raise ValueError(f"Routing.gating must be one of {GATING_MODES}, got {self.gating!r}")
+        if self.group_score not in ("max", "top2_sum"):
+            raise ValueError(f"Routing.group_score must be 'max' or 'top2_sum', got {self.group_score!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"Routing.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_k is not None and self.max_k < 1:
+            raise ValueError(f"Routing.max_k must be >= 1, got {self.max_k}")
+
+    @property
+    def slots(self) -> int:
+        """Number of expert slots per token in the op's outputs (K)."""
+        if self.gating in ("top_p", "threshold"):
+            return self.max_k or self.k
+        return self.k
+
+    def num_selected_experts(self, num_router_experts: int) -> int:
+        """Experts the routed ids can name (after ``expert_map``)."""
+        if self.expert_map is None:
+            return num_router_experts
+        return max(self.expert_map) + 1
+
+
+# --------------------------------------------------------------------------
+# Reference implementations: the meaning of each op in plain jax.numpy.
+# --------------------------------------------------------------------------
+def _scores(logits: jax.Array, score: str) -> jax.Array:
+    return jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
+
+
+def _group_limit(sel_scores: jax.Array, r: Routing) -> jax.Array:
+    """Mask experts outside the ``topk_group`` best groups with -inf."""
+    t, e = sel_scores.shape
+    if r.n_group <= 1:
+        return sel_scores
+    if e % r.n_group:
+        raise ValueError(f"group-limited routing: {e} experts do not split into n_group={r.n_group} groups")
+    grouped = sel_scores.reshape(t, r.n_group, e // r.n_group)
+    if r.group_score == "max":
+        gscore = grouped.max(-1)
+    else:
+        gscore = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    _, gidx = jax.lax.top_k(gscore, r.topk_group)
+    gmask = jnp.zeros((t, r.n_group), bool).at[jnp.arange(t)[:, None], gidx].set(True)
+    emask = jnp.repeat(gmask, e // r.n_group, axis=1)
+    return jnp.where(emask, sel_scores, -jnp.inf)
+
+
+def route_reference(x, w_router, *bias, routing: Routing, name: str = "", impl: str = "reference"):
+    """Router scores, expert selection and combine weights for every token."""
+    r = routing
+    logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32))
+    probs = _scores(logits, r.score)
+    sel = probs + bias[0].astype(jnp.float32) if bias else probs
+    sel = _group_limit(sel, r)
+    n_experts = probs.shape[-1]
+    kk = min(r.slots, n_experts)
+    _, ids = jax.lax.top_k(sel, kk)
+    w = jnp.take_along_axis(probs, ids, axis=-1)
+    keep = jnp.ones_like(w, dtype=bool)
+    if r.gating == "top_p":
+        # Smallest prefix (by descending weight) whose mass reaches top_p.
+        total = probs.sum(-1, keepdims=True)
+        mass_before = jnp.cumsum(w, axis=-1) - w
+        keep = mass_before < r.top_p * total
+    elif r.gating == "threshold":
+        keep = w >= r.threshold
+    elif r.gating == "skip":
+        keep = w >= r.skip_ratio * w[:, :1]
+    keep = keep.at[:, 0].set(True)  # every token keeps its best expert
+    w = jnp.where(keep, w, 0.0)
+    if r.norm_topk:
+        w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-20)
+    w = w * r.scale
+    ids = jnp.where(keep, ids, -1).astype(jnp.int32)
+    if r.expert_map is not None:
+        ids, w = _apply_expert_map(ids, w, r.expert_map)
+    if kk < r.slots:  # k = E with max_k > E: pad dropped slots
+        pad = r.slots - kk
+        ids = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        w = jnp.pad(w, ((0, 0), (0, pad)))
+    return w.astype(jnp.float32), ids
+
+
+def _apply_expert_map(ids, w, expert_map):
+    """Map selected experts to merged experts; slots that collide add up."""
+    table = jnp.asarray(expert_map, jnp.int32)
+    mapped = jnp.where(ids >= 0, table[jnp.maximum(ids, 0)], -1)
+    k = ids.shape[1]
+    same = (mapped[:, :, None] == mapped[:, None, :]) & (mapped[:, :, None] >= 0)
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [j, i]: i < j
+    dup = (same & earlier[None]).any(-1)  # a previous slot holds the same expert
+    first = ~dup
+    # Weight of each first occurrence = sum of weights of its duplicates.
+    summed = jnp.einsum("tij,tj->ti", same.astype(w.dtype), w)
+    w = jnp.where(first, summed, 0.0)
+    mapped = jnp.where(first, mapped, -1)
+    return mapped, w
+
+
+def dispatch_reference(x, ids, *, num_experts: int, name: str = ""):
+    """Sort token slots by expert; dropped slots (id -1) go last."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    key = jnp.where(flat < 0, num_experts, flat)
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    grouped = jnp.take(x, order // k, axis=0)
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[key].add(1, mode="drop")
+    return grouped, group_sizes, order
+
+
+def combine_reference(out, order, weights, *, name: str = ""):
+    """Weighted scatter-add of grouped expert outputs back to token rows."""
+    t, k = weights.shape
+    w_rows = jnp.take(weights.reshape(-1), order)
+    contrib = out.astype(jnp.float32) * w_rows[:, None]
+    y = jnp.zeros((t, out.shape[1]), jnp.float32).at[order // k].add(contrib)
+    return y.astype(out.dtype)
+
+
+def activation_fn(activation: str) -> Callable:
+    """The pointwise part of an expert FFN (gated ones take (gate, up))."""
+    return {
+        "swiglu": lambda g, u: jax.nn.silu(g) * u,
+        "geglu": lambda g, u: jax.nn.gelu(g, approximate=False) * u,
+        "gelu": lambda u: jax.nn.gelu(u, approximate=False),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+    }[activation]
+
+
+def materialize(w, dtype):
+    """A float array for a stored expert weight (dequantizing if needed)."""
+    return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+
+
+def row_groups(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """Group index of each grouped row (``len(group_sizes)`` for padding rows)."""
+    ends = jnp.cumsum(group_sizes)
+    return jnp.searchsorted(ends, jnp.arange(num_rows, dtype=ends.dtype), side="right")
+
+
+def ffn_reference(grouped, group_sizes, weights, *, activation: str):
+    """Meaning of the expert op: every expert on every row, masked by group.
+
+    Costs E times the needed FLOPs; it is the specification, not a fast path.
+    """
+    dtype = grouped.dtype
+    num_experts = group_sizes.shape[0]
+    gid = row_groups(group_sizes, grouped.shape[0])
+    act = activation_fn(activation)
+    mats = [materialize(w, dtype) for w in weights]
+    out = jnp.zeros(grouped.shape, jnp.float32)
+    for e in range(num_experts):
+        h = _expert_hidden(grouped, [m[e] for m in mats[:-1]], activation, act)
+        y = jnp.dot(h.astype(dtype), mats[-1][e], preferred_element_type=jnp.float32)
+        out = out + jnp.where((gid == e)[:, None], y, 0.0)
+    return out.astype(dtype)
+
+
+def _expert_hidden(x, in_mats, activation, act):
+    if activation in GATED_ACTIVATIONS:
+        g = jnp.dot(x, in_mats[0], preferred_element_type=jnp.float32)
+        u = jnp.dot(x, in_mats[1], preferred_element_type=jnp.float32)
+        return act(g, u)
+    return act(jnp.dot(x, in_mats[0], preferred_element_type=jnp.float32))
+
+
+def ffn_ragged(grouped, group_sizes, weights, *, activation: str):
+    """Sorted rows against stacked experts with ``jax.lax.ragged_dot``."""
+    dtype = grouped.dtype
+    mats = [materialize(w, dtype) for w in weights]
+    gs = group_sizes.astype(jnp.int32)
+    act = activation_fn(activation)
+
+    def mm(a, w):
+        return jax.lax.ragged_dot(a, w, gs, preferred_element_type=jnp.float32)
+
+    if activation in GATED_ACTIVATIONS:
+        h = act(mm(grouped, mats[0]), mm(grouped, mats[1]))
+    else:
+        h = act(mm(grouped, mats[0]))
+    return mm(h.astype(dtype), mats[-1]).astype(dtype)
+
+
+# name -> (implementation, platforms it lowers on or None for all)
+_FFN_IMPLS: dict[str, Callable] = {"reference": ffn_reference, "ragged": ffn_ragged}
+
+
+def register_ffn_impl(name: str, fn: Callable) -> None:
+    """Register an expert-FFN implementation selectable by the ``impl`` param.
+
+    ``fn(grouped, group_sizes, weights, *, activation) -> out`` must compute
+    exactly what :func:`ffn_reference` computes (rows past the groups are 0).
+    """
+    _FFN_IMPLS[name] = fn
+
+
+def ffn_impls() -> tuple[str, ...]:
+    """Names of the registered expert-FFN implementations."""
+    return tuple(_FFN_IMPLS)
+
+
+def _ffn_impl(impl: str) -> Callable:
+    try:
+        return _FFN_IMPLS[impl]
+    except KeyError:
+        raise ValueError(
+            f"moe_expert_ffn: unknown impl {impl!r}; registered: {sorted(_FFN_IMPLS)} "
+            "(kernels register theirs when their module is imported, e.g. moejax.pallas_kernels)"
+        ) from None
+
+
+def expert_ffn_apply(grouped, group_sizes, *leaves, activation, weights_tree, impl="reference",
+                     weight_format="float", name=""):
+    """Run the expert op's selected implementation on flattened weight leaves."""
+    weights = jax.tree_util.tree_unflatten(weights_tree, leaves)
+    return _ffn_impl(impl)(grouped, group_sizes, weights, activation=activation)
+
+
+# --------------------------------------------------------------------------
+# Primitive machinery shared by the four ops.
+# --------------------------------------------------------------------------
+def _make_primitive(name: str, fn: Callable, abstract: Callable, multiple_results: bool,
+                    batch_rule: Callable | None = None) -> jcore.Primitive:
+    """A primitive whose lowering, JVP and default batching all derive from ``fn``."""
+    prim = jcore.Primitive(name)
+    prim.multiple_results = multiple_results
+    prim.def_impl(functools.partial(_eager_impl, prim))
+    prim.def_abstract_eval(abstract)
+    mlir.register_lowering(prim, mlir.lower_fun(fn, multiple_results=multiple_results))
+    ad.primitive_jvps[prim] = functools.partial(_jvp_via_impl, fn, multiple_results)
+    batching.primitive_batchers[prim] = batch_rule or functools.partial(_batch_via_vmap, fn, multiple_results)
+    prim.implementation = fn  # type: ignore[attr-defined]  # used to inline the op
+    return prim
+
+
+def _eager_impl(prim, *args, **params):
+    return jax.jit(functools.partial(prim.bind, **params))(*args)
+
+
+def _jvp_via_impl(fn, multiple_results, primals, tangents, **params):
+    """JVP of the reference: tangent math is plain JAX, so it transposes too."""
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    out, out_t = jax.jvp(functools.partial(fn, **params), tuple(primals), tuple(tangents))
+    if not multiple_results:
+        return out, out_t
+    out_t = [ad.Zero(jax.typeof(o).to_tangent_aval()) if t.dtype == jax.dtypes.float0 else t
+             for o, t in zip(out, out_t)]
+    return out, out_t
+
+
+def _unmapped(dim) -> bool:
+    return dim is None or type(dim).__name__ == "NotMapped"
+
+
+def _batch_via_vmap(fn, multiple_results, args, dims, **params):
+    in_axes = tuple(None if _unmapped(d) else d for d in dims)
+    out = jax.vmap(functools.partial(fn, **params), in_axes=in_axes)(*args)
+    return out, ([0] * len(out) if multiple_results else 0)
+
+
+def _sd(shape, dtype):
+    return jax.core.ShapedArray(tuple(shape), jnp.dtype(dtype))
+
+
+# --- moe_route --------------------------------------------------------------
+def _route_abstract(x, w_router, *bias, routing: Routing, name: str = "", impl: str = "reference"):
+    if x.ndim != 2 or w_router.ndim != 2 or x.shape[1] != w_router.shape[0]:
+        raise TypeError(f"moe_route[{name}]: x {x.shape} and router weight {w_router.shape} must be [T,d] and [d,E]")
+    if bias and bias[0].shape != (w_router.shape[1],):
+        raise TypeError(f"moe_route[{name}]: selection bias {bias[0].shape} must be [E={w_router.shape[1]}]")
+    t = x.shape[0]
+    return [_sd((t, routing.slots), jnp.float32), _sd((t, routing.slots), jnp.int32)]
+
+
+def _route_batch(args, dims, **params):
+    """Keep the op under vmap: a batch of token matrices is one taller matrix."""
+    x, *rest = args
+    xd, *rest_d = dims
+    if not all(_unmapped(d) for d in rest_d) or _unmapped(xd):
+        return _batch_via_vmap(route_reference, True, args, dims, **params)
+    x = jnp.moveaxis(x, xd, 0)
+    b, t = x.shape[:2]
+    w, ids = route_p.bind(x.reshape(b * t, x.shape[2]), *rest, **params)
+    return [w.reshape(b, t, -1), ids.reshape(b, t, -1)], [0, 0]
+
+
+def _route_impl(x, w_router, *bias, routing, name="", impl="reference"):
+    if impl != "reference":
+        fn = _ROUTE_IMPLS.get(impl)
+        if fn is None:
+            raise ValueError(f"moe_route: unknown impl {impl!r}; registered: {sorted(_ROUTE_IMPLS) + ['reference']}")
+        return fn(x, w_router, *bias, routing=routing)
+    return route_reference(x, w_router, *bias, routing=routing)
+
+
+_ROUTE_IMPLS: dict[str, Callable] = {}
+
+
+def register_route_impl(name: str, fn: Callable) -> None:
+    """Register a router implementation (e.g. a fused Pallas kernel)."""
+    _ROUTE_IMPLS[name] = fn
+
+
+route_p = _make_primitive("moe_route", _route_impl, _route_abstract, True, _route_batch)
+
+
+# --- moe_dispatch -----------------------------------------------------------
+def _dispatch_abstract(x, ids, *, num_experts: int, name: str = ""):
+    if x.ndim != 2 or ids.ndim != 2 or x.shape[0] != ids.shape[0]:
+        raise TypeError(f"moe_dispatch[{name}]: x {x.shape} and ids {ids.shape} must be [T,d] and [T,K]")
+    n = ids.shape[0] * ids.shape[1]
+    return [_sd((n, x.shape[1]), x.dtype), _sd((num_experts,), jnp.int32), _sd((n,), jnp.int32)]
+
+
+dispatch_p = _make_primitive("moe_dispatch", dispatch_reference, _dispatch_abstract, True)
+
+
+# --- moe_expert_ffn -----------------------------------------------------------
+def _ffn_abstract(grouped, group_sizes, *leaves, activation, weights_tree, impl="reference",
+                  weight_format="float", name=""):
+    if activation not in ACTIVATIONS:
+        raise TypeError(f"moe_expert_ffn[{name}]: activation {activation!r} not in {ACTIVATIONS}")
+    if grouped.ndim != 2 or group_sizes.ndim != 1:
+        raise TypeError(f"moe_expert_ffn[{name}]: grouped {grouped.shape} must be [N,d], group sizes [E]")
+    return _sd(grouped.shape, grouped.dtype)
+
+
+expert_ffn_p = _make_primitive("moe_expert_ffn", expert_ffn_apply, _ffn_abstract, False)
+
+
+# --- moe_combine --------------------------------------------------------------
+def _combine_abstract(out, order, weights, *, name: str = ""):
+    if out.ndim != 2 or weights.ndim != 2 or order.shape != (out.shape[0],):
+        raise TypeError(f"moe_combine[{name}]: out {out.shape}, order {order.shape}, weights {weights.shape} mismatch")
+    return _sd((weights.shape[0], out.shape[1]), out.dtype)
+
+
+combine_p = _make_primitive("moe_combine", combine_reference, _combine_abstract, False)
+
+DIALECT_PRIMITIVES = (route_p, dispatch_p, expert_ffn_p, combine_p)
+_DIALECT_NAMES = frozenset(p.name for p in DIALECT_PRIMITIVES)
+
+
+def is_dialect_primitive(prim: Any) -> bool:
+    """True for the ``moe_*`` primitives of this dialect."""
+    return getattr(prim, "name", None) in _DIALECT_NAMES
+
+
+# --------------------------------------------------------------------------
+# Public, typed entry points used by model layers.
+# --------------------------------------------------------------------------
+def moe_route(x: jax.Array, w_router: jax.Array, selection_bias: jax.Array | None = None, *,
+              routing: Routing, name: str = "") -> tuple[jax.Array, jax.Array]:
+    """Select experts: returns (combine weights [T,K] f32, expert ids [T,K] int32)."""
+    args = (x, w_router) if selection_bias is None else (x, w_router, selection_bias)
+    w, ids = route_p.bind(*args, routing=routing, name=name, impl="reference")
+    return w, ids
+
+
+def moe_dispatch(x: jax.Array, ids: jax.Array, *, num_experts: int, name: str = ""):
+    """Group token rows by expert: (grouped [T*K,d], group sizes [E], order [T*K])."""
+    grouped, sizes, order = dispatch_p.bind(x, ids, num_experts=int(num_experts), name=name)
+    return grouped, sizes, order
+
+
+def weight_format_of(weights: Sequence[Any]) -> str:
+    """Human-readable storage format of expert weights (``float``, ``int8`` ...)."""
+    fmts = {getattr(w, "format", "float") for w in weights}
+    return fmts.pop() if len(fmts) == 1 else "+".join(sorted(fmts))
+
+
+def moe_expert_ffn(grouped: jax.Array, group_sizes: jax.Array, weights: Sequence[Any], *,
+                   activation: str = "swiglu", impl: str = "reference", name: str = "") -> jax.Array:
+    """Apply expert ``e`` to the rows of group ``e``.
+
+    ``weights`` is ``(w_gate [E,d,f], w_up [E,d,f], w_down [E,f,d])`` for gated
+    activations or ``(w_up, w_down)`` otherwise; any of them may be a quantized
+    tensor (a pytree with ``dequantize(dtype)`` and ``format``).
+    """
+    weights = tuple(weights)
+    expected = 3 if activation in GATED_ACTIVATIONS else 2
+    if len(weights) != expected:
+        raise ValueError(f"moe_expert_ffn[{name}]: activation {activation!r} needs {expected} weight "
+                         f"matrices, got {len(weights)}")
+    leaves, tree = jax.tree_util.tree_flatten(weights)
+    return expert_ffn_p.bind(grouped, group_sizes, *leaves, activation=activation, weights_tree=tree,
+                             impl=impl, weight_format=weight_format_of(weights), name=name)
+
+
+def moe_combine(out: jax.Array, order: jax.Array, weights: jax.Array, *, name: str = "") -> jax.Array:
+    """Weighted sum of each token's expert outputs: y [T,d]."""
+    return combine_p.bind(out, order, weights, name=name)
+
+
+def sparse_moe(x: jax.Array, w_router: jax.Array, expert_weights: Sequence[Any], *, routing: Routing,
+               activation: str = "swiglu", selection_bias: jax.Array | None = None,
+               name: str = "") -> jax.Array:
+    """A routed-experts block on tokens ``x [..., d]`` written with the four ops."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    num_experts = routing.num_selected_experts(w_router.shape[1])
+    w, ids = moe_route(x2, w_router, selection_bias, routing=routing, name=name)
+    grouped, sizes, order = moe_dispatch(x2, ids, num_experts=num_experts, name=name)
+    out = moe_expert_ffn(grouped, sizes, expert_weights, activation=activation, name=name)
+    return moe_combine(out, order, w, name=name).reshape(*lead, x.shape[-1])
+
+
+def einsum_moe_reference(x, w_router, expert_weights, *, routing: Routing, activation="swiglu",
+                         selection_bias=None):
+    """A dialect-free MoE (every expert on every token, dense combine) for tests."""
+    x2 = x.reshape(-1, x.shape[-1])
+    w, ids = route_reference(x2, w_router, *(() if selection_bias is None else (selection_bias,)),
+                             routing=routing)
+    n_exp = routing.num_selected_experts(w_router.shape[1])
+    dense_w = jnp.zeros((x2.shape[0], n_exp), jnp.float32)
+    dense_w = dense_w.at[jnp.arange(x2.shape[0])[:, None], jnp.maximum(ids, 0)].add(jnp.where(ids >= 0, w, 0.0))
+    mats = [materialize(m, x.dtype) for m in expert_weights]
+    act = activation_fn(activation)
+    if activation in GATED_ACTIVATIONS:
+        h = act(jnp.einsum("td,edf->etf", x2, mats[0], preferred_element_type=jnp.float32),
+                jnp.einsum("td,edf->etf", x2, mats[1], preferred_element_type=jnp.float32))
+    else:
+        h = act(jnp.einsum("td,edf->etf", x2, mats[0], preferred_element_type=jnp.float32))
+    y = jnp.einsum("etf,efd->etd", h.astype(x.dtype), mats[-1], preferred_element_type=jnp.float32)
+    out = jnp.einsum("etd,te->td", y, dense_w)
+    return out.astype(x.dtype).reshape(x.shape)
