@@ -1,4 +1,25 @@
-"""moejax: a compiler-pass framework for Mixture-of-Experts inference in JAX."""
+"""moejax: a compiler-pass framework for Mixture-of-Experts inference in JAX.
+
+Public API::
+
+    program = moejax.trace(model, tokens)            # a Program: jaxpr + weights
+    opt = moejax.optimize(model, (tokens,), "select-impl,...")
+    opt(tokens); opt.stages; opt.report()
+"""
 from moejax import dialect
+from moejax.dialect import Routing
+from moejax.inspection import diff_programs, moe_graph_dot
+from moejax.lowering import inline_dialect
+from moejax.optimize import OptimizedModel, optimize
+from moejax.pipeline import (Pass, PassContext, PassError, PassManager, Stage, parse_pipeline, register_pass,
+                             registered_passes)
+from moejax.program import InputSignatureError, Program, trace
+from moejax.stats import program_stats
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "dialect", "Routing", "trace", "Program", "InputSignatureError", "optimize", "OptimizedModel", "Pass",
+    "PassContext", "PassError", "PassManager", "Stage", "parse_pipeline", "register_pass", "registered_passes",
+    "inline_dialect", "diff_programs", "moe_graph_dot", "program_stats",
+]

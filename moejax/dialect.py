@@ -482,7 +482,7 @@ def moe_dispatch(x: jax.Array, ids: jax.Array, *, num_experts: int, name: str = 
 
 def weight_format_of(weights: Sequence[Any]) -> str:
     """Human-readable storage format of expert weights (``float``, ``int8`` ...)."""
-    fmts = {getattr(w, "format", "float") for w in weights}
+    fmts = {w.format if hasattr(w, "dequantize") else "float" for w in weights}
     return fmts.pop() if len(fmts) == 1 else "+".join(sorted(fmts))
 
 

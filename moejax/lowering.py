@@ -1,0 +1,16 @@
+"""The final lowering: inline every remaining ``moe_*`` op into plain JAX."""
+from __future__ import annotations
+
+from moejax import dialect, rewrite
+from moejax.program import Program
+
+__all__ = ["inline_dialect"]
+
+
+def inline_dialect(program: Program) -> Program:
+    """A program without dialect ops: each op is replaced by its selected implementation.
+
+    The result is an ordinary jaxpr every JAX transformation understands.
+    """
+    rules = {p.name: rewrite.inline_dialect_rule for p in dialect.DIALECT_PRIMITIVES}
+    return program.rewrite(rules)
