@@ -1,4 +1,14 @@
-"""Flax NNX MoE model families whose MoE layers are written with the moe_* dialect."""
-from moejax.models.decoder import DecoderLayer, MoEConfig, MoEDecoder, tiny_mixtral
+"""Flax NNX MoE model families whose MoE layers are written with the moe_* dialect.
 
-__all__ = ["MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral"]
+* :class:`MoEConfig` / :class:`MoEDecoder`: one config-driven decoder covering Mixtral
+  (and Switch-style top-1), Qwen2-MoE, OLMoE, DeepSeek-V2/V3 (MLA), DBRX.
+* :mod:`moejax.models.presets`: published full-size configs and tiny test configs.
+* :func:`from_pretrained` / :func:`save_pretrained_hf`: Hugging Face safetensors checkpoints.
+* :func:`generate`: prefill plus KV-cache decoding.
+"""
+from moejax.models.decoder import DecoderLayer, MoEConfig, MoEDecoder, tiny_mixtral
+from moejax.models.generate import generate, sample_next
+from moejax.models.hf import SUPPORTED_ARCHITECTURES, CheckpointError, config_from_hf, from_pretrained, save_pretrained_hf
+
+__all__ = ["MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral", "generate", "sample_next", "from_pretrained",
+           "save_pretrained_hf", "config_from_hf", "SUPPORTED_ARCHITECTURES", "CheckpointError"]

@@ -20,7 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import dialect
-from moejax.models.layers import Attention, DenseFFN, KVCache, Linear, RMSNorm, SparseMoE, init_cache
+from moejax.models.layers import (NORMS, Attention, DenseFFN, KVCache, Linear, MLAttention, SparseMoE,
+                                  init_cache_from_shapes, make_norm)
+
+ATTENTIONS = ("gqa", "mla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,19 @@ class MoEConfig:
     tie_embeddings: bool = False
     scan_layers: bool = False
     family: str = "mixtral"
+    # Layers with a dense FFN besides the leading ones (Qwen-MoE's mlp_only_layers / sparse step).
+    dense_layers: tuple[int, ...] = ()
+    norm: str = "rms"  # "rms" or "layer" (bias-free LayerNorm, DBRX)
+    qk_norm: bool = False  # OLMoE: RMS norm on the full q and k projections
+    clip_qkv: float | None = None  # DBRX / OLMoE: clamp q, k, v
+    attention: str = "gqa"  # "gqa" or "mla" (DeepSeek-V2/V3 multi-head latent attention)
+    q_lora_rank: int | None = None  # MLA only
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = True  # MLA: DeepSeek's adjacent-pair rotary layout
+    softmax_scale: float | None = None  # MLA: overrides qk_head_dim ** -0.5 (yarn mscale)
 
     def __post_init__(self):
         if self.d_model % self.n_heads and self.head_dim is None:
@@ -57,8 +73,25 @@ class MoEConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.routing.k > self.n_experts:
             raise ValueError(f"routing.k={self.routing.k} exceeds n_experts={self.n_experts}")
-        if self.scan_layers and self.first_dense_layers:
-            raise ValueError("scan_layers needs identical layers; first_dense_layers > 0 is not scannable")
+        if self.scan_layers and (self.first_dense_layers or self.dense_layers):
+            raise ValueError("scan_layers needs identical layers; dense layers (first_dense_layers / dense_layers) "
+                             "are not scannable: set scan_layers=False")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r} is not one of {NORMS}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
+        if self.attention == "mla" and not (self.kv_lora_rank and self.qk_rope_head_dim and self.v_head_dim):
+            raise ValueError("attention='mla' needs kv_lora_rank, qk_rope_head_dim and v_head_dim > 0")
+
+    def is_dense(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` has a dense FFN instead of a MoE block."""
+        return layer < self.first_dense_layers or layer in self.dense_layers
+
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-token shapes of one layer's KV-cache entries."""
+        if self.attention == "mla":
+            return MLAttention.cache_shapes(self.kv_lora_rank, self.qk_rope_head_dim)
+        return Attention.cache_shapes(self.n_kv_heads, self.hd)
 
     @property
     def hd(self) -> int:
@@ -72,10 +105,18 @@ class DecoderLayer(nnx.Module):
     """Pre-norm attention plus a MoE (or, for leading dense layers, dense) FFN."""
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs, dense: bool = False, name: str = "", dtype=jnp.float32):
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype)
-        self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, rope_theta=cfg.rope_theta,
-                                   rngs=rngs, qkv_bias=cfg.qkv_bias, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype)
+        self.input_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype)
+        if cfg.attention == "mla":
+            self.self_attn = MLAttention(
+                cfg.d_model, cfg.n_heads, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+                qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                v_head_dim=cfg.v_head_dim, rope_theta=cfg.rope_theta, rope_interleave=cfg.rope_interleave,
+                softmax_scale=cfg.softmax_scale, rngs=rngs, dtype=dtype)
+        else:
+            self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, rope_theta=cfg.rope_theta,
+                                       rngs=rngs, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+                                       norm_eps=cfg.norm_eps, clip_qkv=cfg.clip_qkv, dtype=dtype)
+        self.post_attention_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype)
         if dense:
             self.mlp = DenseFFN(cfg.d_model, cfg.d_ff_dense or cfg.d_ff_expert, rngs=rngs,
                                 activation=cfg.activation, dtype=dtype)
@@ -107,10 +148,10 @@ class MoEDecoder(nnx.Module):
             self.layers = make(rngs)
         else:
             self.layers = nnx.List([
-                DecoderLayer(cfg, rngs=rngs, dense=i < cfg.first_dense_layers, name=f"layers/{i}/mlp", dtype=dtype)
+                DecoderLayer(cfg, rngs=rngs, dense=cfg.is_dense(i), name=f"layers/{i}/mlp", dtype=dtype)
                 for i in range(cfg.n_layers)
             ])
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, rngs=rngs, dtype=dtype)
 
     def __call__(self, tokens: jax.Array, *, cache: Any = None, cache_index: jax.Array | None = None):
@@ -147,7 +188,7 @@ class MoEDecoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> Any:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
         c = self.config
-        return init_cache(batch, max_len, c.n_layers, c.n_kv_heads, c.hd, dtype, stacked=c.scan_layers)
+        return init_cache_from_shapes(batch, max_len, c.n_layers, c.cache_shapes(), dtype, stacked=c.scan_layers)
 
     def moe_layers(self) -> list[SparseMoE]:
         """The MoE blocks (one stacked block when layers are scanned)."""

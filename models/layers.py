@@ -35,6 +35,36 @@ class RMSNorm(nnx.Module):
         return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """Layer norm (computed in float32), optionally without bias (DBRX)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, dtype=jnp.float32, bias: bool = False):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if bias else None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        y = xf * self.weight[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+NORMS = ("rms", "layer")
+
+
+def make_norm(kind: str, dim: int, eps: float, dtype=jnp.float32) -> nnx.Module:
+    """``"rms"`` -> :class:`RMSNorm`, ``"layer"`` -> bias-free :class:`LayerNorm`."""
+    if kind == "rms":
+        return RMSNorm(dim, eps, dtype)
+    if kind == "layer":
+        return LayerNorm(dim, eps, dtype)
+    raise ValueError(f"unknown norm {kind!r}; choose one of {NORMS}")
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)`` with the kernel stored as [in, out]."""
 
@@ -47,58 +77,163 @@ class Linear(nnx.Module):
         return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split convention (as Hugging Face Llama/Mixtral)."""
+def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = False) -> jax.Array:
+    """Rotary embedding on ``x [B, S, H, hd]``.
+
+    ``interleaved=False``: half-split pairs ``(x_i, x_{i+hd/2})`` (Hugging Face Llama/Mixtral).
+    ``interleaved=True``: adjacent pairs ``(x_{2i}, x_{2i+1})`` (DeepSeek), written back as
+    ``[rotated evens, rotated odds]`` like transformers' ``apply_rotary_pos_emb_interleave``.
+    DeepSeek-V2's complex-number form writes the pairs back interleaved instead; the two
+    layouts differ by one fixed permutation applied to queries and keys alike, so
+    attention scores are identical.
+    """
     hd = x.shape[-1]
     inv = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
     ang = positions[..., None].astype(jnp.float32) * inv  # [B, S, hd/2]
-    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
-    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-    rotated = jnp.concatenate([-x2, x1], -1)
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with RoPE and an optional KV cache."""
+    """Grouped-query attention with RoPE and an optional KV cache.
+
+    ``qk_norm`` adds OLMoE's RMS norms on the whole query and key projections;
+    ``clip_qkv`` clamps q, k, v to ``[-c, c]`` (DBRX, OLMoE).
+    """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, rope_theta: float,
-                 rngs: nnx.Rngs, qkv_bias: bool = False, dtype=jnp.float32):
+                 rngs: nnx.Rngs, qkv_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5,
+                 clip_qkv: float | None = None, dtype=jnp.float32):
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
+        self.clip_qkv = clip_qkv
         self.q_proj = Linear(d_model, n_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.k_proj = Linear(d_model, n_kv_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.v_proj = Linear(d_model, n_kv_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.o_proj = Linear(n_heads * head_dim, d_model, rngs=rngs, dtype=dtype)
+        self.q_norm = RMSNorm(n_heads * head_dim, norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(n_kv_heads * head_dim, norm_eps, dtype) if qk_norm else None
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
                  cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         b, s, _ = x.shape
-        q = rope(self.q_proj(x).reshape(b, s, self.n_heads, self.head_dim), positions, self.rope_theta)
-        k = rope(self.k_proj(x).reshape(b, s, self.n_kv_heads, self.head_dim), positions, self.rope_theta)
-        v = self.v_proj(x).reshape(b, s, self.n_kv_heads, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = rope(q.reshape(b, s, self.n_heads, self.head_dim), positions, self.rope_theta)
+        k = rope(k.reshape(b, s, self.n_kv_heads, self.head_dim), positions, self.rope_theta)
+        v = v.reshape(b, s, self.n_kv_heads, self.head_dim)
         out, cache = attend(q, k, v, positions, cache, cache_index)
         return self.o_proj(out.reshape(b, s, -1)), cache
 
+    @staticmethod
+    def cache_shapes(n_kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+        """Per-token shapes of this attention's cache entries."""
+        return {"k": (n_kv_heads, head_dim), "v": (n_kv_heads, head_dim)}
 
-def attend(q, k, v, positions, cache: KVCache | None, cache_index):
+
+class MLAttention(nnx.Module):
+    """DeepSeek-V2/V3 multi-head latent attention (MLA), as in transformers.
+
+    Queries come from ``q_proj`` or the low-rank ``q_a_proj -> q_a_layernorm -> q_b_proj``.
+    Keys and values come from a compressed latent ``c = norm(kv_a(x))[:kv_lora_rank]`` and a
+    single shared rotary key ``k_rope``; the KV cache stores only ``latent [B, L, r]`` and
+    ``k_rope [B, L, d_rope]`` (MLA's memory saving), and re-expands them with ``kv_b_proj``
+    at every step (the "naive" form, not the weight-absorbed one).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, q_lora_rank: int | None, kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope_theta: float,
+                 rope_interleave: bool, rngs: nnx.Rngs, softmax_scale: float | None = None, dtype=jnp.float32):
+        self.n_heads, self.rope_theta, self.rope_interleave = n_heads, rope_theta, rope_interleave
+        self.kv_lora_rank, self.d_nope, self.d_rope, self.d_v = kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.softmax_scale = softmax_scale or qk_head_dim ** -0.5
+        if q_lora_rank:
+            self.q_proj = None
+            self.q_a_proj = Linear(d_model, q_lora_rank, rngs=rngs, dtype=dtype)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, 1e-6, dtype)  # transformers uses eps=1e-6 here
+            self.q_b_proj = Linear(q_lora_rank, n_heads * qk_head_dim, rngs=rngs, dtype=dtype)
+        else:
+            self.q_proj = Linear(d_model, n_heads * qk_head_dim, rngs=rngs, dtype=dtype)
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        self.kv_a_proj_with_mqa = Linear(d_model, kv_lora_rank + qk_rope_head_dim, rngs=rngs, dtype=dtype)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, 1e-6, dtype)
+        self.kv_b_proj = Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), rngs=rngs, dtype=dtype)
+        self.o_proj = Linear(n_heads * v_head_dim, d_model, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        b, s, _ = x.shape
+        h = self.n_heads
+        q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(b, s, h, self.d_nope + self.d_rope)
+        q_nope, q_rot = q[..., : self.d_nope], q[..., self.d_nope:]
+        q_rot = rope(q_rot, positions, self.rope_theta, self.rope_interleave)
+        ckv = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(ckv[..., : self.kv_lora_rank])
+        k_rot = rope(ckv[..., self.kv_lora_rank:][:, :, None, :], positions, self.rope_theta, self.rope_interleave)[:, :, 0]
+        if cache is not None:
+            latent = write_cache(cache["latent"], latent, cache_index)
+            k_rot = write_cache(cache["k_rope"], k_rot, cache_index)
+            cache = {"latent": latent, "k_rope": k_rot}
+            key_pos = jnp.arange(latent.shape[1])[None, :]
+            latent, k_rot = latent.astype(x.dtype), k_rot.astype(x.dtype)
+        else:
+            key_pos = positions[0][None, :]
+        kv = self.kv_b_proj(latent).reshape(b, latent.shape[1], h, self.d_nope + self.d_v)
+        k_nope, v = kv[..., : self.d_nope], kv[..., self.d_nope:]
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot[:, :, None, :], (*k_nope.shape[:3], self.d_rope))], -1)
+        qf = jnp.concatenate([q_nope, q_rot], -1)
+        out = causal_attention(qf, k, v, positions, key_pos, self.softmax_scale)
+        return self.o_proj(out.reshape(b, s, -1)), cache
+
+    @staticmethod
+    def cache_shapes(kv_lora_rank: int, qk_rope_head_dim: int) -> dict[str, tuple[int, ...]]:
+        """Per-token shapes of this attention's cache entries."""
+        return {"latent": (kv_lora_rank,), "k_rope": (qk_rope_head_dim,)}
+
+
+def write_cache(buf: jax.Array, new: jax.Array, cache_index) -> jax.Array:
+    """Write ``new [B, S, ...]`` into ``buf [B, L, ...]`` at sequence offset ``cache_index``."""
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, jnp.asarray(cache_index, jnp.int32)) + (zero,) * (buf.ndim - 2)
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), start)
+
+
+def causal_attention(q, k, v, positions, key_pos, scale: float):
+    """Softmax attention of ``q [B,S,H,dk]`` on ``k [B,L,Hkv,dk]``, ``v [B,L,Hkv,dv]``.
+
+    Key ``j`` is visible to query ``i`` when ``key_pos[j] <= positions[i]`` (causal, and it
+    hides cache slots not written yet).
+    """
+    rep = q.shape[2] // k.shape[2]
+    k = jnp.repeat(k, rep, axis=2)
+    v = jnp.repeat(v, rep, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = key_pos[None, None, :, :] <= positions[:, None, :, None]
+    scores = jnp.where(mask, scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def attend(q, k, v, positions, cache: KVCache | None, cache_index, scale: float | None = None):
     """Causal softmax attention; with a cache, new keys are written at ``cache_index``."""
     if cache is not None:
-        zero = jnp.zeros((), jnp.int32)
-        k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (zero, cache_index, zero, zero))
-        v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (zero, cache_index, zero, zero))
+        k_all, v_all = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
         cache = {"k": k_all, "v": v_all}
         key_pos = jnp.arange(k_all.shape[1])[None, :]
         k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
     else:
         key_pos = positions[0][None, :]
-    rep = q.shape[2] // k.shape[2]
-    k = jnp.repeat(k, rep, axis=2)
-    v = jnp.repeat(v, rep, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    mask = key_pos[None, None, :, :] <= positions[:, None, :, None]
-    scores = jnp.where(mask, scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v), cache
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return causal_attention(q, k, v, positions, key_pos, scale), cache
 
 
 class DenseFFN(nnx.Module):
@@ -173,3 +308,11 @@ def init_cache(batch: int, max_len: int, n_layers: int, n_kv_heads: int, head_di
     if stacked:
         return {"k": jnp.zeros((n_layers, *shape), dtype), "v": jnp.zeros((n_layers, *shape), dtype)}
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(n_layers)]
+
+
+def init_cache_from_shapes(batch: int, max_len: int, n_layers: int, shapes: dict[str, tuple[int, ...]],
+                           dtype=jnp.float32, stacked: bool = False):
+    """An empty cache with entries ``name -> [B, L, *shape]`` per layer (stacked: ``[n_layers, B, L, ...]``)."""
+    if stacked:
+        return {n: jnp.zeros((n_layers, batch, max_len, *s), dtype) for n, s in shapes.items()}
+    return [{n: jnp.zeros((batch, max_len, *s), dtype) for n, s in shapes.items()} for _ in range(n_layers)]

@@ -1,0 +1,137 @@
+"""Prefill plus KV-cache decoding for any model with moejax's call forms.
+
+A model works here when ``model(tokens, cache=cache, cache_index=i)`` returns
+``(logits [B, S, V], new_cache)`` and ``model.init_cache(batch, max_len)`` returns an
+empty cache: :class:`MoEDecoder`, and any wrapper with the same call forms (an
+optimized program, a Linen adapter...). A Flax NNX module is split into its graph
+and state so its weights enter the jitted loop as arguments rather than constants.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["generate", "sample_next"]
+
+
+def sample_next(logits: jax.Array, key: jax.Array | None, temperature: float, top_p: float) -> jax.Array:
+    """Next token ids ``[B]`` from last-position logits ``[B, V]``.
+
+    ``temperature == 0`` is greedy (argmax). Otherwise logits are divided by the
+    temperature and, for ``top_p < 1``, restricted to the smallest set of tokens whose
+    probability mass reaches ``top_p`` (the most likely token is always kept).
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _run(call, params, prompt, cache, key, *, max_new_tokens: int, temperature: float, top_p: float):
+    """Prefill the prompt, then ``max_new_tokens - 1`` single-token decode steps under ``lax.scan``."""
+    s = prompt.shape[1]
+    logits, cache = call(params, prompt, cache, jnp.zeros((), jnp.int32))
+    keys = jax.random.split(key, max_new_tokens)
+    first = sample_next(logits[:, -1], keys[0], temperature, top_p)
+
+    def step(carry, k):
+        tok, cache, pos = carry
+        logits, cache = call(params, tok[:, None], cache, pos)
+        nxt = sample_next(logits[:, -1], k, temperature, top_p)
+        return (nxt, cache, pos + 1), (nxt, logits[:, -1])
+
+    (_, _, _), (toks, step_logits) = jax.lax.scan(step, (first, cache, jnp.asarray(s, jnp.int32)), keys[1:])
+    new_tokens = jnp.concatenate([first[:, None], toks.T], axis=1)
+    all_logits = jnp.concatenate([logits[:, -1:], jnp.swapaxes(step_logits, 0, 1)], axis=1)
+    return jnp.concatenate([prompt, new_tokens], axis=1), all_logits
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(call, max_new_tokens: int, temperature: float, top_p: float):
+    return jax.jit(functools.partial(_run, call, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p))
+
+
+@functools.lru_cache(maxsize=32)
+def _nnx_call(graphdef):
+    def call(state, tokens, cache, index):
+        return nnx.merge(graphdef, state)(tokens, cache=cache, cache_index=index)
+    return call
+
+
+def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, key: jax.Array | None = None, max_len: int | None = None,
+             cache_dtype: Any = None, return_logits: bool = False):
+    """Autoregressive generation with one prefill and ``max_new_tokens - 1`` KV-cache decode steps.
+
+    Args:
+      model: an NNX module or any object with ``model(tokens, cache=, cache_index=)``
+        and ``model.init_cache(batch, max_len)``.
+      prompt_ids: ``[B, S]`` int token ids (all rows the same length; no padding mask).
+      max_new_tokens: number of tokens to generate (>= 1).
+      temperature: 0 for greedy decoding, > 0 to sample.
+      top_p: nucleus-sampling mass in (0, 1] (sampling only).
+      key: ``jax.random`` key, required when ``temperature > 0``.
+      max_len: cache length (default ``S + max_new_tokens``).
+      cache_dtype: dtype of the KV cache (default the cache's own default).
+      return_logits: also return the logits ``[B, max_new_tokens, V]`` that chose each new token.
+
+    Returns:
+      ``[B, S + max_new_tokens]`` int32 ids (prompt then new tokens), and the logits when asked.
+    """
+    prompt_ids = jnp.asarray(prompt_ids)
+    if prompt_ids.ndim != 2 or not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
+        raise ValueError(f"prompt_ids must be an int array [batch, seq], got {prompt_ids.dtype}{prompt_ids.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs key=jax.random.key(seed)")
+    if not hasattr(model, "init_cache"):
+        raise TypeError(f"{type(model).__name__} has no init_cache(batch, max_len); generate needs a KV-cache model")
+    b, s = prompt_ids.shape
+    total = s + max_new_tokens
+    max_len = max_len or total
+    if max_len < total:
+        raise ValueError(f"max_len={max_len} is shorter than prompt ({s}) + max_new_tokens ({max_new_tokens})")
+    cache = model.init_cache(b, max_len) if cache_dtype is None else model.init_cache(b, max_len, cache_dtype)
+    key = jax.random.key(0) if key is None else key
+    if isinstance(model, nnx.Module):
+        graphdef, params = nnx.split(model)
+        call = _nnx_call(graphdef)
+    else:
+        params = None
+        call = _plain_call(model)
+    tokens, logits = _jitted(call, max_new_tokens, float(temperature), float(top_p))(
+        params, prompt_ids.astype(jnp.int32), cache, key)
+    return (tokens, logits) if return_logits else tokens
+
+
+@functools.lru_cache(maxsize=32)
+def _plain_call_cached(model):
+    def call(_, tokens, cache, index):
+        return model(tokens, cache=cache, cache_index=index)
+    return call
+
+
+def _plain_call(model):
+    try:
+        return _plain_call_cached(model)
+    except TypeError:  # unhashable model objects: no reuse across calls
+        def call(_, tokens, cache, index):
+            return model(tokens, cache=cache, cache_index=index)
+        return call

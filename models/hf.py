@@ -1,0 +1,505 @@
+"""Hugging Face checkpoints <-> :class:`MoEDecoder`: config translation and tensor mapping.
+
+:func:`from_pretrained` reads ``config.json`` (its ``architectures`` field picks the
+family), translates it to a :class:`MoEConfig`, and maps every safetensors tensor
+onto the NNX model through a list of :class:`Rule` s (one per model parameter).
+Nothing is pickled and no remote code runs. :func:`save_pretrained_hf` writes a
+Mixtral-family model back as a Hugging Face ``MixtralForCausalLM`` checkpoint.
+
+Layout conventions: Hugging Face ``Linear`` weights are ``[out, in]``, ours are
+``[in, out]``; per-expert tensors ``experts.{e}.*`` are stacked into ``[E, d, f]`` /
+``[E, f, d]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax import dialect
+from moejax.models.decoder import MoEConfig, MoEDecoder
+from moejax.models.safetensors_io import Checkpoint, save_file
+
+__all__ = ["from_pretrained", "save_pretrained_hf", "config_from_hf", "weight_rules", "SUPPORTED_ARCHITECTURES",
+           "Rule", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model its config describes."""
+
+
+# --------------------------------------------------------------------------
+# config.json -> MoEConfig
+# --------------------------------------------------------------------------
+def _rope_theta(hf: dict, default: float = 10000.0) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise NotImplementedError(
+            f"rope_type {rope_type!r} is not implemented (only 'default' RoPE is); "
+            "remove rope scaling from config.json only if your sequences stay within the original context")
+    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def _activation(name: str) -> str:
+    gated = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": None}
+    act = gated.get(name)
+    if act is None:
+        raise NotImplementedError(f"hidden activation {name!r} is not supported (supported: silu, gelu)")
+    return act
+
+
+def _no_bias(hf: dict, key: str, arch: str) -> None:
+    if hf.get(key):
+        raise NotImplementedError(f"{arch}: {key}=True is not supported by moejax's {arch} mapping")
+
+
+def _base(hf: dict, arch: str) -> dict[str, Any]:
+    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
+        warnings.warn(f"{arch}: sliding_window={hf['sliding_window']} is ignored (full causal attention); "
+                      "results differ only for sequences longer than the window", stacklevel=3)
+    return dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                n_heads=hf["num_attention_heads"],
+                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                head_dim=hf.get("head_dim"), activation=_activation(hf.get("hidden_act", "silu")),
+                rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def _mixtral(hf: dict) -> MoEConfig:
+    return MoEConfig(**_base(hf, "Mixtral"), d_ff_expert=hf["intermediate_size"], n_experts=hf["num_local_experts"],
+                     routing=dialect.Routing(k=hf["num_experts_per_tok"]), family="mixtral")
+
+
+def _qwen2_moe(hf: dict) -> MoEConfig:
+    step = hf.get("decoder_sparse_step", 1) or 1
+    only = set(hf.get("mlp_only_layers") or [])
+    dense = tuple(i for i in range(hf["num_hidden_layers"]) if i in only or (i + 1) % step != 0)
+    shared = hf.get("shared_expert_intermediate_size", 0)
+    return MoEConfig(**_base(hf, "Qwen2MoE"), d_ff_expert=hf["moe_intermediate_size"], n_experts=hf["num_experts"],
+                     routing=dialect.Routing(k=hf["num_experts_per_tok"], norm_topk=bool(hf.get("norm_topk_prob"))),
+                     n_shared_experts=1 if shared else 0, d_ff_shared=shared or None, shared_expert_gate=bool(shared),
+                     dense_layers=dense, d_ff_dense=hf.get("intermediate_size"),
+                     qkv_bias=bool(hf.get("qkv_bias", True)), family="qwen2_moe")
+
+
+def _olmoe(hf: dict) -> MoEConfig:
+    _no_bias(hf, "attention_bias", "OLMoE")
+    return MoEConfig(**_base(hf, "OLMoE"), d_ff_expert=hf["intermediate_size"], n_experts=hf["num_experts"],
+                     routing=dialect.Routing(k=hf["num_experts_per_tok"], norm_topk=bool(hf.get("norm_topk_prob"))),
+                     qk_norm=True, clip_qkv=hf.get("clip_qkv"), family="olmoe")
+
+
+def _deepseek(hf: dict, v3: bool) -> MoEConfig:
+    arch = "DeepseekV3" if v3 else "DeepseekV2"
+    _no_bias(hf, "attention_bias", arch)
+    _no_bias(hf, "mlp_bias", arch)
+    base = _base(hf, arch)
+    base["n_kv_heads"] = base["n_heads"]  # MLA has no KV-head grouping
+    base["head_dim"] = None
+    n_group = hf.get("n_group") or 1
+    if v3:
+        routing = dialect.Routing(k=hf["num_experts_per_tok"], score="sigmoid",
+                                  norm_topk=bool(hf.get("norm_topk_prob", True)),
+                                  scale=float(hf.get("routed_scaling_factor", 1.0)), n_group=n_group,
+                                  topk_group=hf.get("topk_group") or 1, group_score="top2_sum")
+    else:
+        # transformers' DeepseekV2 router never renormalises (norm_topk_prob is unused there).
+        grouped = hf.get("topk_method", "greedy") == "group_limited_greedy"
+        routing = dialect.Routing(k=hf["num_experts_per_tok"], score="softmax", norm_topk=False,
+                                  scale=float(hf.get("routed_scaling_factor", 1.0)),
+                                  n_group=n_group if grouped else 1,
+                                  topk_group=(hf.get("topk_group") or 1) if grouped else 1, group_score="max")
+    n_shared = hf.get("n_shared_experts") or 0
+    return MoEConfig(**base, d_ff_expert=hf["moe_intermediate_size"], n_experts=hf["n_routed_experts"],
+                     routing=routing, n_shared_experts=n_shared, d_ff_shared=hf["moe_intermediate_size"],
+                     selection_bias=v3, first_dense_layers=hf.get("first_k_dense_replace", 0),
+                     d_ff_dense=hf["intermediate_size"], attention="mla", q_lora_rank=hf.get("q_lora_rank"),
+                     kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+                     qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+                     rope_interleave=True, family="deepseek_v3" if v3 else "deepseek_v2")
+
+
+def _dbrx(hf: dict) -> MoEConfig:
+    attn, ffn = hf.get("attn_config") or {}, hf.get("ffn_config") or {}
+    p = ffn.get("moe_normalize_expert_weights", 1.0)
+    if p not in (None, 1, 1.0):
+        raise NotImplementedError(f"DBRX moe_normalize_expert_weights={p}: only the L1 norm (1.0) or None maps "
+                                  "onto Routing.norm_topk")
+    act = (ffn.get("ffn_act_fn") or {}).get("name", "silu")
+    theta = attn.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return MoEConfig(vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_layers=hf["n_layers"],
+                     n_heads=hf["n_heads"], n_kv_heads=attn.get("kv_n_heads", 1), d_ff_expert=ffn["ffn_hidden_size"],
+                     n_experts=ffn["moe_num_experts"],
+                     routing=dialect.Routing(k=ffn["moe_top_k"], norm_topk=p is not None),
+                     activation=_activation(act), rope_theta=float(theta), norm="layer", norm_eps=1e-5,
+                     clip_qkv=attn.get("clip_qkv"), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                     family="dbrx")
+
+
+_CONFIG_PARSERS: dict[str, Callable[[dict], MoEConfig]] = {
+    "MixtralForCausalLM": _mixtral,
+    "Qwen2MoeForCausalLM": _qwen2_moe,
+    "OlmoeForCausalLM": _olmoe,
+    "DeepseekV2ForCausalLM": lambda hf: _deepseek(hf, v3=False),
+    "DeepseekV3ForCausalLM": lambda hf: _deepseek(hf, v3=True),
+    "DbrxForCausalLM": _dbrx,
+}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_CONFIG_PARSERS)
+
+
+def _architecture(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    for a in archs:
+        if a in _CONFIG_PARSERS:
+            return a
+    raise NotImplementedError(
+        f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
+
+
+def config_from_hf(hf: dict, **overrides: Any) -> MoEConfig:
+    """Translate a Hugging Face ``config.json`` dict into a :class:`MoEConfig`."""
+    cfg = _CONFIG_PARSERS[_architecture(hf)](hf)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# --------------------------------------------------------------------------
+# Tensor mapping rules
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one model parameter is built from checkpoint tensors.
+
+    ``kind``: ``"copy"`` (same layout), ``"linear"`` (transpose ``[out,in] -> [in,out]``),
+    ``"experts"`` (stack per-expert ``[out,in]`` tensors, each transposed), or
+    ``"custom"`` (``fn(*tensors)``, with the tensors' expected shapes in ``src_shapes``).
+    """
+
+    dst: str
+    srcs: tuple[str, ...]
+    kind: str = "linear"
+    src_shapes: tuple[tuple[int, ...], ...] | None = None
+    fn: Callable[..., np.ndarray] | None = None
+
+    def expected_src_shapes(self, dst_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        if self.kind == "copy":
+            return (dst_shape,)
+        if self.kind == "linear":
+            return (dst_shape[::-1],)
+        if self.kind == "experts":
+            return tuple((dst_shape[2], dst_shape[1]) for _ in self.srcs)
+        return self.src_shapes or ()
+
+    def build(self, tensors: list[np.ndarray]) -> np.ndarray:
+        if self.kind == "copy":
+            return tensors[0]
+        if self.kind == "linear":
+            return tensors[0].T
+        if self.kind == "experts":
+            return np.stack([t.T for t in tensors])
+        return self.fn(*tensors)
+
+
+def _linear(rules: list[Rule], dst: str, src: str, bias: bool = False) -> None:
+    rules.append(Rule(f"{dst}/kernel", (f"{src}.weight",)))
+    if bias:
+        rules.append(Rule(f"{dst}/bias", (f"{src}.bias",), "copy"))
+
+
+def _norm(rules: list[Rule], dst: str, src: str) -> None:
+    rules.append(Rule(f"{dst}/weight", (f"{src}.weight",), "copy"))
+
+
+def _attention_rules(cfg: MoEConfig, i: int, p: str) -> list[Rule]:
+    r: list[Rule] = []
+    a, s = f"layers/{i}/self_attn", f"{p}.self_attn"
+    if cfg.attention == "mla":
+        if cfg.q_lora_rank:
+            _linear(r, f"{a}/q_a_proj", f"{s}.q_a_proj")
+            _norm(r, f"{a}/q_a_layernorm", f"{s}.q_a_layernorm")
+            _linear(r, f"{a}/q_b_proj", f"{s}.q_b_proj")
+        else:
+            _linear(r, f"{a}/q_proj", f"{s}.q_proj")
+        _linear(r, f"{a}/kv_a_proj_with_mqa", f"{s}.kv_a_proj_with_mqa")
+        _norm(r, f"{a}/kv_a_layernorm", f"{s}.kv_a_layernorm")
+        _linear(r, f"{a}/kv_b_proj", f"{s}.kv_b_proj")
+    else:
+        for n in ("q_proj", "k_proj", "v_proj"):
+            _linear(r, f"{a}/{n}", f"{s}.{n}", bias=cfg.qkv_bias)
+        if cfg.qk_norm:
+            _norm(r, f"{a}/q_norm", f"{s}.q_norm")
+            _norm(r, f"{a}/k_norm", f"{s}.k_norm")
+    _linear(r, f"{a}/o_proj", f"{s}.o_proj")
+    return r
+
+
+def _ffn_rules(r: list[Rule], dst: str, src: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
+    for ours, theirs in zip(("gate_proj", "up_proj", "down_proj"), names):
+        _linear(r, f"{dst}/{ours}", f"{src}.{theirs}")
+
+
+def _llama_like_rules(cfg: MoEConfig, arch: str) -> list[Rule]:
+    """Mixtral, Qwen2-MoE, OLMoE and DeepSeek-V2/V3 share the Llama naming scheme."""
+    r: list[Rule] = [Rule("embed_tokens/embedding", ("model.embed_tokens.weight",), "copy")]
+    e_range = range(cfg.n_experts)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}"
+        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
+        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
+        r += _attention_rules(cfg, i, p)
+        m = f"layers/{i}/mlp"
+        if cfg.is_dense(i):
+            _ffn_rules(r, m, f"{p}.mlp")
+            continue
+        if arch == "MixtralForCausalLM":
+            s, names = f"{p}.block_sparse_moe", ("w1", "w3", "w2")
+        else:
+            s, names = f"{p}.mlp", ("gate_proj", "up_proj", "down_proj")
+        _linear(r, f"{m}/gate", f"{s}.gate")
+        for ours, theirs in zip(("w_gate", "w_up", "w_down"), names):
+            r.append(Rule(f"{m}/experts/{ours}", tuple(f"{s}.experts.{e}.{theirs}.weight" for e in e_range),
+                          "experts"))
+        if cfg.selection_bias:
+            r.append(Rule(f"{m}/selection_bias", (f"{s}.gate.e_score_correction_bias",), "copy"))
+        if cfg.n_shared_experts:
+            shared = "shared_expert" if arch == "Qwen2MoeForCausalLM" else "shared_experts"
+            _ffn_rules(r, f"{m}/shared", f"{s}.{shared}")
+        if cfg.shared_expert_gate:
+            _linear(r, f"{m}/shared_gate", f"{s}.shared_expert_gate")
+    _norm(r, "norm", "model.norm")
+    if not cfg.tie_embeddings:
+        _linear(r, "lm_head", "lm_head")
+    return r
+
+
+def _dbrx_rules(cfg: MoEConfig) -> list[Rule]:
+    d, hd, e, f = cfg.d_model, cfg.hd, cfg.n_experts, cfg.d_ff_expert
+    nq, nkv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    r: list[Rule] = [Rule("embed_tokens/embedding", ("transformer.wte.weight",), "copy")]
+    for i in range(cfg.n_layers):
+        p, a = f"transformer.blocks.{i}", f"layers/{i}/self_attn"
+        qkv = (f"{p}.norm_attn_norm.attn.Wqkv.weight",)
+        for n, lo, hi in (("q_proj", 0, nq), ("k_proj", nq, nq + nkv), ("v_proj", nq + nkv, nq + 2 * nkv)):
+            r.append(Rule(f"{a}/{n}/kernel", qkv, "custom", ((nq + 2 * nkv, d),),
+                          lambda w, lo=lo, hi=hi: w[lo:hi].T))
+        _linear(r, f"{a}/o_proj", f"{p}.norm_attn_norm.attn.out_proj")
+        _norm(r, f"layers/{i}/input_layernorm", f"{p}.norm_attn_norm.norm_1")
+        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.norm_attn_norm.norm_2")
+        m, s = f"layers/{i}/mlp", f"{p}.ffn"
+        _linear(r, f"{m}/gate", f"{s}.router.layer")
+        # DBRX stores experts as [E*f, d]; w1/v1 act as x @ w.T, w2 as h @ w.
+        to_in = lambda w: w.reshape(e, f, d).transpose(0, 2, 1)  # noqa: E731
+        r.append(Rule(f"{m}/experts/w_gate", (f"{s}.experts.mlp.w1",), "custom", ((e * f, d),), to_in))
+        r.append(Rule(f"{m}/experts/w_up", (f"{s}.experts.mlp.v1",), "custom", ((e * f, d),), to_in))
+        r.append(Rule(f"{m}/experts/w_down", (f"{s}.experts.mlp.w2",), "custom", ((e * f, d),),
+                      lambda w: w.reshape(e, f, d)))
+    _norm(r, "norm", "transformer.norm_f")
+    if not cfg.tie_embeddings:
+        _linear(r, "lm_head", "lm_head")
+    return r
+
+
+def weight_rules(cfg: MoEConfig, architecture: str) -> list[Rule]:
+    """The rules that build every parameter of an unrolled ``MoEDecoder(cfg)`` from a checkpoint."""
+    if architecture == "DbrxForCausalLM":
+        return _dbrx_rules(cfg)
+    if architecture in _CONFIG_PARSERS:
+        return _llama_like_rules(cfg, architecture)
+    raise NotImplementedError(f"unsupported architecture {architecture!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
+
+
+# Checkpoint tensors that carry no model parameter (rotary caches, DeepSeek-V3's
+# multi-token-prediction layers past num_hidden_layers, a tied lm_head copy).
+_IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
+
+
+def _ignorable(name: str, cfg: MoEConfig, architecture: str) -> bool:
+    if any(p.match(name) for p in _IGNORED):
+        return True
+    if cfg.tie_embeddings and name == "lm_head.weight":
+        return True
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return architecture == "DeepseekV3ForCausalLM" and m is not None and int(m.group(1)) >= cfg.n_layers
+
+
+# --------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _resolve_dtype(dtype: Any, hf: dict) -> Any:
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return jnp.dtype({"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(name, jnp.float32))
+
+
+def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, strict: bool = True,
+                    **config_overrides: Any) -> MoEDecoder:
+    """Load a Hugging Face MoE checkpoint folder as a :class:`MoEDecoder`.
+
+    Args:
+      path: folder with ``config.json`` and ``model.safetensors`` (or sharded
+        ``*.safetensors`` plus ``model.safetensors.index.json``).
+      dtype: parameter dtype; ``None`` takes ``config.json``'s ``dtype``/``torch_dtype``.
+      scan_layers: build stacked layers run under ``jax.lax.scan``.
+      strict: raise on checkpoint tensors that map to no parameter.
+      config_overrides: fields of :class:`MoEConfig` to change (e.g. ``routing=``).
+
+    Raises:
+      NotImplementedError: the architecture (or one of its options) is not supported.
+      CheckpointError: a tensor is missing, unexpected, or has the wrong shape.
+    """
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: from_pretrained needs a Hugging Face model folder")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    arch = _architecture(hf)
+    cfg = config_from_hf(hf, **config_overrides)
+    dtype = _resolve_dtype(dtype, hf)
+    ckpt = Checkpoint(path)
+    rules = weight_rules(cfg.replace(scan_layers=False), arch)
+    values = _apply_rules(rules, ckpt, cfg.replace(scan_layers=False), arch, dtype, strict)
+    if scan_layers:
+        cfg = cfg.replace(scan_layers=True)
+        values = _stack_layers(values, cfg.n_layers)
+    abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for p, var in nnx.to_flat_state(state):
+        key = _path_str(p)
+        if key not in values:
+            raise CheckpointError(f"no checkpoint tensor maps to parameter {key} (internal mapping gap for {arch})")
+        arr = values[key]
+        if tuple(arr.shape) != tuple(var.shape):
+            raise CheckpointError(f"parameter {key}: built shape {arr.shape}, model expects {var.shape}")
+        flat.append((p, var.replace(jnp.asarray(arr, dtype=var.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _apply_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, dtype, strict: bool
+                 ) -> dict[str, np.ndarray]:
+    abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    shapes = {_path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
+    needed = [s for rule in rules for s in rule.srcs]
+    missing = [s for s in dict.fromkeys(needed) if s not in ckpt]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"checkpoint {ckpt.folder} is missing tensor {missing[0]!r}{more} "
+                              f"needed by {arch}")
+    used = set(needed)
+    unexpected = sorted(k for k in ckpt if k not in used and not _ignorable(k, cfg, arch))
+    if unexpected and strict:
+        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in {ckpt.folder} ({len(unexpected)} in all) "
+                              f"for {arch} with this config; pass strict=False to ignore them")
+    values: dict[str, np.ndarray] = {}
+    for rule in rules:
+        if rule.dst not in shapes:
+            raise CheckpointError(f"mapping rule targets unknown parameter {rule.dst}")
+        exp = rule.expected_src_shapes(shapes[rule.dst])
+        for src, es in zip(rule.srcs, exp):
+            got = ckpt.shape(src)
+            if tuple(got) != tuple(es):
+                raise CheckpointError(f"tensor {src!r} has shape {tuple(got)}, expected {tuple(es)} "
+                                      f"(for parameter {rule.dst}); check config.json against the weights")
+        arr = rule.build([ckpt[s] for s in rule.srcs])
+        values[rule.dst] = np.asarray(arr).astype(dtype)
+    return values
+
+
+def _stack_layers(values: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    per: dict[str, list] = {}
+    for k, v in values.items():
+        m = re.match(r"layers/(\d+)/(.*)", k)
+        if m:
+            per.setdefault(m.group(2), [None] * n_layers)[int(m.group(1))] = v
+        else:
+            out[k] = v
+    for suffix, arrs in per.items():
+        out[f"layers/{suffix}"] = np.stack(arrs)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Export (Mixtral family)
+# --------------------------------------------------------------------------
+def save_pretrained_hf(model: MoEDecoder, path: str, dtype: Any = None) -> None:
+    """Write a Mixtral-family ``MoEDecoder`` as a Hugging Face ``MixtralForCausalLM`` checkpoint.
+
+    Produces ``config.json`` and ``model.safetensors`` in ``path`` that transformers'
+    ``MixtralForCausalLM.from_pretrained`` loads. Only models whose routing is plain
+    softmax top-k with renormalisation, swiglu experts, GQA attention without biases
+    or q/k norms, no shared experts and no dense layers can be expressed as Mixtral.
+    """
+    cfg: MoEConfig = model.config
+    r = cfg.routing
+    problems = [name for name, bad in (
+        ("routing must be softmax top-k renormalised with scale 1 and no groups",
+         (r.score, r.norm_topk, r.scale, r.n_group, r.gating, r.expert_map) != ("softmax", True, 1.0, 1, "topk", None)),
+        ("activation must be swiglu", cfg.activation != "swiglu"),
+        ("attention must be GQA without qkv bias, q/k norm or clipping",
+         cfg.attention != "gqa" or cfg.qkv_bias or cfg.qk_norm or cfg.clip_qkv is not None),
+        ("no shared experts, selection bias or dense layers",
+         cfg.n_shared_experts or cfg.selection_bias or cfg.first_dense_layers or cfg.dense_layers),
+        ("norm must be rms", cfg.norm != "rms"),
+    ) if bad]
+    if problems:
+        raise ValueError(f"save_pretrained_hf: this model is not a Mixtral: {'; '.join(problems)}")
+    os.makedirs(path, exist_ok=True)
+    state = {_path_str(p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if cfg.scan_layers:
+        state = _unstack_layers(state)
+    tensors: dict[str, np.ndarray] = {}
+    for rule in weight_rules(cfg.replace(scan_layers=False), "MixtralForCausalLM"):
+        val = state[rule.dst]
+        if hasattr(val, "dequantize"):
+            raise ValueError(f"save_pretrained_hf: parameter {rule.dst} is quantized; export the float model")
+        if rule.kind == "copy":
+            tensors[rule.srcs[0]] = val
+        elif rule.kind == "linear":
+            tensors[rule.srcs[0]] = val.T
+        elif rule.kind == "experts":
+            for e, src in enumerate(rule.srcs):
+                tensors[src] = val[e].T
+    out_dtype = np.dtype(dtype) if dtype is not None else next(iter(tensors.values())).dtype
+    tensors = {k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in tensors.items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    dtype_name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(out_dtype, "bfloat16")
+    hf = {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff_expert, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.hd,
+        "hidden_act": "silu", "num_local_experts": cfg.n_experts, "num_experts_per_tok": r.k,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": cfg.tie_embeddings, "sliding_window": None, "max_position_embeddings": 32768,
+        "router_jitter_noise": 0.0, "attention_dropout": 0.0, "dtype": dtype_name, "use_cache": True,
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+def _unstack_layers(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in state.items():
+        if k.startswith("layers/"):
+            for i in range(v.shape[0]):
+                out[f"layers/{i}/{k[len('layers/'):]}"] = v[i]
+        else:
+            out[k] = v
+    return out
