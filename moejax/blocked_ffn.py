@@ -1,0 +1,273 @@
+"""A fast dropless expert FFN for XLA:CPU: impl ``"blocked"`` of ``moe_expert_ffn``.
+
+The rows arrive sorted by expert (``moe_dispatch``), ``group_sizes[e]`` rows per
+expert, padding rows last. XLA:CPU runs a 2-D ``dot`` well (YNNPACK) but has
+no cheap way to point a dot at one expert of a stacked ``[E,d,f]`` weight:
+every static or dynamic slice of it is materialised (a copy of the expert's
+weights), and ``jax.lax.ragged_dot`` expands to slow code. Two strategies
+follow from that, picked by static shape in :func:`ffn_blocked`:
+
+``loop`` (:func:`ffn_expert_loop`)
+    A loop over experts. An expert with rows copies its weights once, then
+    runs full chunks of ``chunk`` rows in a ``fori_loop`` and its remainder
+    in one chunk whose size is the smallest multiple of ``bucket`` that holds
+    it (``lax.switch`` over the static sizes). Work is ``N + E * bucket`` rows
+    at most, plus one copy of each used expert's weights. Experts without rows
+    are skipped (no copy, no FLOPs). Best when each expert gets many rows.
+
+``capacity`` (:func:`ffn_capacity`)
+    One batched matmul over all experts (the weights are read in place, no
+    copies) with a per-expert capacity ``C`` chosen at run time from a static
+    ladder (``lax.switch`` on the largest group), so it is dropless and exact.
+    Work is ``E * C`` rows. Best when the matmuls are memory-bound (few rows
+    per expert, i.e. decode) and most experts are used anyway.
+
+Both compute exactly what :func:`moejax.dialect.ffn_reference` computes:
+the same dots with f32 accumulation, the activation in f32, the hidden state
+cast to the input dtype before the down projection, zeros on padding rows.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from moejax import dialect
+from moejax.dialect import GATED_ACTIVATIONS, activation_fn, materialize
+
+__all__ = ["ffn_blocked", "ffn_expert_loop", "ffn_capacity", "choose_strategy", "capacity_ladder",
+           "STRATEGIES"]
+
+STRATEGIES = ("loop", "capacity")
+
+
+# --------------------------------------------------------------------------
+# Shared pieces.
+# --------------------------------------------------------------------------
+def _check(grouped: jax.Array, group_sizes: jax.Array, mats: Sequence[jax.Array], activation: str) -> None:
+    """Shape checks with errors that say what to pass instead."""
+    if grouped.ndim != 2:
+        raise ValueError(f"ffn_blocked: grouped rows must be [N,d], got shape {grouped.shape}")
+    if group_sizes.ndim != 1:
+        raise ValueError(f"ffn_blocked: group_sizes must be [E], got shape {group_sizes.shape}")
+    expected = 3 if activation in GATED_ACTIVATIONS else 2
+    if len(mats) != expected:
+        raise ValueError(f"ffn_blocked: activation {activation!r} needs {expected} weight matrices "
+                         f"({'(w_gate, w_up, w_down)' if expected == 3 else '(w_up, w_down)'}), got {len(mats)}")
+    e, d = group_sizes.shape[0], grouped.shape[1]
+    for i, m in enumerate(mats[:-1]):
+        if m.ndim != 3 or m.shape[:2] != (e, d):
+            raise ValueError(f"ffn_blocked: input weight {i} has shape {m.shape}, expected [E={e}, d={d}, f]")
+    f = mats[0].shape[2]
+    if mats[-1].shape != (e, f, d):
+        raise ValueError(f"ffn_blocked: down weight has shape {mats[-1].shape}, expected [E={e}, f={f}, d={d}]")
+
+
+def _expert_ffn(x: jax.Array, ws: Sequence[jax.Array], activation: str, batched: bool) -> jax.Array:
+    """One expert (or a batch of experts) on its rows, with the reference's dtypes."""
+    act = activation_fn(activation)
+    if batched:
+        def mm(a, w):
+            return jnp.einsum("ecd,edf->ecf", a, w, preferred_element_type=jnp.float32)
+    else:
+        def mm(a, w):
+            return jnp.dot(a, w, preferred_element_type=jnp.float32)
+    if activation in GATED_ACTIVATIONS:
+        h = act(mm(x, ws[0]), mm(x, ws[1]))
+    else:
+        h = act(mm(x, ws[0]))
+    return mm(h.astype(x.dtype), ws[-1]).astype(x.dtype)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# --------------------------------------------------------------------------
+# Strategy "loop": per-expert weight copy, fixed-size row chunks.
+# --------------------------------------------------------------------------
+def _default_chunk(num_rows: int, num_experts: int) -> tuple[int, int]:
+    """(chunk, bucket) rows: big enough for efficient dots, small enough to waste little."""
+    per_expert = max(1, num_rows // num_experts)
+    chunk = min(512, max(8, 1 << (2 * per_expert - 1).bit_length()))  # >= 2x the mean group
+    chunk = min(chunk, _round_up(num_rows, 8))
+    bucket = min(chunk, 32 if chunk >= 128 else 8)
+    while chunk % bucket:
+        bucket //= 2
+    return chunk, bucket
+
+
+def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, mats: Sequence[jax.Array], *,
+                    activation: str, chunk: int | None = None, bucket: int | None = None) -> jax.Array:
+    """Expert FFN as a loop over experts with fixed-size row chunks (float weights).
+
+    Args:
+      grouped: [N, d] rows sorted by expert, padding rows last.
+      group_sizes: [E] int rows per expert.
+      mats: float weights ``(w_gate, w_up, w_down)`` or ``(w_up, w_down)``.
+      activation: one of :data:`moejax.dialect.ACTIVATIONS`.
+      chunk: rows per full chunk (static); default from the shapes.
+      bucket: the remainder chunk is a multiple of ``bucket`` rows; must divide ``chunk``.
+
+    Returns:
+      [N, d] outputs, zero on rows past ``sum(group_sizes)``.
+    """
+    n_rows, d = grouped.shape
+    num_experts = group_sizes.shape[0]
+    dflt_chunk, dflt_bucket = _default_chunk(n_rows, num_experts)
+    chunk = chunk or dflt_chunk
+    bucket = bucket or min(dflt_bucket, chunk)
+    if chunk % bucket:
+        raise ValueError(f"ffn_expert_loop: bucket={bucket} must divide chunk={chunk}")
+    sizes = group_sizes.astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    # Padding rows let every chunk slice stay in bounds (dynamic_slice would clamp).
+    x_pad = jnp.pad(grouped, ((0, chunk), (0, 0)))
+    out = jnp.zeros((n_rows + chunk, d), grouped.dtype)
+
+    def run_chunk(out, ws, row0, n_valid, size):
+        rows = lax.dynamic_slice_in_dim(x_pad, row0, size)
+        y = _expert_ffn(rows, ws, activation, batched=False)
+        # Rows past the group belong to the next expert (or are padding): keep them.
+        cur = lax.dynamic_slice_in_dim(out, row0, size)
+        y = jnp.where((jnp.arange(size) < n_valid)[:, None], y, cur)
+        return lax.dynamic_update_slice_in_dim(out, y, row0, 0)
+
+    def one_expert(e, out):
+        n, start = sizes[e], starts[e]
+
+        def work(out):
+            ws = [lax.dynamic_index_in_dim(m, e, keepdims=False) for m in mats]  # the one copy
+            full = n // chunk
+            out = lax.fori_loop(0, full, lambda c, o: run_chunk(o, ws, start + c * chunk, chunk, chunk), out)
+            rest = n - full * chunk
+            row0 = start + full * chunk
+            branches = [lambda o: o] + [
+                functools.partial(lambda o, size: run_chunk(o, ws, row0, rest, size), size=bucket * (i + 1))
+                for i in range(chunk // bucket)]
+            return lax.switch((rest + bucket - 1) // bucket, branches, out)
+
+        return lax.cond(n > 0, work, lambda o: o, out)
+
+    out = lax.fori_loop(0, num_experts, one_expert, out)
+    return out[:n_rows]
+
+
+# --------------------------------------------------------------------------
+# Strategy "capacity": batched matmul over all experts, capacity from a ladder.
+# --------------------------------------------------------------------------
+def capacity_ladder(num_rows: int, num_experts: int, growth: float = 1.25) -> tuple[int, ...]:
+    """Static per-expert capacities, from the mean group size up to ``num_rows``.
+
+    At run time the smallest one that holds the largest group is used, so the
+    ladder trades compiled branches (its length) against padded work (``growth``).
+    """
+    if num_rows <= 0:
+        return (0,)
+    mean = -(-num_rows // num_experts)
+    quantum = 8 if mean >= 8 else 1
+    caps = []
+    c = _round_up(mean, quantum)
+    while c < num_rows:
+        caps.append(c)
+        c = max(c + quantum, _round_up(int(math.ceil(c * growth)), quantum))
+    caps.append(num_rows)
+    return tuple(caps)
+
+
+def _capacity_branch(grouped, sizes, starts, mats, activation, capacity):
+    n_rows, d = grouped.shape
+    num_experts = sizes.shape[0]
+    j = jnp.arange(capacity, dtype=jnp.int32)
+    src = starts[:, None] + j[None, :]
+    valid = j[None, :] < sizes[:, None]
+    xe = jnp.take(grouped, jnp.minimum(src, n_rows - 1).reshape(-1), axis=0).reshape(num_experts, capacity, d)
+    xe = jnp.where(valid[..., None], xe, jnp.zeros((), grouped.dtype))
+    y = _expert_ffn(xe, mats, activation, batched=True).reshape(num_experts * capacity, d)
+    # Gather each grouped row's result back (cheaper than a scatter on CPU).
+    gid = dialect.row_groups(sizes, n_rows)
+    local = jnp.arange(n_rows, dtype=jnp.int32) - jnp.take(starts, jnp.minimum(gid, num_experts - 1))
+    flat = jnp.minimum(gid, num_experts - 1) * capacity + jnp.clip(local, 0, capacity - 1)
+    out = jnp.take(y, flat, axis=0)
+    return jnp.where((gid < num_experts)[:, None], out, jnp.zeros((), grouped.dtype))
+
+
+def ffn_capacity(grouped: jax.Array, group_sizes: jax.Array, mats: Sequence[jax.Array], *,
+                 activation: str, ladder: Sequence[int] | None = None) -> jax.Array:
+    """Expert FFN as one batched matmul over all experts (float weights), dropless.
+
+    The capacity is the smallest entry of ``ladder`` (default
+    :func:`capacity_ladder`) that holds the largest group; the last entry must be
+    ``N`` so every routing fits.
+    """
+    n_rows = grouped.shape[0]
+    num_experts = group_sizes.shape[0]
+    ladder = tuple(ladder) if ladder is not None else capacity_ladder(n_rows, num_experts)
+    if not ladder or ladder[-1] < n_rows or list(ladder) != sorted(ladder):
+        raise ValueError(f"ffn_capacity: ladder {ladder} must be increasing and end at N={n_rows} to stay dropless")
+    sizes = group_sizes.astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    branches = [functools.partial(_capacity_branch, activation=activation, capacity=c) for c in ladder]
+    if len(branches) == 1:
+        return branches[0](grouped, sizes, starts, mats)
+    idx = jnp.searchsorted(jnp.asarray(ladder, jnp.int32), jnp.max(sizes), side="left")
+    idx = jnp.minimum(idx, len(ladder) - 1)
+    return lax.switch(idx, branches, grouped, sizes, starts, mats)
+
+
+# --------------------------------------------------------------------------
+# The registered implementation.
+# --------------------------------------------------------------------------
+def choose_strategy(num_rows: int, num_experts: int) -> str:
+    """``"loop"`` or ``"capacity"`` for a static shape (measured on XLA:CPU).
+
+    The loop copies each used expert's weights once (about three weight reads
+    per used expert); the capacity path reads every expert's weights once in
+    place and pads each group to the largest. Few rows per expert make the
+    matmuls memory-bound, so the capacity path wins when most experts are used
+    (e.g. decode with N >= E); with few rows and many experts (one token of a
+    64-expert layer) only the used experts are worth touching.
+    """
+    rows_per_expert = num_rows / max(num_experts, 1)
+    if rows_per_expert >= 16:
+        return "loop"
+    expected_used = num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** num_rows)
+    return "capacity" if 3.0 * expected_used >= num_experts else "loop"
+
+
+def ffn_blocked(grouped: jax.Array, group_sizes: jax.Array, weights: Sequence[Any], *,
+                activation: str, strategy: str | None = None) -> jax.Array:
+    """Dropless expert FFN for XLA:CPU; computes :func:`moejax.dialect.ffn_reference`.
+
+    Args:
+      grouped: [N, d] rows sorted by expert (``moe_dispatch``), padding rows last.
+      group_sizes: [E] int32 rows per expert; rows past their sum are padding.
+      weights: ``(w_gate, w_up, w_down)`` for gated activations or
+        ``(w_up, w_down)``; quantized tensors are dequantized to ``grouped.dtype``.
+      activation: one of :data:`moejax.dialect.ACTIVATIONS`.
+      strategy: force ``"loop"`` or ``"capacity"``; default :func:`choose_strategy`.
+
+    Returns:
+      [N, d] in ``grouped.dtype``; zero on padding rows.
+    """
+    if activation not in dialect.ACTIVATIONS:
+        raise ValueError(f"ffn_blocked: activation {activation!r} not in {dialect.ACTIVATIONS}")
+    mats = [materialize(w, grouped.dtype) for w in weights]
+    _check(grouped, group_sizes, mats, activation)
+    n_rows = grouped.shape[0]
+    if n_rows == 0:
+        return grouped
+    strategy = strategy or choose_strategy(n_rows, group_sizes.shape[0])
+    if strategy == "loop":
+        return ffn_expert_loop(grouped, group_sizes, mats, activation=activation)
+    if strategy == "capacity":
+        return ffn_capacity(grouped, group_sizes, mats, activation=activation)
+    raise ValueError(f"ffn_blocked: unknown strategy {strategy!r}; use one of {STRATEGIES}")
+
+
+dialect.register_ffn_impl("blocked", ffn_blocked)
