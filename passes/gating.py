@@ -15,155 +15,50 @@ the calibration tokens and stores the measured ``mean_active`` experts per token
 in ``metadata["routing_profile"]`` (which :mod:`moejax.stats` turns into active
 expert FLOPs per token).
 
-This module also holds the re-measurement helpers that the prune and merge
-passes share: :func:`calibration_batches`, :func:`measure_routing_local` and
-:func:`refresh_profile`.
+This module also holds :func:`refresh_profile`, the re-measurement that the
+prune and merge passes share.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moejax import dialect
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
-from moejax.program import InputSignatureError, Program
+from moejax.program import Program
 
-__all__ = ["DynamicGating", "calibration_batches", "measure_routing_local", "refresh_profile",
-           "mean_active_experts"]
+__all__ = ["DynamicGating", "refresh_profile", "mean_active_experts"]
 
 PROFILE_KEY = "routing_profile"
 
 
 # --------------------------------------------------------------------------
-# Calibration data and routing measurement (shared with prune / merge).
+# Re-measuring routing after a pass changed it (shared with prune / merge).
 # --------------------------------------------------------------------------
-def calibration_batches(program: Program, batches: Sequence[Any] | None) -> list[np.ndarray] | None:
-    """Token batches cut to the program's input shape, or None if it does not take tokens alone.
-
-    A program is traced for fixed shapes, so calibration text is re-chunked into
-    ``[B, S]`` windows of the program's own token input. Programs with other
-    inputs (a KV-cache decode step) return None: their profile comes from the
-    prefill program of the same ``optimize`` call.
-    """
-    if not batches:
-        return None
-    if len(program.in_avals) != 1:
-        return None
-    want = program.in_avals[0]
-    if len(want.shape) != 2 or not jnp.issubdtype(want.dtype, jnp.integer):
-        return None
-    b, s = want.shape
-    rows = []
-    for batch in batches:
-        arr = np.asarray(batch)
-        if arr.ndim == 1:
-            arr = arr[None]
-        for row in arr:
-            for start in range(0, row.shape[0] - s + 1, s):
-                rows.append(row[start:start + s])
-    if len(rows) < b:
-        return None
-    out = [np.stack(rows[i:i + b]).astype(want.dtype) for i in range(0, len(rows) - b + 1, b)]
-    try:
-        program.check_inputs((out[0],), {})
-    except InputSignatureError:
-        return None
-    return out
-
-
-def _route_tap_rule(ctx):
-    """Tap per-expert counts, weight mass, co-activation and valid slots of one route op."""
-    w, ids = ctx.bind()
-    routing: dialect.Routing = ctx.params["routing"]
-    router = ctx.invals[1]
-    n_exp = routing.num_selected_experts(router.shape[-1])
-    valid = ids >= 0
-    onehot = jax.nn.one_hot(jnp.where(valid, ids, n_exp), n_exp, dtype=jnp.float32)  # [T,K,E]; -1 -> zeros
-    per_token = onehot.sum(1)  # [T,E]
-    name = ctx.name
-    ctx.tap(f"{name}|counts", per_token.sum(0))
-    ctx.tap(f"{name}|mass", jnp.einsum("tke,tk->e", onehot, w))
-    ctx.tap(f"{name}|coactivation", per_token.T @ per_token)
-    # [1]-shaped so that scanned layers give [L, 1] like the per-expert taps give [L, E]
-    ctx.tap(f"{name}|active", valid.sum().astype(jnp.float32)[None])
-    ctx.tap(f"{name}|tokens", jnp.full((1,), ids.shape[0], jnp.float32))
-    return [w, ids]
-
-
-def measure_routing_local(program: Program, batches: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """Routing statistics of every MoE layer on ``batches`` (routing part of the profile).
-
-    Returns ``{layer: {"counts", "frequency", "mass", "coactivation" ([S, ...] float64),
-    "tokens", "mean_active"}}`` following the routing-profile contract (S = stacked
-    layers). Hidden-state samples and expert output means are not measured here.
-    """
-    sums: dict[str, np.ndarray] = {}
-    rules = {dialect.route_p.name: _route_tap_rule}
-    for batch in batches:
-        _, taps = program.run_with_taps(rules, batch)
-        for key, val in taps.items():
-            val = np.asarray(val, np.float64)
-            sums[key] = sums.get(key, 0.0) + val
-    layers = sorted({k.split("|")[0] for k in sums})
-    out = {}
-    for name in layers:
-        stacked = sums[f"{name}|counts"].ndim == 2
-        lift = (lambda a: a) if stacked else (lambda a: a[None])  # leading stack axis S
-        counts = lift(sums[f"{name}|counts"])
-        tokens, active = lift(sums[f"{name}|tokens"]), lift(sums[f"{name}|active"])  # [S, 1]
-        total = np.maximum(counts.sum(-1, keepdims=True), 1e-12)
-        out[name] = {
-            "counts": counts,
-            "frequency": counts / total,
-            "mass": lift(sums[f"{name}|mass"]),
-            "coactivation": lift(sums[f"{name}|coactivation"]),
-            "tokens": int(tokens[0, 0]),
-            "mean_active": float(np.sum(active) / max(np.sum(tokens), 1e-12)),
-        }
-    return out
-
-
-def _upstream_measure():
-    """The profile pass's full ``measure_routing`` when that module exists."""
-    try:
-        from moejax.passes.profile import measure_routing  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return measure_routing
-
-
-def refresh_profile(program: Program, ctx: PassContext, key: Any, stale: dict[str, Any] | None,
-                    carry_over: Sequence[str] = ("inputs",)) -> dict[str, Any] | None:
+def refresh_profile(program: Program, ctx: PassContext, key: Any) -> dict[str, Any] | None:
     """Re-measure the routing profile of ``program`` after a routing-changing pass.
 
-    Measured on the calibration tokens (the profile pass's ``measure_routing`` when
-    available, else :func:`measure_routing_local` with ``carry_over`` entries such
-    as the hidden-state sample copied from ``stale``). The result is stored in
-    ``ctx.analysis[key]`` so the decode program of the same ``optimize`` call
-    (which cannot run calibration tokens) reuses it. Returns None when there is
-    nothing to measure on.
+    Runs the profile pass's :func:`moejax.passes.profile.measure_routing` on the
+    same calibration tokens the profile pass uses (``ctx.calibration``, else its
+    default text / example inputs). The result is stored in ``ctx.analysis[key]``
+    so that the decode program of the same ``optimize`` call, which cannot run
+    token batches, reuses it. Returns None when there is nothing to measure on.
     """
-    batches = calibration_batches(program, ctx.calibration)
-    if batches is None and ctx.calibration is None and ctx.example_args:
-        batches = calibration_batches(program, [ctx.example_args[0]])
-    if batches is None:
+    from moejax.passes.profile import ProfileRouting, measure_routing, token_input_shape
+
+    try:
+        token_input_shape(program)
+    except PassError:  # a decode-step program: reuse what the prefill run measured
         return ctx.analysis.get(key)
-    upstream = _upstream_measure()
-    if upstream is not None:
-        profile = upstream(program, batches)
-    else:
-        profile = measure_routing_local(program, batches)
-        for name, entry in profile.items():
-            old = (stale or {}).get(name, {})
-            for k in carry_over:
-                if k in old:
-                    entry[k] = old[k]
+    try:
+        batches, _ = ProfileRouting()._calibration(program, ctx)
+    except PassError:
+        return None
+    profile = measure_routing(program, batches)
     ctx.analysis[key] = profile
+    ctx.analysis[PROFILE_KEY] = profile
     return profile
 
 
@@ -267,8 +162,7 @@ class DynamicGating(Pass):
             return rc.bind(routing=routing)
 
         new = program.rewrite({dialect.route_p.name: rule})
-        stale = program.metadata.get(PROFILE_KEY)
-        profile = refresh_profile(new, ctx, ("gating", id(self)), stale)
+        profile = refresh_profile(new, ctx, ("gating", id(self)))
         if profile is None:
             return new
         notes = dict(new.metadata.get("notes", {}))

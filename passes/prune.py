@@ -1,0 +1,408 @@
+"""``prune``: remove experts per layer (survey sections 3.2.1 / 3.3.2), plus expert-surgery helpers.
+
+:class:`PruneExperts` keeps ``num_experts`` experts in every MoE layer, chosen by
+
+* ``frequency``: the most often routed experts of the routing profile;
+* ``mass``: the experts with the largest summed routing weight;
+* ``reconstruction``: NAEE-style, the subset whose layer output on the profile's
+  hidden-state sample is closest (squared error) to the output with every
+  expert; exhaustive over subsets when there are at most ``exhaustive_limit``
+  of them, greedy (drop the least harmful expert, repeat) otherwise.
+
+The pruned experts' weight slices, router columns and selection-bias entries
+are removed, so routing renormalises over the survivors; ``moe_dispatch`` gets
+the new expert count. Layers stacked under ``scan`` keep the same count per
+layer; each layer keeps its own experts (the stacked weights are sliced row by
+row).
+
+This module also holds what the merge pass shares: :func:`find_moe_layers`
+(which program weights feed each MoE layer), :func:`check_float_experts` and
+:func:`expert_outputs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from moejax import dialect, rewrite
+from moejax.passes.gating import PROFILE_KEY, refresh_profile
+from moejax.pipeline import Pass, PassContext, PassError, register_pass
+from moejax.program import Program
+
+__all__ = ["PruneExperts", "MoELayer", "find_moe_layers", "check_float_experts", "expert_outputs",
+           "layer_output", "prune_plan_reconstruction", "apply_expert_rewrite", "layer_profile"]
+
+
+# --------------------------------------------------------------------------
+# Which program weights feed each MoE layer.
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MoELayer:
+    """The weights and routing of one MoE layer name, as found by data flow.
+
+    ``stacked``: the weights carry a leading layer axis (the layer runs under
+    ``scan``); ``num_experts`` is the number of experts the routed ids name (the
+    expert weights' expert axis), ``num_router`` the router's columns (they
+    differ after merging, where ``routing.expert_map`` maps columns to experts).
+    """
+
+    name: str
+    router: str
+    bias: str | None
+    experts: tuple[str, ...]
+    stacked: bool
+    routing: dialect.Routing
+    num_experts: int
+    num_router: int
+    activation: str
+    weight_format: str
+
+    def stack_size(self, program: Program) -> int:
+        return int(np.shape(program.weights[self.router])[0]) if self.stacked else 1
+
+
+def _leaf_paths(program: Program) -> list[tuple[str, bool]]:
+    """Per jaxpr weight input: (weight path, whether that weight is a structured pytree)."""
+    out = []
+    for path, w in program.weights.items():
+        n = len(jax.tree_util.tree_leaves(w))
+        out.extend([(path, hasattr(w, "dequantize") or n > 1)] * n)
+    return out
+
+
+def _flow(jaxpr, env: dict, hits: list) -> None:
+    """Follow program weights (unchanged values) into nested bodies; record dialect-op operands.
+
+    ``env`` maps a variable to (weight leaf index, number of scan axes sliced off).
+    """
+    for eqn in jaxpr.eqns:
+        if dialect.is_dialect_primitive(eqn.primitive):
+            hits.append((eqn, [None if isinstance(v, jcore.Literal) else env.get(v) for v in eqn.invars]))
+        if eqn.primitive.name == "while":
+            continue
+        for _, sub in rewrite.sub_jaxprs(eqn):
+            offset = len(eqn.invars) - len(sub.invars)
+            if offset < 0:
+                continue
+            n_unsliced = (eqn.params["num_consts"] + eqn.params["num_carry"]) if eqn.primitive.name == "scan" \
+                else len(sub.invars)
+            inner = {}
+            for i, (sv, ov) in enumerate(zip(sub.invars, eqn.invars[offset:])):
+                if isinstance(ov, jcore.Literal) or ov not in env:
+                    continue
+                leaf, depth = env[ov]
+                inner[sv] = (leaf, depth + (1 if i >= n_unsliced else 0))
+            _flow(sub, inner, hits)
+
+
+def find_moe_layers(program: Program, who: str) -> dict[str, MoELayer]:
+    """Every MoE layer of ``program`` with the weight paths feeding its router and experts.
+
+    ``who`` names the calling pass in errors. Raises :class:`PassError` when a
+    layer's weights are not program weights passed unchanged (e.g. computed
+    inside the program) or are sliced by nested scans.
+    """
+    jaxpr = program.jaxpr.jaxpr
+    leaves = _leaf_paths(program)
+    env = {v: (i, 0) for i, v in enumerate(jaxpr.invars[:len(leaves)])}
+    hits: list = []
+    _flow(jaxpr, env, hits)
+    by_name: dict[str, dict[str, Any]] = {}
+    for eqn, srcs in hits:
+        entry = by_name.setdefault(eqn.params.get("name", ""), {})
+        op = eqn.primitive.name
+        if op in entry and entry[op][1] != srcs:
+            raise PassError(f"{who}: layer name {eqn.params.get('name')!r} is used by two {op} ops with different "
+                            "weights; every MoE layer needs a unique name")
+        entry[op] = (eqn, srcs)
+    layers = {}
+    for name, entry in by_name.items():
+        missing = [op for op in ("moe_route", "moe_dispatch", "moe_expert_ffn") if op not in entry]
+        if missing:
+            raise PassError(f"{who}: layer {name!r} has no {', '.join(missing)} op (replaced by an expert-parallel "
+                            f"or fused region?); run {who} before such passes")
+        route, rsrc = entry["moe_route"]
+        ffn, fsrc = entry["moe_expert_ffn"]
+        dispatch, _ = entry["moe_dispatch"]
+        operands = [("router", rsrc[1])] + ([("selection bias", rsrc[2])] if len(rsrc) > 2 else []) + \
+            [(f"expert weight {i}", s) for i, s in enumerate(fsrc[2:])]
+        depths = set()
+        for what, src in operands:
+            if src is None:
+                raise PassError(f"{who}: the {what} of layer {name!r} is computed inside the program, not a program "
+                                f"weight passed unchanged; {who} can only edit stored weights (run it earlier)")
+            depths.add(src[1])
+        if len(depths) != 1 or max(depths) > 1:
+            raise PassError(f"{who}: the weights of layer {name!r} are sliced by {sorted(depths)} nested scans; "
+                            f"{who} supports unrolled layers or one scan over stacked layers")
+        expert_paths = []
+        for _, src in operands[len(rsrc) - 1:]:
+            path = leaves[src[0]][0]
+            if path not in expert_paths:
+                expert_paths.append(path)
+        router_path, router_structured = leaves[rsrc[1][0]]
+        if router_structured:
+            raise PassError(f"{who}: the router weight of layer {name!r} ({router_path}) is a structured "
+                            f"(quantized or merged) value; {who} needs a plain float router")
+        layers[name] = MoELayer(
+            name=name, router=router_path, bias=leaves[rsrc[2][0]][0] if len(rsrc) > 2 else None,
+            experts=tuple(expert_paths), stacked=depths.pop() == 1, routing=route.params["routing"],
+            num_experts=int(dispatch.params["num_experts"]), num_router=int(route.invars[1].aval.shape[-1]),
+            activation=ffn.params["activation"], weight_format=ffn.params["weight_format"])
+    if not layers:
+        raise PassError(f"{who}: the program has no MoE layers (no moe_* ops)")
+    return layers
+
+
+def check_float_experts(program: Program, layers: dict[str, MoELayer], who: str) -> None:
+    """Reject quantized expert weights: merging or pruning must come before quantization."""
+    for layer in layers.values():
+        quantized = [p for p in layer.experts if hasattr(program.weights[p], "dequantize")]
+        if layer.weight_format != "float" or quantized:
+            fmt = layer.weight_format if layer.weight_format != "float" else program.weights[quantized[0]].format
+            raise PassError(f"{who}: layer {layer.name!r} has quantized expert weights ({fmt}); {who} averages or "
+                            f"slices float weights, so it must run before quantize: reorder the pipeline, "
+                            f"e.g. 'profile,{who}(...),quantize(...)'")
+
+
+def layer_profile(program: Program, layer: MoELayer, who: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The routing-profile entry of ``layer``, checked to describe the current experts."""
+    profile = program.metadata.get(PROFILE_KEY, {})
+    entry = profile.get(layer.name)
+    if entry is None:
+        raise PassError(f"{who}: the routing profile has no entry for layer {layer.name!r}; run 'profile' "
+                        f"right before {who}")
+    stack = layer.stack_size(program)
+    counts = np.asarray(entry["counts"])
+    if counts.shape != (stack, layer.num_experts):
+        raise PassError(f"{who}: the routing profile of layer {layer.name!r} describes {counts.shape[-1]} experts "
+                        f"x {counts.shape[0]} stacked layers but the program has {layer.num_experts} x {stack} "
+                        f"(stale profile); run 'profile' again right before {who}")
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise PassError(f"{who}: the routing profile of layer {layer.name!r} lacks {missing}; run 'profile' "
+                        f"right before {who}")
+    return entry
+
+
+# --------------------------------------------------------------------------
+# Expert outputs and layer outputs on the profile's hidden-state sample.
+# --------------------------------------------------------------------------
+def _row(program: Program, path: str, layer: MoELayer, s: int) -> np.ndarray:
+    w = np.asarray(program.weights[path], np.float32)
+    return w[s] if layer.stacked else w
+
+
+def expert_outputs(program: Program, layer: MoELayer, s: int, x: np.ndarray) -> np.ndarray:
+    """Output of every expert of stack row ``s`` on tokens ``x [n, d]``: ``[E, n, d]`` float32."""
+    mats = [jnp.asarray(_row(program, p, layer, s)) for p in layer.experts]
+    act = dialect.activation_fn(layer.activation)
+    xj = jnp.asarray(x, jnp.float32)
+    if layer.activation in dialect.GATED_ACTIVATIONS:
+        h = act(jnp.einsum("nd,edf->enf", xj, mats[0]), jnp.einsum("nd,edf->enf", xj, mats[1]))
+    else:
+        h = act(jnp.einsum("nd,edf->enf", xj, mats[0]))
+    return np.asarray(jnp.einsum("enf,efd->end", h, mats[-1]))
+
+
+_route_jit = jax.jit(dialect.route_reference, static_argnames=("routing", "name", "impl"))
+
+
+def layer_output(x: np.ndarray, router: np.ndarray, bias: np.ndarray | None, routing: dialect.Routing,
+                 outputs: np.ndarray) -> np.ndarray:
+    """MoE output ``[n, d]`` from routing ``x`` and per-expert outputs ``[E, n, d]``."""
+    args = (x, router) if bias is None else (x, router, bias)
+    w, ids = (np.asarray(a) for a in _route_jit(*args, routing=routing))
+    n, e = x.shape[0], outputs.shape[0]
+    dense = np.zeros((n, e), np.float32)
+    rows = np.repeat(np.arange(n), ids.shape[1])
+    ok = ids.reshape(-1) >= 0
+    np.add.at(dense, (rows[ok], ids.reshape(-1)[ok]), w.reshape(-1)[ok])
+    return np.einsum("ne,end->nd", dense, outputs)
+
+
+def _subset_routing(routing: dialect.Routing, num_router: int, keep: Sequence[int]) -> tuple[list[int], dialect.Routing]:
+    """Router columns that survive keeping experts ``keep`` (sorted), and the routing over them."""
+    if routing.expert_map is None:
+        return list(keep), routing
+    pos = {e: i for i, e in enumerate(keep)}
+    cols = [c for c in range(num_router) if routing.expert_map[c] in pos]
+    new_map = tuple(pos[routing.expert_map[c]] for c in cols)
+    return cols, dataclasses.replace(routing, expert_map=new_map)
+
+
+def prune_plan_reconstruction(program: Program, layer: MoELayer, s: int, x: np.ndarray, keep_count: int,
+                              exhaustive_limit: int) -> tuple[list[int], float]:
+    """NAEE: the ``keep_count`` experts whose layer output best reconstructs the full layer on ``x``.
+
+    Returns (kept expert ids, relative squared error).
+    """
+    router = _row(program, layer.router, layer, s)
+    bias = _row(program, layer.bias, layer, s) if layer.bias else None
+    outs = expert_outputs(program, layer, s, x)
+    full = layer_output(x, router, bias, layer.routing, outs)
+    norm = max(float(np.sum(full ** 2)), 1e-30)
+
+    def error(keep):
+        cols, routing = _subset_routing(layer.routing, layer.num_router, keep)
+        y = layer_output(x, router[:, cols], None if bias is None else bias[cols], routing, outs[list(keep)])
+        return float(np.sum((y - full) ** 2)) / norm
+
+    e = layer.num_experts
+    if math.comb(e, keep_count) <= exhaustive_limit:
+        best = min(itertools.combinations(range(e), keep_count), key=error)
+        return list(best), error(best)
+    keep = list(range(e))
+    while len(keep) > keep_count:  # greedy: drop the expert whose removal hurts least
+        keep = min(([x_ for x_ in keep if x_ != d] for d in keep), key=error)
+    return keep, error(keep)
+
+
+# --------------------------------------------------------------------------
+# Applying a new expert set: weights, router columns, routing params.
+# --------------------------------------------------------------------------
+def apply_expert_rewrite(program: Program, layers: dict[str, MoELayer], new_weights: dict[str, Any],
+                         routings: dict[str, dialect.Routing], num_experts: dict[str, int]) -> Program:
+    """Re-trace with replaced weights and each layer's new routing param and expert count."""
+
+    def route_rule(ctx):
+        if ctx.name in routings:
+            return ctx.bind(routing=routings[ctx.name])
+        return None
+
+    def dispatch_rule(ctx):
+        if ctx.name in num_experts:
+            return ctx.bind(num_experts=num_experts[ctx.name])
+        return None
+
+    return program.rewrite({dialect.route_p.name: route_rule, dialect.dispatch_p.name: dispatch_rule},
+                           weights=new_weights)
+
+
+def _check_target(layer: MoELayer, target: int, who: str) -> None:
+    if target > layer.num_experts:
+        raise PassError(f"{who}: num_experts={target} is above the {layer.num_experts} experts layer {layer.name!r} "
+                        f"has now; choose num_experts <= {layer.num_experts}")
+    if layer.routing.n_group > 1:
+        raise PassError(f"{who}: layer {layer.name!r} uses group-limited routing (n_group={layer.routing.n_group}); "
+                        f"removing experts would break its expert groups. {who} supports n_group=1 only")
+
+
+def _with_profile(new: Program, ctx: PassContext, key: Any, note_key: str, note: str) -> Program:
+    profile = refresh_profile(new, ctx, key)
+    meta = dict(new.metadata)
+    if profile is not None:
+        meta[PROFILE_KEY] = profile
+    else:  # the old profile describes experts that no longer exist
+        meta.pop(PROFILE_KEY, None)
+    notes = dict(meta.get("notes", {}))
+    notes[note_key] = note
+    meta["notes"] = notes
+    return new.replace(metadata=meta)
+
+
+PRUNE_METHODS = ("frequency", "mass", "reconstruction")
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class PruneExperts(Pass):
+    """Keep ``num_experts`` experts per MoE layer (router columns and weights of the rest are removed).
+
+    Options:
+      num_experts: experts kept per layer (same for every layer).
+      method: ``frequency`` | ``mass`` | ``reconstruction`` (NAEE).
+      exhaustive_limit: ``reconstruction`` tries every subset when there are at
+        most this many, else prunes greedily.
+
+    Needs a routing profile (``profile`` before it). Pipeline spelling:
+    ``prune(num_experts=6,method=reconstruction)``.
+    """
+
+    name: ClassVar[str] = "prune"
+    exact: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = (PROFILE_KEY,)
+    provides: ClassVar[tuple[str, ...]] = (PROFILE_KEY,)
+
+    num_experts: int | None = None
+    method: str = "frequency"
+    exhaustive_limit: int = 5000
+
+    def __post_init__(self):
+        if self.num_experts is None:
+            raise ValueError("prune needs num_experts=N (experts kept per layer), e.g. prune(num_experts=6)")
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"prune: num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if self.method not in PRUNE_METHODS:
+            raise ValueError(f"prune: method must be one of {PRUNE_METHODS}, got {self.method!r}")
+        if self.exhaustive_limit < 1:
+            raise ValueError(f"prune: exhaustive_limit must be >= 1, got {self.exhaustive_limit}")
+
+    def check(self, program: Program, ctx: PassContext) -> None:
+        layers = find_moe_layers(program, self.name)
+        check_float_experts(program, layers, self.name)
+        for layer in layers.values():
+            _check_target(layer, self.num_experts, self.name)
+            r = layer.routing
+            kept_slots = r.slots if r.expert_map is None else 1
+            if kept_slots > self.num_experts:
+                raise PassError(f"prune: layer {layer.name!r} routes every token to {kept_slots} experts; keep at "
+                                f"least that many (num_experts >= {kept_slots})")
+            if layer.stacked and r.expert_map is not None:
+                raise PassError(f"prune: layer {layer.name!r} is stacked under scan and already merged "
+                                "(expert_map); pruning merged experts differently per layer needs a per-layer "
+                                "expert_map. Prune before merging, or unroll the layers (scan_layers=False)")
+            layer_profile(program, layer, self.name, ("inputs",) if self.method == "reconstruction" else ())
+
+    def plan(self, program: Program, layer: MoELayer) -> tuple[list[list[int]], list[float | None]]:
+        """Kept expert ids per stack row (sorted) and, for ``reconstruction``, the relative error."""
+        entry = layer_profile(program, layer, self.name, ())
+        keeps, errors = [], []
+        for s in range(layer.stack_size(program)):
+            if self.method == "reconstruction":
+                x = np.asarray(entry["inputs"][s], np.float32)
+                keep, err = prune_plan_reconstruction(program, layer, s, x, self.num_experts, self.exhaustive_limit)
+            else:
+                score = np.asarray(entry["counts" if self.method == "frequency" else "mass"][s], np.float64)
+                keep, err = list(np.argsort(-score, kind="stable")[:self.num_experts]), None
+            keeps.append(sorted(int(k) for k in keep))
+            errors.append(err)
+        return keeps, errors
+
+    def run(self, program: Program, ctx: PassContext) -> Program:
+        layers = find_moe_layers(program, self.name)
+        plans = ctx.analysis.setdefault(("prune-plan", id(self)), {})  # the decode program reuses the choice
+        new_weights: dict[str, Any] = {}
+        routings, counts, kept_note = {}, {}, {}
+        for name, layer in layers.items():
+            if name not in plans:
+                plans[name] = self.plan(program, layer)
+            keeps, errors = plans[name]
+            rows = [(keep, _subset_routing(layer.routing, layer.num_router, keep)[0]) for keep in keeps]
+            routings[name] = _subset_routing(layer.routing, layer.num_router, keeps[0])[1]
+            counts[name] = self.num_experts
+
+            def take(path, axis, use_cols, layer=layer, rows=rows):
+                w = np.asarray(program.weights[path])
+                picked = [np.take(w[s] if layer.stacked else w, cols if use_cols else keep, axis=axis)
+                          for s, (keep, cols) in enumerate(rows)]
+                return jnp.asarray(np.stack(picked) if layer.stacked else picked[0])
+
+            new_weights[layer.router] = take(layer.router, 1, True)
+            if layer.bias:
+                new_weights[layer.bias] = take(layer.bias, 0, True)
+            for p in layer.experts:
+                new_weights[p] = take(p, 0, False)
+            kept_note[name] = [k for k, _ in rows] if layer.stacked else rows[0][0]
+            if errors[0] is not None:
+                kept_note[name] = {"kept": kept_note[name], "relative_error": errors}
+        new = apply_expert_rewrite(program, layers, new_weights, routings, counts)
+        return _with_profile(new, ctx, ("prune", id(self)), str(self), f"kept experts per layer: {kept_note}")
