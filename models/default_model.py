@@ -1,0 +1,183 @@
+"""The bundled default model: a small Mixtral-style byte-level MoE trained on stdlib source.
+
+Files in ``models/default/`` (shipped as package data):
+
+* ``config.json`` -- the :class:`~moejax.models.MoEConfig` fields (routing as a dict);
+* ``model.safetensors`` -- float32 weights, one tensor per NNX parameter, named by
+  its state path joined with dots (``layers.0.mlp.experts.w_up``), unrolled layers;
+* ``heldout.txt`` -- held-out evaluation text (see :mod:`moejax.data`);
+* ``LICENSE-PSF.txt`` -- licence note for that text;
+* ``TRAINING.md`` -- how the checkpoint was trained (command, time, losses).
+
+``scripts/train_default.py`` reproduces the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax import dialect
+from moejax.models.decoder import MoEConfig, MoEDecoder
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "CheckpointError",
+    "config_to_dict",
+    "config_from_dict",
+    "flat_params",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_default_model",
+]
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+_FAMILY = "mixtral"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, corrupt, or does not match its config."""
+
+
+def config_to_dict(cfg: MoEConfig) -> dict[str, Any]:
+    """JSON-able dict of a config (``routing`` as a dict; ``scan_layers`` dropped: storage is unrolled)."""
+    d = dataclasses.asdict(cfg)
+    d["routing"] = dataclasses.asdict(cfg.routing)
+    if d["routing"].get("expert_map") is not None:
+        d["routing"]["expert_map"] = list(d["routing"]["expert_map"])
+    d.pop("scan_layers")
+    return d
+
+
+def config_from_dict(d: dict[str, Any], *, scan_layers: bool = False) -> MoEConfig:
+    """Inverse of :func:`config_to_dict`; unknown keys raise :class:`CheckpointError`."""
+    d = dict(d)
+    fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise CheckpointError(f"config.json has unknown fields {unknown}; it was written by a different "
+                              "moejax version or is not a moejax MoEConfig")
+    routing = dict(d.pop("routing"))
+    if routing.get("expert_map") is not None:
+        routing["expert_map"] = tuple(routing["expert_map"])
+    d["scan_layers"] = scan_layers
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON turned tuples into lists
+    return MoEConfig(routing=dialect.Routing(**routing), **d)
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def flat_params(model: MoEDecoder) -> dict[str, np.ndarray]:
+    """``{dotted state path: float32 array}`` of an unrolled model's parameters."""
+    if model.config.scan_layers:
+        raise ValueError("flat_params expects an unrolled model (scan_layers=False)")
+    state = nnx.state(model, nnx.Param)
+    return {_path_name(p): np.asarray(v[...] if hasattr(v, "__getitem__") else v)
+            for p, v in nnx.to_flat_state(state)}
+
+
+def save_checkpoint(model: MoEDecoder, folder: Path | str) -> None:
+    """Write ``config.json`` and ``model.safetensors`` for an unrolled model."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in flat_params(model).items()}
+    tmp = folder / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "moejax", "family": _FAMILY})
+    tmp.chmod(0o644)  # safetensors creates the file owner-only; package data must be world-readable
+    tmp.replace(folder / "model.safetensors")  # atomic: a reader never sees half a file
+    (folder / "config.json").write_text(json.dumps(config_to_dict(model.config), indent=2) + "\n")
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a moejax checkpoint folder needs config.json and "
+                              "model.safetensors (run scripts/train_default.py to rebuild the default model)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the package") from None
+
+
+def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; run scripts/train_default.py or reinstall moejax")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e}); "
+                              "reinstall moejax or rerun scripts/train_default.py") from None
+
+
+def load_checkpoint(folder: Path | str, *, scan_layers: bool = False) -> MoEDecoder:
+    """Build an :class:`MoEDecoder` from a moejax checkpoint folder.
+
+    Every parameter is checked by name and shape; a missing, extra or mis-shaped
+    tensor raises :class:`CheckpointError` naming it. ``scan_layers=True`` stacks
+    the stored per-layer tensors for the scanned form.
+    """
+    folder = Path(folder)
+    cfg = config_from_dict(_read_config(folder), scan_layers=False)
+    tensors = _read_tensors(folder)
+    model = MoEDecoder(cfg, rngs=nnx.Rngs(0))
+    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    expected = {_path_name(p): tuple(v[...].shape) for p, v in flat}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{folder / 'model.safetensors'} does not match config.json: missing tensors "
+                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected tensors "
+                              f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, config.json "
+                                  f"implies {shape}; the checkpoint and config do not belong together")
+        if not np.all(np.isfinite(tensors[name])):
+            raise CheckpointError(f"tensor {name!r} contains NaN or inf; the checkpoint is corrupt")
+    _assign(model, tensors)
+    if scan_layers:
+        model = to_scanned(model)
+    return model
+
+
+def _assign(model: MoEDecoder, tensors: dict[str, np.ndarray]) -> None:
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        var[...] = jnp.asarray(tensors[_path_name(path)], dtype=var[...].dtype)
+    nnx.update(model, state)
+
+
+def to_scanned(model: MoEDecoder) -> MoEDecoder:
+    """The same weights in the stacked (``scan_layers=True``) form."""
+    cfg = model.config.replace(scan_layers=True)
+    scanned = MoEDecoder(cfg, rngs=nnx.Rngs(0))
+    src = flat_params(model)
+    state = nnx.state(scanned, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        if path[0] == "layers":
+            rest = _path_name(path[1:])
+            value = np.stack([src[f"layers.{i}.{rest}"] for i in range(cfg.n_layers)])
+        else:
+            value = src[_path_name(path)]
+        var[...] = jnp.asarray(value, dtype=var[...].dtype)
+    nnx.update(scanned, state)
+    return scanned
+
+
+def load_default_model(scan_layers: bool = False) -> MoEDecoder:
+    """The bundled default model (weights from ``DEFAULT_MODEL_DIR``)."""
+    return load_checkpoint(DEFAULT_MODEL_DIR, scan_layers=scan_layers)
+
