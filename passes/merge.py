@@ -1,0 +1,220 @@
+"""``merge``: cluster the experts of each layer and merge each cluster into one (survey section 3.2.1).
+
+:class:`MergeExperts` groups the experts of every MoE layer into ``num_experts``
+clusters by hierarchical clustering with average linkage (HC-SMoE) on one of
+three similarities (cosine distance between):
+
+* ``output``: the experts' outputs on the routing profile's hidden-state sample (HC-SMoE);
+* ``router``: the experts' router probabilities on that sample (MC-SMoE's router-logit similarity);
+* ``weight``: the experts' flattened weights.
+
+Each cluster becomes one expert whose weights are the routing-frequency-weighted
+average of its members' weights. The router keeps all its columns; the route
+op's ``Routing.expert_map`` maps every old expert to its merged expert, and the
+weights of two selected experts that land in the same merged expert add up.
+
+Layers stacked under ``scan`` share one static ``expert_map``: per layer the
+router columns (and selection bias) are permuted so that each layer's clusters
+sit in the same canonical blocks. That needs every layer's clusters to have the
+same sizes; ``balanced=true`` (cluster sizes capped at ceil(E/M)) makes that
+the usual case, and the pass says so when it is not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import dialect
+from moejax.passes.prune import (MoELayer, _check_target, _with_profile, apply_expert_rewrite, check_float_experts,
+                                 expert_outputs, find_moe_layers, layer_profile)
+from moejax.pipeline import Pass, PassContext, PassError, register_pass
+from moejax.program import Program
+
+__all__ = ["MergeExperts", "average_linkage", "cosine_distances", "merge_weights"]
+
+SIMILARITIES = ("output", "router", "weight")
+
+
+def cosine_distances(features: np.ndarray) -> np.ndarray:
+    """``1 - cos`` between the rows of ``features [E, m]`` (zero rows are at distance 1)."""
+    f = np.asarray(features, np.float64).reshape(features.shape[0], -1)
+    norms = np.linalg.norm(f, axis=1, keepdims=True)
+    unit = f / np.maximum(norms, 1e-30)
+    dist = 1.0 - unit @ unit.T
+    np.fill_diagonal(dist, 0.0)
+    return np.clip(dist, 0.0, 2.0)
+
+
+def average_linkage(dist: np.ndarray, n_clusters: int, max_size: int | None = None) -> list[list[int]]:
+    """Agglomerative clustering with average linkage down to ``n_clusters`` clusters.
+
+    Repeatedly joins the two clusters with the smallest mean pairwise distance
+    (ties: the pair with the smallest member ids), optionally never forming a
+    cluster larger than ``max_size``. Returns clusters as sorted id lists,
+    ordered by their smallest member.
+    """
+    e = dist.shape[0]
+    if not 1 <= n_clusters <= e:
+        raise ValueError(f"average_linkage: n_clusters must be in [1, {e}], got {n_clusters}")
+    clusters = [[i] for i in range(e)]
+    while len(clusters) > n_clusters:
+        best = None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                if max_size is not None and len(clusters[a]) + len(clusters[b]) > max_size:
+                    continue
+                d = float(dist[np.ix_(clusters[a], clusters[b])].mean())
+                if best is None or d < best[0] - 1e-12:
+                    best = (d, a, b)
+        if best is None:
+            raise ValueError(f"average_linkage: cannot reach {n_clusters} clusters with clusters of at most "
+                             f"{max_size} members")
+        _, a, b = best
+        clusters[a] = sorted(clusters[a] + clusters[b])
+        del clusters[b]
+    return sorted(clusters, key=lambda c: c[0])
+
+
+def merge_weights(weights: np.ndarray, clusters: list[list[int]], freq: np.ndarray) -> np.ndarray:
+    """Frequency-weighted average of ``weights [E, ...]`` over each cluster: ``[M, ...]``.
+
+    A cluster whose members were never routed to is averaged uniformly.
+    """
+    out = []
+    for members in clusters:
+        f = np.asarray(freq, np.float64)[members]
+        f = f / f.sum() if f.sum() > 0 else np.full(len(members), 1.0 / len(members))
+        out.append(np.tensordot(f, np.asarray(weights, np.float64)[members], axes=1))
+    return np.stack(out).astype(np.asarray(weights).dtype)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class MergeExperts(Pass):
+    """Merge the experts of each MoE layer into ``num_experts`` clusters (HC-SMoE / MC-SMoE).
+
+    Options:
+      num_experts: merged experts per layer (same for every layer).
+      similarity: ``output`` | ``router`` | ``weight`` (see the module doc).
+      balanced: cap cluster sizes at ceil(E / num_experts) (keeps scanned layers
+        stackable and avoids one giant cluster).
+
+    Needs a routing profile (``profile`` before it). Pipeline spelling:
+    ``merge(num_experts=6,similarity=output)``.
+    """
+
+    name: ClassVar[str] = "merge"
+    exact: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = ("routing_profile",)
+    provides: ClassVar[tuple[str, ...]] = ("routing_profile",)
+
+    num_experts: int | None = None
+    similarity: str = "output"
+    balanced: bool = False
+
+    def __post_init__(self):
+        if self.num_experts is None:
+            raise ValueError("merge needs num_experts=N (merged experts per layer), e.g. merge(num_experts=6)")
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"merge: num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"merge: similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+
+    def _needed_keys(self) -> tuple[str, ...]:
+        return ("frequency", "inputs") if self.similarity in ("output", "router") else ("frequency",)
+
+    def check(self, program: Program, ctx: PassContext) -> None:
+        layers = find_moe_layers(program, self.name)
+        check_float_experts(program, layers, self.name)
+        for layer in layers.values():
+            _check_target(layer, self.num_experts, self.name)
+            if layer.stacked and layer.routing.expert_map is not None:
+                raise PassError(f"merge: layer {layer.name!r} is stacked under scan and already merged; merging it "
+                                "again needs a per-layer expert_map. Merge once to the final count, or unroll the "
+                                "layers (scan_layers=False)")
+            layer_profile(program, layer, self.name, self._needed_keys())
+
+    # ---- clustering ----------------------------------------------------------
+    def distances(self, program: Program, layer: MoELayer, s: int, entry: dict[str, Any]) -> np.ndarray:
+        """Cosine distances ``[E, E]`` between the current experts of stack row ``s``."""
+        if self.similarity == "weight":
+            feats = [np.asarray(program.weights[p][s] if layer.stacked else program.weights[p], np.float32)
+                     for p in layer.experts]
+            return cosine_distances(np.concatenate([f.reshape(f.shape[0], -1) for f in feats], axis=1))
+        x = np.asarray(entry["inputs"][s], np.float32)
+        if self.similarity == "output":
+            return cosine_distances(expert_outputs(program, layer, s, x))
+        router = np.asarray(program.weights[layer.router][s] if layer.stacked else program.weights[layer.router],
+                            np.float32)
+        logits = x @ router
+        probs = dialect._scores(jnp.asarray(logits), layer.routing.score)
+        probs = np.asarray(probs)  # [n, columns]
+        if layer.routing.expert_map is not None:  # columns -> current (merged) experts
+            table = np.zeros((layer.num_router, layer.num_experts), np.float32)
+            table[np.arange(layer.num_router), list(layer.routing.expert_map)] = 1.0
+            probs = probs @ table
+        return cosine_distances(probs.T)
+
+    def clusters(self, program: Program, layer: MoELayer) -> list[list[list[int]]]:
+        """Clusters of the current experts, per stack row."""
+        entry = layer_profile(program, layer, self.name, self._needed_keys())
+        cap = math.ceil(layer.num_experts / self.num_experts) if self.balanced else None
+        return [average_linkage(self.distances(program, layer, s, entry), self.num_experts, cap)
+                for s in range(layer.stack_size(program))]
+
+    # ---- rewriting -------------------------------------------------------------
+    def run(self, program: Program, ctx: PassContext) -> Program:
+        layers = find_moe_layers(program, self.name)
+        plans = ctx.analysis.setdefault(("merge-plan", id(self)), {})  # the decode program reuses the clusters
+        new_weights: dict[str, Any] = {}
+        routings, counts, notes = {}, {}, {}
+        for name, layer in layers.items():
+            if name not in plans:
+                plans[name] = self.clusters(program, layer)
+            rows = plans[name]
+            freq = np.asarray(layer_profile(program, layer, self.name, ("frequency",))["frequency"], np.float64)
+            if layer.stacked:
+                rows, perms, expert_map = self._canonical(layer, rows)
+                new_weights[layer.router] = jnp.asarray(
+                    np.stack([np.asarray(program.weights[layer.router][s])[:, p] for s, p in enumerate(perms)]))
+                if layer.bias:
+                    new_weights[layer.bias] = jnp.asarray(
+                        np.stack([np.asarray(program.weights[layer.bias][s])[p] for s, p in enumerate(perms)]))
+            else:
+                owner = {e: j for j, members in enumerate(rows[0]) for e in members}
+                old_map = layer.routing.expert_map or tuple(range(layer.num_router))
+                expert_map = tuple(owner[old_map[c]] for c in range(layer.num_router))
+            for p in layer.experts:
+                w = np.asarray(program.weights[p])
+                merged = [merge_weights(w[s] if layer.stacked else w, rows[s], freq[s]) for s in range(len(rows))]
+                new_weights[p] = jnp.asarray(np.stack(merged) if layer.stacked else merged[0])
+            routings[name] = dataclasses.replace(layer.routing, expert_map=expert_map)
+            counts[name] = self.num_experts
+            notes[name] = rows if layer.stacked else rows[0]
+        new = apply_expert_rewrite(program, layers, new_weights, routings, counts)
+        return _with_profile(new, ctx, ("merge", id(self)), str(self), f"clusters per layer: {notes}")
+
+    def _canonical(self, layer: MoELayer, rows: list[list[list[int]]]):
+        """Order each stacked layer's clusters by size so one static expert_map serves every layer.
+
+        Returns (clusters per row in canonical order, router column permutation per
+        row, the shared expert_map).
+        """
+        sizes = [sorted((len(c) for c in row), reverse=True) for row in rows]
+        if any(s != sizes[0] for s in sizes):
+            detail = "; ".join(f"layer {i}: {s}" for i, s in enumerate(sizes))
+            hint = "" if self.balanced else " Use merge(balanced=true) to give every layer the same cluster sizes, or"
+            raise PassError(f"merge: layer {layer.name!r} is stacked under scan, where one static expert_map must "
+                            f"serve every layer, but the layers' clusters have different sizes ({detail}).{hint} "
+                            "unroll the layers (scan_layers=False)")
+        ordered, perms = [], []
+        for row in rows:
+            row = sorted(row, key=lambda c: (-len(c), c[0]))
+            ordered.append(row)
+            perms.append([e for c in row for e in c])
+        expert_map = tuple(j for j, c in enumerate(ordered[0]) for _ in c)
+        return ordered, perms, expert_map
