@@ -1,0 +1,469 @@
+"""``quantize``: weight-only quantization of expert weights (lossy; survey section 3.2.2).
+
+Storage formats (all dequantize as ``(q - zero) * scale`` in f32, groups of
+``group_size`` rows along the contraction axis ``k`` = axis -2, one scale per
+group and output column):
+
+* ``int8`` (per output channel by default) and ``int4-g<G>`` (two nibbles per
+  byte): :class:`moejax.pallas_kernels.quant_format.QuantizedTensor`, the
+  project's shared format, used as is.
+* ``int3-g<G>`` / ``int2-g<G>``: :class:`LowBitTensor` (this module), because
+  the shared format stores only 4 and 8 bits. Codes are stored as ``bits``
+  bit-planes, each packed 8 rows per byte along ``k`` (``q`` is ``uint8
+  [..., bits * k / 8, n]``), so int3 really costs 3/8 byte per weight.
+* Mixed precision (``mixed=true``): :class:`MixedExpertTensor`, one quantized
+  part per bit-width holding that width's experts stacked ``[..., E_b, k, n]``
+  plus ``perm int32 [..., E]`` (expert ``e`` is row ``perm[e]`` of the parts
+  concatenated in their order). ``perm`` is a leaf, so layers stacked under
+  ``scan`` can give different experts different widths, provided every layer
+  has the same number of experts per width (the allocator guarantees that).
+
+Every stored value is a pytree whose leaves carry only leading axes, so
+``jax.lax.scan`` slicing stacked layers keeps it valid. The ``moe_expert_ffn``
+op receives the packed leaves directly and its ``weight_format`` param names
+the format (``weight_format=int4-g128``); its implementations dequantize inside
+the op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import dialect, rewrite, stats
+from moejax.pallas_kernels import quant_format as qf
+from moejax.pipeline import Pass, PassContext, PassError, register_pass
+from moejax.program import Program
+
+__all__ = ["QuantizeExperts", "LowBitTensor", "MixedExpertTensor", "quantize_weight", "pack_bitplanes",
+           "unpack_bitplanes", "allocate_bits", "STORAGE_BITS", "expert_weight_sites"]
+
+STORAGE_BITS = (2, 3, 4, 8)
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+# Dense FFN / shared-expert kernels of moejax.models (DenseFFN under "shared" or a dense layer's "mlp").
+_SHARED_RE = re.compile(r"(^|/)(shared|mlp)/(gate_proj|up_proj|down_proj)/kernel$")
+
+
+# --------------------------------------------------------------------------
+# 2- and 3-bit storage (the shared format has 4 and 8 only).
+# --------------------------------------------------------------------------
+def pack_bitplanes(u: jax.Array, bits: int) -> jax.Array:
+    """Unsigned codes ``[..., k, n]`` (< 2**bits) -> ``uint8 [..., bits * k // 8, n]`` bit-planes.
+
+    Plane ``j`` holds bit ``j`` of every code; byte ``i`` of a plane holds rows
+    ``8i .. 8i+7`` (row ``8i + r`` in bit ``r``). ``k`` must be a multiple of 8.
+    """
+    k = u.shape[-2]
+    if k % 8:
+        raise ValueError(f"pack_bitplanes: contraction dim {k} must be a multiple of 8 for {bits}-bit packing")
+    u = jnp.asarray(u).astype(jnp.uint8)
+    rows = u.reshape(*u.shape[:-2], k // 8, 8, u.shape[-1])
+    shifts = jnp.arange(8, dtype=jnp.uint8)[:, None]
+    planes = [jnp.sum(((rows >> j) & 1) << shifts, axis=-2, dtype=jnp.uint8) for j in range(bits)]
+    return jnp.concatenate(planes, axis=-2)
+
+
+def unpack_bitplanes(p: jax.Array, bits: int) -> jax.Array:
+    """Inverse of :func:`pack_bitplanes`: ``uint8`` codes ``[..., k, n]``."""
+    kb = p.shape[-2] // bits
+    planes = p.reshape(*p.shape[:-2], bits, kb, p.shape[-1])
+    shifts = jnp.arange(8, dtype=jnp.uint8)[:, None]
+    bits_rows = (planes[..., :, :, None, :] >> shifts) & 1  # [..., bits, k/8, 8, n]
+    weights = (jnp.uint8(1) << jnp.arange(bits, dtype=jnp.uint8)).reshape((bits, 1, 1, 1))
+    codes = jnp.sum(bits_rows * weights, axis=-4, dtype=jnp.uint8)
+    return codes.reshape(*p.shape[:-2], kb * 8, p.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class LowBitTensor:
+    """A 2- or 3-bit quantized weight: bit-plane packed codes, per-group scale (and zero).
+
+    Symmetric codes are offset binary (zero ``2**(bits-1)``, codes in
+    ``[1, 2**bits - 1]``); asymmetric codes use all ``2**bits`` levels with a
+    float zero per group. Same meaning of ``scale``/``zero`` shapes and
+    ``group_size`` as :class:`~moejax.pallas_kernels.quant_format.QuantizedTensor`.
+    """
+
+    q: Any
+    scale: Any
+    zero: Any = None
+    bits: int = dataclasses.field(default=2, metadata=dict(static=True))
+    group_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    symmetric: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = list(np.shape(self.q))
+        s[-2] = s[-2] // self.bits * 8
+        return tuple(s)
+
+    @property
+    def format(self) -> str:
+        name = f"int{self.bits}" + (f"-g{self.group_size}" if self.group_size else "")
+        return name if self.symmetric else name + "-asym"
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self)
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        codes = unpack_bitplanes(self.q, self.bits)
+        k = codes.shape[-2]
+        s = jnp.repeat(self.scale, k // self.scale.shape[-2], axis=-2, total_repeat_length=k)
+        z = float(2 ** (self.bits - 1)) if self.zero is None else jnp.repeat(
+            self.zero, k // self.zero.shape[-2], axis=-2, total_repeat_length=k)
+        return qf.dequant_values(codes, s, z, dtype)
+
+    def __repr__(self) -> str:
+        return f"LowBitTensor({self.format})"
+
+
+jax.tree_util.register_dataclass(LowBitTensor, data_fields=["q", "scale", "zero"],
+                                 meta_fields=["bits", "group_size", "symmetric"])
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedExpertTensor:
+    """Stacked expert weights ``[..., E, k, n]`` with a bit-width per expert (see module doc)."""
+
+    parts: tuple[Any, ...]
+    perm: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = list(self.parts[0].shape)
+        s[-3] = int(np.shape(self.perm)[-1])
+        return tuple(s)
+
+    @property
+    def format(self) -> str:
+        return "mixed(" + ",".join(f"{p.format}x{p.shape[-3]}" for p in self.parts) + ")"
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self)
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        cat = jnp.concatenate([p.dequantize(dtype) for p in self.parts], axis=-3)
+        return jnp.take_along_axis(cat, self.perm[..., None, None], axis=-3)
+
+    def __repr__(self) -> str:
+        return f"MixedExpertTensor({self.format})"
+
+
+jax.tree_util.register_dataclass(MixedExpertTensor, data_fields=["parts", "perm"], meta_fields=[])
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+# --------------------------------------------------------------------------
+# Quantizing one tensor.
+# --------------------------------------------------------------------------
+def _lowbit_arrays(w: jax.Array, bits: int, gs: int, symmetric: bool):
+    """Codes, scale, zero for 2/3 bits with the shared format's rounding rules."""
+    k = w.shape[-2]
+    g = w.astype(jnp.float32).reshape(*w.shape[:-2], k // gs, gs, w.shape[-1])
+    if symmetric:
+        half = 2.0 ** (bits - 1) - 1
+        amax = jnp.max(jnp.abs(g), axis=-2)
+        scale = jnp.where(amax > 0, amax / half, 1.0)
+        zero, zero_v = None, 2.0 ** (bits - 1)
+    else:
+        lo, hi = jnp.min(g, axis=-2), jnp.max(g, axis=-2)
+        scale = jnp.where(hi > lo, (hi - lo) / (2 ** bits - 1), 1.0)
+        zero = -lo / scale
+        zero_v = zero[..., None, :]
+    codes = jnp.clip(jnp.round(g / scale[..., None, :] + zero_v), 0, 2 ** bits - 1)
+    return codes.reshape(w.shape).astype(jnp.uint8), scale, zero
+
+
+def _quantize_plain(w: jax.Array, bits: int, gs: int | None, symmetric: bool) -> Any:
+    if bits in qf.SUPPORTED_BITS:
+        return qf.quantize(w, bits=bits, group_size=gs, symmetric=symmetric)
+    codes, scale, zero = _lowbit_arrays(w, bits, gs or w.shape[-2], symmetric)
+    return LowBitTensor(pack_bitplanes(codes, bits), scale, zero, bits=bits, group_size=gs, symmetric=symmetric)
+
+
+def _group_err(w: jax.Array, dq: jax.Array, gs: int) -> jax.Array:
+    k = w.shape[-2]
+    d = (w.astype(jnp.float32) - dq).reshape(*w.shape[:-2], k // gs, gs, w.shape[-1])
+    return jnp.sum(d * d, axis=-2)  # [..., k/gs, n]
+
+
+def quantize_weight(w: jax.Array, bits: int, group_size: int | None, symmetric: bool,
+                    clip_search: bool = False) -> Any:
+    """Quantize ``w [..., k, n]`` along ``k`` to ``bits`` (2, 3, 4 or 8).
+
+    With ``clip_search``, each (group, column) picks the clip ratio of its range
+    from :data:`CLIP_RATIOS` with the least squared error (AWQ/OmniQuant-style
+    clipping, weight-space objective); the weight is clipped accordingly and
+    quantized once more, which reproduces the chosen candidate exactly.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    if not clip_search:
+        return _quantize_plain(w, bits, group_size, symmetric)
+    k = w.shape[-2]
+    gs = group_size or k
+    g = w.reshape(*w.shape[:-2], k // gs, gs, w.shape[-1])
+    lo, hi = jnp.min(g, axis=-2), jnp.max(g, axis=-2)
+    if symmetric:
+        hi = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        lo = -hi
+    best_err, best_ratio = None, None
+    for r in CLIP_RATIOS:
+        wc = _clip_groups(w, lo * r, hi * r, gs)
+        err = _group_err(w, _quantize_plain(wc, bits, group_size, symmetric).dequantize(jnp.float32), gs)
+        if best_err is None:
+            best_err, best_ratio = err, jnp.full_like(err, r)
+        else:
+            better = err < best_err
+            best_err = jnp.where(better, err, best_err)
+            best_ratio = jnp.where(better, r, best_ratio)
+    return _quantize_plain(_clip_groups(w, lo * best_ratio, hi * best_ratio, gs), bits, group_size, symmetric)
+
+
+def _clip_groups(w, lo, hi, gs):
+    k = w.shape[-2]
+    g = w.reshape(*w.shape[:-2], k // gs, gs, w.shape[-1])
+    return jnp.clip(g, lo[..., None, :], hi[..., None, :]).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------
+# Mixed precision: bits per expert from the routing profile.
+# --------------------------------------------------------------------------
+def allocate_bits(importance: np.ndarray, err: np.ndarray, budget: float,
+                  choices: Sequence[int] = STORAGE_BITS) -> np.ndarray:
+    """Bits per expert ``int [S, E]`` under an average of ``budget`` bits per expert weight.
+
+    ``importance [S, E]`` ranks experts inside each stacked layer (routing
+    mass); ``err [S, E, len(choices)]`` is the importance-weighted error of each
+    expert at each width. Every layer gets the same count of experts per width
+    (so stacked layers stay scannable): all count vectors meeting the budget are
+    tried, experts taking widths in importance order (most important widest), and
+    the vector with the least total error wins. Uniform widths are candidates too,
+    so the result is never worse than uniform under this error model.
+    """
+    s_dim, e = importance.shape
+    choices = sorted(choices, reverse=True)
+    order = np.argsort(-importance, axis=1, kind="stable")  # most important first
+    ranked = np.take_along_axis(err, order[:, :, None], axis=1)  # [S, E, C]
+    cum = np.concatenate([np.zeros((s_dim, 1, len(choices))), np.cumsum(ranked, axis=1)], axis=1)
+    best, best_cost = None, np.inf
+    for cuts in itertools.combinations_with_replacement(range(e + 1), len(choices) - 1):
+        bounds = (0,) + cuts + (e,)
+        counts = np.diff(bounds)
+        if np.dot(counts, choices) > budget * e + 1e-9:
+            continue
+        cost = sum(float(np.sum(cum[:, bounds[i + 1], i] - cum[:, bounds[i], i])) for i in range(len(choices)))
+        if cost < best_cost - 1e-12:
+            best, best_cost = bounds, cost
+    if best is None:
+        raise ValueError(f"no allocation of widths {choices} averages at most {budget} bits")
+    rank_bits = np.concatenate([np.full(best[i + 1] - best[i], b) for i, b in enumerate(choices)])
+    out = np.empty((s_dim, e), int)
+    np.put_along_axis(out, order, np.broadcast_to(rank_bits, (s_dim, e)), axis=1)
+    return out
+
+
+def _mixed_tensor(w: jax.Array, bits_se: np.ndarray, group_size: int, symmetric_for, clip: bool
+                  ) -> MixedExpertTensor:
+    """Quantize stacked experts ``w [*lead, E, k, n]`` with ``bits_se [prod(lead), E]``."""
+    lead, (e, k, n) = w.shape[:-3], w.shape[-3:]
+    ws = jnp.reshape(w, (-1, e, k, n))
+    parts, pos = [], np.zeros(bits_se.shape, np.int32)
+    offset = 0
+    for b in sorted(set(bits_se.ravel().tolist()), reverse=True):
+        idx = np.stack([np.flatnonzero(row == b) for row in bits_se])  # [S, E_b]: same count per layer
+        sub = jnp.take_along_axis(ws, jnp.asarray(idx)[:, :, None, None], axis=1)
+        gs = None if b == 8 else group_size
+        qt = quantize_weight(sub.reshape(*lead, idx.shape[1], k, n), b, gs, symmetric_for(b), clip)
+        parts.append(qt)
+        np.put_along_axis(pos, idx, offset + np.arange(idx.shape[1])[None, :], axis=1)
+        offset += idx.shape[1]
+    return MixedExpertTensor(tuple(parts), jnp.asarray(pos.reshape(*lead, e)))
+
+
+# --------------------------------------------------------------------------
+# Finding the expert weights.
+# --------------------------------------------------------------------------
+def expert_weight_sites(program: Program) -> dict[str, tuple[str, int]]:
+    """Weight path -> (MoE layer name, operand index among the expert matrices) for expert weights."""
+    jaxpr = program.jaxpr.jaxpr
+    n = program.num_weight_leaves
+    sources = {v: i for i, v in enumerate(jaxpr.invars[:n])}
+    found: dict[int, set] = {}
+    stats._input_sources(jaxpr, sources, found, lambda eq: eq.primitive is dialect.expert_ffn_p)
+    names = {id(s.eqn): s.name for s in rewrite.dialect_sites(program.jaxpr, "moe_expert_ffn")}
+    leaf_to_path = []
+    for path, w in program.weights.items():
+        leaf_to_path.extend([path] * len(jax.tree_util.tree_leaves(w)))
+    out: dict[str, tuple[str, int]] = {}
+    for eqn_id, hits in found.items():
+        for pos, src in hits:
+            if pos >= 2:
+                out[leaf_to_path[src]] = (names.get(eqn_id, ""), pos - 2)
+    return dict(sorted(out.items()))
+
+
+def _requantize_rule(ctx: rewrite.RuleContext):
+    """Re-bind the expert op on the quantized pytrees so its params name the format."""
+    leaves = ctx.invals[2:]
+    if not any(hasattr(v, "dequantize") for v in leaves):
+        return None
+    weights = jax.tree_util.tree_unflatten(ctx.params["weights_tree"], leaves)
+    return dialect.moe_expert_ffn(ctx.invals[0], ctx.invals[1], weights, activation=ctx.params["activation"],
+                                  impl=ctx.params["impl"], name=ctx.params["name"])
+
+
+# --------------------------------------------------------------------------
+# The pass.
+# --------------------------------------------------------------------------
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class QuantizeExperts(Pass):
+    """Weight-only quantization of routed-expert weights; router weights stay float.
+
+    Options:
+      bits: storage width 8, 4, 3 or 2; with ``mixed=true`` an average budget in
+        [2, 8] (e.g. 3.5) split over experts by importance.
+      group_size: rows of ``k`` sharing a scale for widths below 8 (default 128;
+        must divide every expert matrix's contraction dim). int8 is per output
+        channel unless a group size is given explicitly.
+      symmetric: symmetric codes (zero fixed) or asymmetric (float zero per
+        group). Default: symmetric for 8 and 4 bits, asymmetric for 3 and 2 bits.
+      mixed: per-expert widths from {2,3,4,8} under the ``bits`` budget, guided by
+        the routing profile (needs ``profile`` earlier in the pipeline).
+      include_shared: also quantize shared-expert / dense-FFN kernels (uniform
+        width: ``bits`` rounded up to a storage width); they are dequantized where
+        the ordinary matmuls read them.
+      clip_search: per-(group, column) clip-ratio search minimising weight error.
+    """
+
+    name: ClassVar[str] = "quantize"
+    exact: ClassVar[bool] = False
+
+    bits: float = 8
+    group_size: int | None = None
+    symmetric: bool | None = None
+    mixed: bool = False
+    include_shared: bool = False
+    clip_search: bool = False
+
+    def __post_init__(self):
+        if self.mixed:
+            if not 2 <= self.bits <= 8:
+                raise ValueError(f"mixed precision needs an average bits budget in [2, 8], got bits={self.bits}")
+        elif self.bits not in STORAGE_BITS:
+            raise ValueError(f"bits={self.bits} is not a storage width; use one of {STORAGE_BITS}, or mixed=true "
+                             f"for an average budget such as bits=3.5")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 2
+                                            or self.group_size % 2):
+            raise ValueError(f"group_size must be an even integer >= 2 (or none), got {self.group_size!r}")
+
+    # ---- option helpers ------------------------------------------------------
+    def _group(self, bits: int) -> int | None:
+        if bits == 8:
+            return self.group_size  # None: per output channel
+        return self.group_size or 128
+
+    def _symmetric(self, bits: int) -> bool:
+        return self.symmetric if self.symmetric is not None else bits >= 4
+
+    def _uniform_bits(self) -> int:
+        return int(min(b for b in STORAGE_BITS if b >= self.bits))
+
+    # ---- checks ---------------------------------------------------------------
+    def check(self, program: Program, ctx: PassContext) -> None:
+        if self.mixed and "routing_profile" not in program.metadata:
+            raise PassError(f"pass {self} needs the routing profile to give frequent experts more bits; add the "
+                            f"profile pass before it, e.g. 'profile,{self}'")
+        sites = expert_weight_sites(program)
+        if not sites:
+            raise PassError(f"pass {self}: the program has no moe_expert_ffn weights to quantize")
+        widths = sorted({self._uniform_bits()} if not self.mixed else {b for b in STORAGE_BITS if b < 8})
+        for path, (layer, _) in sites.items():
+            w = program.weights[path]
+            if hasattr(w, "dequantize"):
+                raise PassError(f"pass {self}: expert weight {path} of layer {layer!r} is already quantized "
+                                f"({w.format}); quantize once, from float weights")
+            k = w.shape[-2]
+            for b in widths:
+                gs = self._group(b)
+                if gs is not None and k % gs:
+                    divisors = [g for g in (16, 32, 64, 128, 256) if k % g == 0]
+                    raise PassError(f"pass {self}: group_size={gs} does not divide the contraction dim {k} of "
+                                    f"{path} {list(w.shape)} (layer {layer!r}); use group_size in {divisors}")
+                if b < 4 and k % 8:
+                    raise PassError(f"pass {self}: {b}-bit packing needs the contraction dim of {path} "
+                                    f"{list(w.shape)} to be a multiple of 8, got {k}; use bits >= 4")
+            if self.mixed:
+                prof = program.metadata["routing_profile"].get(layer)
+                if prof is None:
+                    raise PassError(f"pass {self}: the routing profile has no entry for layer {layer!r}; run "
+                                    f"profile right before quantize (after passes that change experts)")
+                s_dim, e = np.shape(prof["counts"])
+                if int(np.prod(w.shape[:-3])) != s_dim or w.shape[-3] != e:
+                    raise PassError(f"pass {self}: profile of layer {layer!r} has {s_dim}x{e} (stack x experts) "
+                                    f"but weight {path} is {list(w.shape)}; re-run profile after changing experts")
+
+    # ---- run ------------------------------------------------------------------
+    def run(self, program: Program, ctx: PassContext) -> Program:
+        sites = expert_weight_sites(program)
+        new: dict[str, Any] = {}
+        notes: dict[str, Any] = {}
+        if self.mixed:
+            by_layer: dict[str, list[str]] = {}
+            for path, (layer, _) in sites.items():
+                by_layer.setdefault(layer, []).append(path)
+            for layer, paths in by_layer.items():
+                bits_se = self._allocate(program, layer, paths)
+                notes[layer] = bits_se
+                for path in paths:
+                    new[path] = _mixed_tensor(program.weights[path], bits_se, self.group_size or 128,
+                                              self._symmetric, self.clip_search)
+        else:
+            b = self._uniform_bits()
+            for path in sites:
+                new[path] = quantize_weight(program.weights[path], b, self._group(b), self._symmetric(b),
+                                            self.clip_search)
+        if self.include_shared:
+            b = self._uniform_bits()
+            for path, w in program.weights.items():
+                if _SHARED_RE.search(path) and path not in new and not hasattr(w, "dequantize"):
+                    gs = self._group(b)
+                    if gs is not None and w.shape[-2] % gs:
+                        raise PassError(f"pass {self}: group_size={gs} does not divide the contraction dim "
+                                        f"{w.shape[-2]} of shared/dense FFN weight {path} {list(w.shape)}")
+                    new[path] = quantize_weight(w, b, gs, self._symmetric(b), self.clip_search)
+        meta = {"quantization": {"pass": str(self), "formats": {p: v.format for p, v in new.items()}}}
+        if notes:
+            meta["quantization"]["expert_bits"] = notes
+        return program.rewrite({dialect.expert_ffn_p.name: _requantize_rule}, weights=new, metadata=meta)
+
+    def _allocate(self, program: Program, layer: str, paths: list[str]) -> np.ndarray:
+        """Bits per (stacked layer, expert) for one MoE layer from its profile and quantization errors."""
+        prof = program.metadata["routing_profile"][layer]
+        mass = np.asarray(prof["mass"], np.float64)
+        freq = np.asarray(prof["frequency"], np.float64)
+        imp = np.where(mass.sum(1, keepdims=True) > 0, mass / np.maximum(mass.sum(1, keepdims=True), 1e-30), freq)
+        imp = imp + 1e-6  # unused experts still prefer the smaller error at equal bits
+        s_dim, e = imp.shape
+        choices = sorted(STORAGE_BITS, reverse=True)
+        err = np.zeros((s_dim, e, len(choices)))
+        for path in paths:
+            w = jnp.reshape(jnp.asarray(program.weights[path], jnp.float32), (s_dim, e) + program.weights[path].shape[-2:])
+            norm = np.asarray(jnp.sum(w * w, axis=(-2, -1)), np.float64)
+            for ci, b in enumerate(choices):
+                gs = None if b == 8 else (self.group_size or 128)
+                dq = quantize_weight(w, b, gs, self._symmetric(b), self.clip_search).dequantize(jnp.float32)
+                rel = np.asarray(jnp.sum((w - dq) ** 2, axis=(-2, -1)), np.float64) / np.maximum(norm, 1e-30)
+                err[:, :, ci] += rel
+        return allocate_bits(imp, imp[:, :, None] * err, self.bits, choices)
