@@ -109,6 +109,11 @@ def unpack_int4(p: jax.Array, axis: int = -2) -> jax.Array:
 def quantize_array(w: jax.Array, bits: int, group_size: int | None = None, symmetric: bool = True,
                    axis: int = -2) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Quantize ``w`` along ``axis``; returns ``(q, scale, zero_or_None)`` (see module doc)."""
+    # One compiled program per configuration instead of a dozen eager ops.
+    return _quantize_jit(w, bits=bits, group_size=group_size, symmetric=symmetric, axis=axis)
+
+
+def _quantize_impl(w, *, bits, group_size, symmetric, axis):
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"quantize: bits must be one of {SUPPORTED_BITS}, got {bits}")
     w = jnp.asarray(w)
@@ -149,6 +154,9 @@ def quantize_array(w: jax.Array, bits: int, group_size: int | None = None, symme
     return q, scale, zero
 
 
+_quantize_jit = jax.jit(_quantize_impl, static_argnames=("bits", "group_size", "symmetric", "axis"))
+
+
 def _expand_groups(a: jax.Array, k: int, axis: int) -> jax.Array:
     """Repeat per-group rows of ``a`` so the group axis has length ``k``."""
     ax = a.ndim + axis
@@ -158,11 +166,18 @@ def _expand_groups(a: jax.Array, k: int, axis: int) -> jax.Array:
 def dequantize_array(q: jax.Array, scale: jax.Array, zero: jax.Array | None, *, bits: int,
                      dtype: Any = jnp.float32, axis: int = -2) -> jax.Array:
     """Float weight from ``(q, scale, zero)``: ``((q - zero) * scale).astype(dtype)``."""
+    return _dequantize_jit(q, scale, zero, bits=bits, dtype=jnp.dtype(dtype), axis=axis)
+
+
+def _dequantize_impl(q, scale, zero, *, bits, dtype, axis):
     ints = unpack_int4(q, axis) if bits == 4 else q
     k = ints.shape[ints.ndim + axis]
     s = _expand_groups(scale, k, axis)
     z = implicit_zero(bits) if zero is None else _expand_groups(zero, k, axis)
     return dequant_values(ints, s, z, dtype)
+
+
+_dequantize_jit = jax.jit(_dequantize_impl, static_argnames=("bits", "dtype", "axis"))
 
 
 @dataclasses.dataclass(frozen=True)
