@@ -95,7 +95,6 @@ class DynamicGating(Pass):
 
     name: ClassVar[str] = "gating"
     exact: ClassVar[bool] = False
-    provides: ClassVar[tuple[str, ...]] = (PROFILE_KEY,)
 
     top_p: float | None = None
     threshold: float | None = None

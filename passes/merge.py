@@ -110,7 +110,6 @@ class MergeExperts(Pass):
     name: ClassVar[str] = "merge"
     exact: ClassVar[bool] = False
     needs: ClassVar[tuple[str, ...]] = ("routing_profile",)
-    provides: ClassVar[tuple[str, ...]] = ("routing_profile",)
 
     num_experts: int | None = None
     similarity: str = "output"

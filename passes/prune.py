@@ -330,7 +330,6 @@ class PruneExperts(Pass):
     name: ClassVar[str] = "prune"
     exact: ClassVar[bool] = False
     needs: ClassVar[tuple[str, ...]] = (PROFILE_KEY,)
-    provides: ClassVar[tuple[str, ...]] = (PROFILE_KEY,)
 
     num_experts: int | None = None
     method: str = "frequency"

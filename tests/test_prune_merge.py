@@ -1,0 +1,228 @@
+"""Expert pruning and merging passes: exact-answer cases, graph changes, scanned layers, errors."""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import moejax
+from moejax import dialect, rewrite
+from moejax.models import MoEDecoder, tiny_mixtral
+from moejax.passes.merge import MergeExperts, average_linkage, cosine_distances, merge_weights
+from moejax.passes.profile import ProfileRouting
+from moejax.passes.prune import PruneExperts, find_moe_layers
+from moejax.pipeline import PassContext, PassError, PassManager
+
+D, F, E, T = 8, 12, 4, 48
+ROUTING = dialect.Routing(k=2)
+
+
+def _moe_program(params, routing=ROUTING, positive=True):
+    """A one-layer MoE program (float input x [T, D]) over hand-made weights, with a routing profile."""
+    def fn(p, x):
+        return dialect.sparse_moe(x, p["router"], (p["w_gate"], p["w_up"], p["w_down"]), routing=routing,
+                                  name="moe")
+
+    x = np.random.RandomState(7).randn(T, D)
+    x = jnp.asarray(np.abs(x) if positive else x, jnp.float32)
+    program = moejax.trace(fn, x, params={k: jnp.asarray(v, jnp.float32) for k, v in params.items()})
+    return program.replace(metadata={"routing_profile": {"moe": _profile(x, params["router"], routing)}}), x
+
+
+def _profile(x, router, routing):
+    """The routing-profile entry (spec keys the passes use) computed directly from route_reference."""
+    w, ids = (np.asarray(a) for a in dialect.route_reference(x, jnp.asarray(router, jnp.float32), routing=routing))
+    n = routing.num_selected_experts(np.shape(router)[1])
+    counts = np.bincount(ids[ids >= 0], minlength=n).astype(np.float64)
+    mass = np.bincount(ids[ids >= 0], weights=w[ids >= 0], minlength=n)
+    return {"counts": counts[None], "frequency": (counts / counts.sum())[None], "mass": mass[None],
+            "inputs": np.asarray(x)[None], "tokens": x.shape[0], "mean_active": float((ids >= 0).sum() / x.shape[0])}
+
+
+def _weights(seed=0, dup_pairs=False, dead_expert=None):
+    rs = np.random.RandomState(seed)
+    p = {"router": rs.randn(D, E), "w_gate": rs.randn(E, D, F) / 3, "w_up": rs.randn(E, D, F) / 3,
+         "w_down": rs.randn(E, F, D) / 3}
+    if dup_pairs:  # experts 0 == 1 and 2 == 3
+        for k in ("w_gate", "w_up", "w_down"):
+            p[k][1], p[k][3] = p[k][0], p[k][2]
+    if dead_expert is not None:  # x >= 0, so a negative router column is never selected
+        p["router"][:, dead_expert] = -5.0
+    return p
+
+
+def _ctx(x):
+    return PassContext(example_args=(x,))
+
+
+def _routing_of(program):
+    return rewrite.dialect_sites(program.jaxpr, "moe_route")[0].eqn.params["routing"]
+
+
+# ---- clustering and averaging ------------------------------------------------
+def test_average_linkage_known_clusters_and_size_cap():
+    pts = np.array([[0.0], [0.1], [5.0], [5.2], [5.3], [10.0]])
+    dist = np.abs(pts - pts.T)
+    assert average_linkage(dist, 3) == [[0, 1], [2, 3, 4], [5]]
+    assert average_linkage(dist, 1) == [[0, 1, 2, 3, 4, 5]]
+    # greedy with a cap: {3,4} and {0,1} join first, so 2 and 5 are left to pair up
+    assert average_linkage(dist, 3, max_size=2) == [[0, 1], [2, 5], [3, 4]]
+    with pytest.raises(ValueError, match="n_clusters must be in"):
+        average_linkage(dist, 7)
+    np.testing.assert_allclose(cosine_distances(np.array([[1.0, 0], [2.0, 0], [0, 1.0]])),
+                               [[0, 0, 1], [0, 0, 1], [1, 1, 0]], atol=1e-12)
+
+
+def test_merge_weights_is_frequency_weighted():
+    w = np.arange(4, dtype=np.float32)[:, None] * np.ones((4, 2), np.float32)  # expert e holds value e
+    out = merge_weights(w, [[0, 3], [1, 2]], np.array([0.3, 0.0, 0.0, 0.1]))
+    np.testing.assert_allclose(out[:, 0], [(0 * 0.3 + 3 * 0.1) / 0.4, 1.5], rtol=1e-6)  # unrouted cluster: uniform
+
+
+# ---- merging: exact answers on hand-made experts ---------------------------------
+@pytest.mark.parametrize("similarity", ["weight", "output"])
+def test_merging_duplicate_experts_is_exact_and_maps_routing(similarity):
+    program, x = _moe_program(_weights(dup_pairs=True))
+    merged = MergeExperts(num_experts=2, similarity=similarity).run(program, _ctx(x))
+    assert _routing_of(merged).expert_map == (0, 0, 1, 1)
+    text = str(merged)
+    assert "expert_map=(0, 0, 1, 1)" in text and "num_experts=2" in text
+    assert merged.weights["w_up"].shape == (2, D, F) and merged.weights["router"].shape == (D, E)
+    np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(program(x)), rtol=1e-5, atol=1e-5)
+    # tokens that picked both members of a pair now hold one slot with the summed weight
+    w0, ids0 = dialect.route_reference(x, program.weights["router"], routing=ROUTING)
+    w1, ids1 = dialect.route_reference(x, merged.weights["router"], routing=_routing_of(merged))
+    both = np.asarray(ids0 // 2)[:, 0] == np.asarray(ids0 // 2)[:, 1]
+    assert both.any() and (~both).any()
+    np.testing.assert_array_equal(np.asarray(ids1)[both, 1], -1)
+    np.testing.assert_allclose(np.asarray(w1)[both, 0], np.asarray(w0)[both].sum(1), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ids1)[~both], np.asarray(ids0)[~both] // 2)
+
+
+def test_merge_weights_in_program_follow_profile_frequency():
+    params = _weights(seed=3)
+    program, x = _moe_program(params)
+    merged = MergeExperts(num_experts=3, similarity="weight").run(program, _ctx(x))
+    emap = _routing_of(merged).expert_map
+    clusters = [[e for e in range(E) if emap[e] == j] for j in range(3)]
+    freq = program.metadata["routing_profile"]["moe"]["frequency"][0]
+    np.testing.assert_allclose(np.asarray(merged.weights["w_down"]), merge_weights(params["w_down"], clusters, freq),
+                               rtol=1e-5, atol=1e-6)
+
+
+# ---- pruning: exact answers --------------------------------------------------------
+def test_pruning_a_never_routed_expert_is_exact():
+    program, x = _moe_program(_weights(dead_expert=2))
+    assert program.metadata["routing_profile"]["moe"]["counts"][0, 2] == 0
+    pruned = PruneExperts(num_experts=3, method="frequency").run(program, _ctx(x))
+    assert pruned.weights["router"].shape == (D, 3) and pruned.weights["w_gate"].shape == (3, D, F)
+    np.testing.assert_array_equal(np.asarray(pruned.weights["router"]),
+                                  np.asarray(program.weights["router"])[:, [0, 1, 3]])
+    assert "num_experts=3" in str(pruned) and "num_experts=4" in str(program)
+    np.testing.assert_allclose(np.asarray(pruned(x)), np.asarray(program(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_reconstruction_pruning_matches_brute_force_on_a_dialect_free_reference():
+    params = _weights(seed=5)
+    program, x = _moe_program(params, positive=False)
+    assert (program.metadata["routing_profile"]["moe"]["counts"] > 0).all()  # every expert matters
+    mats = [jnp.asarray(params[k], jnp.float32) for k in ("w_gate", "w_up", "w_down")]
+    full = np.asarray(dialect.einsum_moe_reference(x, jnp.asarray(params["router"], jnp.float32), mats,
+                                                   routing=ROUTING))
+    errors = {}
+    for keep in itertools.combinations(range(E), 3):
+        k = list(keep)
+        y = np.asarray(dialect.einsum_moe_reference(x, jnp.asarray(params["router"][:, k], jnp.float32),
+                                                    [m[np.asarray(k)] for m in mats], routing=ROUTING))
+        errors[keep] = float(np.sum((y - full) ** 2) / np.sum(full ** 2))
+    best = min(errors, key=errors.get)
+    assert errors[best] > 1e-3
+    layer = find_moe_layers(program, "prune")["moe"]
+    exhaustive = PruneExperts(num_experts=3, method="reconstruction")
+    (keep,), (err,) = exhaustive.plan(program, layer)
+    assert tuple(keep) == best and err == pytest.approx(errors[best], rel=1e-3)
+    (gkeep,), (gerr,) = PruneExperts(num_experts=3, method="reconstruction", exhaustive_limit=1).plan(program, layer)
+    assert gerr >= err - 1e-9 and gerr == pytest.approx(errors[tuple(gkeep)], rel=1e-3)
+    pruned = exhaustive.run(program, _ctx(x))
+    y = np.asarray(pruned(x))
+    np.testing.assert_allclose(float(np.sum((y - full) ** 2) / np.sum(full ** 2)), errors[best], rtol=1e-3)
+
+
+def test_prune_after_merge_remaps_router_columns():
+    program, x = _moe_program(_weights(dup_pairs=True))
+    merged = MergeExperts(num_experts=2, similarity="weight").run(program, _ctx(x))
+    merged = merged.replace(metadata={"routing_profile": {"moe": _profile(x, merged.weights["router"],
+                                                                          _routing_of(merged))}})
+    assert merged.metadata["routing_profile"]["moe"]["counts"].shape == (1, 2)
+    pruned = PruneExperts(num_experts=1, method="mass").run(merged, _ctx(x))
+    keep = int(np.argmax(merged.metadata["routing_profile"]["moe"]["mass"][0]))
+    cols = [2 * keep, 2 * keep + 1]
+    assert _routing_of(pruned).expert_map == (0, 0)
+    np.testing.assert_array_equal(np.asarray(pruned.weights["router"]), np.asarray(merged.weights["router"])[:, cols])
+    assert pruned.weights["w_up"].shape == (1, D, F)
+
+
+# ---- errors ----------------------------------------------------------------------
+def test_errors_target_above_count_missing_profile_stale_profile_and_options():
+    program, x = _moe_program(_weights())
+    with pytest.raises(PassError, match="num_experts=5 is above the 4 experts layer 'moe'"):
+        MergeExperts(num_experts=5).check(program, _ctx(x))
+    with pytest.raises(PassError, match="num_experts=6 is above the 4 experts"):
+        PruneExperts(num_experts=6).check(program, _ctx(x))
+    with pytest.raises(PassError, match="keep at least that many"):
+        PruneExperts(num_experts=1).check(program, _ctx(x))
+    bare = program.replace(metadata={})
+    with pytest.raises(PassError, match="needs .routing_profile., which no earlier pass provided; add profile before it"):
+        PassManager([MergeExperts(num_experts=2)]).run(bare, _ctx(x))
+    pruned = PruneExperts(num_experts=3).run(program, _ctx(x))
+    stale = pruned.replace(metadata=program.metadata)  # the 4-expert profile on a 3-expert program
+    with pytest.raises(PassError, match="stale profile.*run 'profile' again"):
+        MergeExperts(num_experts=2).check(stale, _ctx(x))
+    with pytest.raises(ValueError, match="merge needs num_experts"):
+        MergeExperts()
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        MergeExperts(num_experts=2, similarity="cka")
+    with pytest.raises(ValueError, match="method must be one of"):
+        PruneExperts(num_experts=2, method="random")
+
+
+def test_merge_and_prune_after_quantization_are_rejected():
+    from moejax.passes.quantize import QuantizeExperts
+
+    program, x = _moe_program(_weights())
+    quantized = QuantizeExperts(bits=8).run(program, _ctx(x))
+    for p in (MergeExperts(num_experts=2), PruneExperts(num_experts=2)):
+        with pytest.raises(PassError, match=rf"quantized expert weights .*must run before quantize"):
+            p.check(quantized, _ctx(x))
+
+
+# ---- scanned (stacked) layers ------------------------------------------------------
+def test_scanned_layers_prune_and_merge_per_layer():
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 8)), jnp.int32)
+    model = MoEDecoder(tiny_mixtral(scan_layers=True), rngs=nnx.Rngs(0))
+    ctx = PassContext(example_args=(tokens,), calibration=[np.random.RandomState(1).randint(0, 64, (4, 16))])
+    program = ProfileRouting().run(moejax.trace(model, tokens), ctx)
+    router = "layers/mlp/gate/kernel"
+    old_router = np.asarray(program.weights[router])
+    counts = program.metadata["routing_profile"]["layers/*/mlp"]["counts"]
+
+    pruned = PruneExperts(num_experts=3).run(program, ctx)
+    assert pruned.weights["layers/mlp/experts/w_up"].shape == (2, 3, 32, 48)
+    for s in range(2):  # each stacked layer keeps its own most frequent experts
+        keep = sorted(np.argsort(-counts[s], kind="stable")[:3])
+        np.testing.assert_array_equal(np.asarray(pruned.weights[router])[s], old_router[s][:, keep])
+    assert np.shape(pruned.metadata["routing_profile"]["layers/*/mlp"]["counts"]) == (2, 3)  # re-measured
+
+    merged = MergeExperts(num_experts=2, balanced=True).run(program, ctx)
+    assert _routing_of(merged).expert_map == (0, 0, 1, 1)  # one canonical map for every stacked layer
+    assert merged.weights["layers/mlp/experts/w_down"].shape == (2, 2, 48, 32)
+    new_router = np.asarray(merged.weights[router])
+    for s in range(2):  # router columns are permuted per layer, none lost
+        assert sorted(map(tuple, new_router[s].T.round(6))) == sorted(map(tuple, old_router[s].T.round(6)))
+    out = np.asarray(merged(tokens))
+    assert out.shape == (2, 8, 64) and np.isfinite(out).all()
+    assert merged.metadata["routing_profile"]["layers/*/mlp"]["mean_active"] <= 2.0
