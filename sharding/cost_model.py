@@ -5,14 +5,16 @@ send the chunk's token slots (all-to-all), run the local experts, send the
 results back (all-to-all). With the layer's tokens cut into ``c`` chunks and
 pipelined (Tutel / PipeMoE / ScheMoE), the stages of different chunks overlap:
 
-    stage times per chunk:  a = A / c (dispatch),  b = B / c (compute),  a (combine)
-    T(c) = (2a + b) + (c - 1) * max(a, b) + c * overhead
+    per chunk:  a = A / c per all-to-all,  b = B / c compute
+    T(c) = (2a + b) + (c - 1) * max(2a, b) + c * overhead
 
 where ``A`` is the exchange time of the whole layer in one direction,
 ``B`` the compute time of the whole layer, and ``overhead`` the fixed cost of a
-chunk (two collective latencies plus a kernel launch). ``c = 1`` is no overlap
-(``2A + B``); large ``c`` approaches ``max(2A, B)``-ish bounds but pays
-``c * overhead``. :func:`suggest_overlap_chunks` returns the ``c`` minimising
+chunk (two collective latencies plus a kernel launch). The dispatch of one
+chunk and the combine of another share the device's links, so the steady state
+is bounded by ``max(2a, b)`` per chunk: the first chunk's full latency plus one
+bottleneck stage per further chunk. ``c = 1`` is no overlap (``2A + B``);
+large ``c`` approaches ``max(2A, B)`` but pays ``c * overhead``. :func:`suggest_overlap_chunks` returns the ``c`` minimising
 ``T(c)`` among the divisors of the per-device token count.
 
 Exchange bytes: each device sends ``tokens_per_device * k * (n-1)/n`` rows of
@@ -31,7 +33,7 @@ def overlap_time(chunks: int, exchange_s: float, compute_s: float, overhead_s: f
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     a, b = exchange_s / chunks, compute_s / chunks
-    return (2 * a + b) + (chunks - 1) * max(a, b) + chunks * overhead_s
+    return (2 * a + b) + (chunks - 1) * max(2 * a, b) + chunks * overhead_s
 
 
 def suggest_overlap_chunks(tokens: int, d: int, bytes_per_elem: int, flops_per_token: float, link_GBps: float,
