@@ -27,6 +27,7 @@ the op.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 from collections.abc import Sequence
@@ -198,6 +199,7 @@ def _group_err(w: jax.Array, dq: jax.Array, gs: int) -> jax.Array:
     return jnp.sum(d * d, axis=-2)  # [..., k/gs, n]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def quantize_weight(w: jax.Array, bits: int, group_size: int | None, symmetric: bool,
                     clip_search: bool = False) -> Any:
     """Quantize ``w [..., k, n]`` along ``k`` to ``bits`` (2, 3, 4 or 8).

@@ -1,0 +1,163 @@
+"""Tests of the expert quantization pass (passes/quantize.py)."""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import moejax
+from moejax.models import MoEDecoder, tiny_mixtral
+from moejax.pallas_kernels import quant_format as qf
+from moejax.passes import profile as prof
+from moejax.passes import quantize as qz
+from moejax.pipeline import PassContext, PassError, PassManager
+
+RNG = np.random.default_rng(0)
+
+
+def _formats(program) -> list[str]:
+    return re.findall(r"weight_format=(\S+)", str(program))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = MoEDecoder(tiny_mixtral(), rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(RNG.integers(0, 64, (2, 8)), jnp.int32)
+    return model, tokens, moejax.trace(model, tokens)
+
+
+# ---- storage formats ---------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3])
+def test_bitplane_pack_unpack_exact(bits):
+    u = jnp.asarray(RNG.integers(0, 2 ** bits, (3, 24, 5)), jnp.uint8)
+    packed = qz.pack_bitplanes(u, bits)
+    assert packed.dtype == jnp.uint8 and packed.shape == (3, 24 * bits // 8, 5)
+    np.testing.assert_array_equal(qz.unpack_bitplanes(packed, bits), u)
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(8, None, True), (4, 16, True), (4, 16, False), (3, 16, False),
+                                         (2, 8, False), (3, 16, True)])
+def test_quantize_weight_error_bound_and_bytes(bits, gs, sym):
+    w = jnp.asarray(RNG.normal(size=(2, 32, 6)), jnp.float32)
+    t = qz.quantize_weight(w, bits, gs, sym)
+    dq = t.dequantize(jnp.float32)
+    scale = np.repeat(np.asarray(t.scale), 32 // t.scale.shape[-2], axis=-2)
+    assert np.all(np.abs(np.asarray(dq) - np.asarray(w)) <= scale / 2 + 1e-6)
+    assert t.shape == (2, 32, 6)
+    assert qz._nbytes(t) * 8 < w.size * (bits + 2) + 64 * t.scale.size  # codes really take `bits` bits each
+    assert np.prod(t.q.shape) == w.size * bits // 8
+
+
+def test_int4_codes_are_the_shared_format():
+    """The int4 tensor is the pallas_kernels format: nibble-packed codes unpack to the rounded values."""
+    w = jnp.asarray(RNG.normal(size=(4, 8)), jnp.float32)
+    t = qz.quantize_weight(w, 4, 4, True)
+    assert isinstance(t, qf.QuantizedTensor) and t.format == "int4-g4"
+    codes = np.asarray(qf.unpack_int4(t.q))
+    scale = np.repeat(np.asarray(t.scale), 4, axis=0)
+    np.testing.assert_array_equal(codes, np.clip(np.round(np.asarray(w) / scale + 8), 0, 15))
+    np.testing.assert_array_equal(qf.pack_int4(codes), t.q)
+
+
+def test_clip_search_never_increases_error():
+    w = jnp.asarray(RNG.standard_t(3, size=(64, 16)), jnp.float32)  # heavy tails: clipping helps
+    plain = qz.quantize_weight(w, 3, 16, False).dequantize()
+    clipped = qz.quantize_weight(w, 3, 16, False, clip_search=True).dequantize()
+    e_plain, e_clip = float(jnp.sum((plain - w) ** 2)), float(jnp.sum((clipped - w) ** 2))
+    assert e_clip < e_plain
+
+
+def test_structured_weights_survive_scan_slicing():
+    w = jnp.asarray(RNG.normal(size=(3, 4, 16, 8)), jnp.float32)  # [L, E, k, n]
+    bits_se = np.array([[8, 4, 2, 2], [2, 8, 2, 4], [4, 2, 8, 2]])
+    tensors = [qz.quantize_weight(w, 4, 8, True), qz.quantize_weight(w, 2, 8, False),
+               qz._mixed_tensor(w, bits_se, 8, lambda b: b >= 4, False)]
+    for t in tensors:
+        full = t.dequantize(jnp.float32)
+        _, per_layer = jax.lax.scan(lambda c, tl: (c, tl.dequantize(jnp.float32)), 0, t)
+        np.testing.assert_array_equal(per_layer, full)
+        np.testing.assert_allclose(full, w, atol=float(jnp.abs(w).max()))
+    mixed = tensors[2]
+    assert mixed.format == "mixed(int8x1,int4-g8x1,int2-g8-asymx2)"
+    # each expert got the width the allocation asked for: its error matches that width's quantizer
+    for layer, row in enumerate(bits_se):
+        for e, b in enumerate(row):
+            want = qz.quantize_weight(w[layer, e], b, None if b == 8 else 8, b >= 4).dequantize()
+            np.testing.assert_allclose(mixed.dequantize()[layer, e], want, rtol=1e-6, atol=1e-6)
+
+
+def test_allocate_bits_prefers_important_experts_and_meets_budget():
+    imp = np.array([[0.5, 0.3, 0.15, 0.05]])
+    err = np.array([[[0.0, 0.2, 0.5, 1.0]] * 4]) * imp[..., None]  # widths (8, 4, 3, 2)
+    bits = qz.allocate_bits(imp, err, 3.5)
+    assert bits.mean() <= 3.5
+    assert list(bits[0]) == sorted(bits[0], reverse=True)  # more bits to more important experts
+    assert bits[0, 0] > bits[0, -1]
+    with pytest.raises(ValueError, match="averages at most"):
+        qz.allocate_bits(imp, err, 1.5)
+
+
+# ---- the pass on a program --------------------------------------------------------
+def test_int4_graph_change_bytes_and_output(tiny):
+    model, tokens, program = tiny
+    out = qz.QuantizeExperts(bits=4, group_size=16).run(program, PassContext())
+    assert _formats(out) == ["int4-g16", "int4-g16"]
+    assert _formats(program) == ["float", "float"]
+    assert "(int4-g16)" in str(out)  # weight table shows the stored format
+    before, after = moejax.program_stats(program), moejax.program_stats(out)
+    # 3 matrices x 2 layers of E*k*n f32 -> nibbles + one f32 scale per 16 rows
+    assert before["expert_bytes"] == 147456
+    assert after["expert_bytes"] == 147456 // 8 + 147456 // 16
+    assert after["total_bytes"] == before["total_bytes"] - before["expert_bytes"] + after["expert_bytes"]
+    assert isinstance(out.weights["layers/0/mlp/gate/kernel"], jax.Array)  # router stays float
+    ref, got = np.asarray(model(tokens)), np.asarray(out(tokens))
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < rel < 0.5  # random tiny weights: int4 moves logits, but not wildly
+    # The op consuming packed weights computes what the float program computes on the dequantized weights.
+    deq = {p: w.dequantize(jnp.float32) for p, w in out.weights.items() if hasattr(w, "dequantize")}
+    np.testing.assert_allclose(got, np.asarray(program.rewrite(weights=deq)(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_on_scanned_layers_runs_inside_scan():
+    model = MoEDecoder(tiny_mixtral(scan_layers=True), rngs=nnx.Rngs(1))
+    tokens = jnp.asarray(RNG.integers(0, 64, (2, 8)), jnp.int32)
+    program = moejax.trace(model, tokens)
+    out = qz.QuantizeExperts(bits=8).run(program, PassContext())
+    assert _formats(out) == ["int8"]
+    w = out.weights["layers/mlp/experts/w_up"]
+    assert w.q.dtype == jnp.int8 and w.q.shape == (2, 4, 32, 48) and w.scale.shape == (2, 4, 1, 48)
+    ref, got = np.asarray(model(tokens)), np.asarray(out(tokens))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.01
+
+
+def test_mixed_precision_from_profile(tiny):
+    model, tokens, program = tiny
+    cal = [RNG.integers(0, 64, (4, 8))]
+    ctx = PassContext(example_args=(tokens,), calibration=cal)
+    profiled = prof.ProfileRouting().run(program, ctx)
+    out = qz.QuantizeExperts(bits=3.5, mixed=True, group_size=16).run(profiled, ctx)
+    alloc = out.metadata["quantization"]["expert_bits"]
+    assert set(alloc) == {"layers/0/mlp", "layers/1/mlp"}
+    for layer, bits in alloc.items():
+        assert bits.shape == (1, 4) and bits.mean() <= 3.5 and set(bits.ravel()) <= {2, 3, 4, 8}
+        mass = profiled.metadata["routing_profile"][layer]["mass"][0]
+        assert bits[0, np.argmax(mass)] == bits.max()  # the heaviest expert gets the widest codes
+    assert all(f.startswith("mixed(") for f in _formats(out))
+    assert np.isfinite(np.asarray(out(tokens))).all()
+
+
+def test_errors_for_impossible_options(tiny):
+    _, tokens, program = tiny
+    with pytest.raises(PassError, match=r"bits=5 is not a storage width.*mixed=true"):
+        moejax.parse_pipeline("quantize(bits=5)")
+    with pytest.raises(PassError, match=r"group_size=128 does not divide the contraction dim (32|48) of layers/0/mlp/experts.*group_size in"):
+        qz.QuantizeExperts(bits=4).check(program, PassContext())
+    with pytest.raises(PassError, match=r"needs the routing profile.*'profile,quantize\(bits=3.5"):
+        PassManager(["quantize(bits=3.5,mixed=true,group_size=16)"]).run(program, PassContext())
+    with pytest.raises(PassError, match="already quantized"):
+        q = qz.QuantizeExperts(bits=8).run(program, PassContext())
+        qz.QuantizeExperts(bits=8).check(q, PassContext())
