@@ -11,7 +11,8 @@ from moejax.dialect import Routing
 from moejax.inspection import diff_programs, moe_graph_dot
 from moejax.lowering import inline_dialect
 from moejax.optimize import OptimizedModel, optimize
-from moejax.pipeline import (Pass, PassContext, PassError, PassManager, Stage, parse_pipeline, register_pass,
+from moejax.pipeline import (Pass, PassContext, PassError, PassManager, Stage, parse_pipeline, pipeline_to_str,
+                             register_pass,
                              registered_passes)
 from moejax.program import InputSignatureError, Program, trace
 from moejax.stats import program_stats
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "dialect", "Routing", "trace", "Program", "InputSignatureError", "optimize", "OptimizedModel", "Pass",
-    "PassContext", "PassError", "PassManager", "Stage", "parse_pipeline", "register_pass", "registered_passes",
+    "PassContext", "PassError", "PassManager", "Stage", "parse_pipeline", "pipeline_to_str", "register_pass", "registered_passes",
     "inline_dialect", "diff_programs", "moe_graph_dot", "program_stats",
 ]

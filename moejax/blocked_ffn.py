@@ -10,9 +10,9 @@ follow from that, picked by static shape in :func:`ffn_blocked`:
 ``loop`` (:func:`ffn_expert_loop`)
     A loop over experts. An expert with rows copies its weights once, then
     runs full chunks of ``chunk`` rows in a ``fori_loop`` and its remainder
-    in one chunk whose size is the smallest multiple of ``bucket`` that holds
-    it (``lax.switch`` over the static sizes). Work is ``N + E * bucket`` rows
-    at most, plus one copy of each used expert's weights. Experts without rows
+    as a binary decomposition (``chunk/2``, ``chunk/4`` ... ``bucket`` rows,
+    each under ``lax.cond``) plus one masked piece of ``bucket`` rows. Work is
+    ``N + E * bucket`` rows at most, plus one copy of each used expert's weights. Experts without rows
     are skipped (no copy, no FLOPs). Best when each expert gets many rows.
 
 ``capacity`` (:func:`ffn_capacity`)
@@ -20,7 +20,7 @@ follow from that, picked by static shape in :func:`ffn_blocked`:
     copies) with a per-expert capacity ``C`` chosen at run time from a static
     ladder (``lax.switch`` on the largest group), so it is dropless and exact.
     Work is ``E * C`` rows. Best when the matmuls are memory-bound (few rows
-    per expert, i.e. decode) and most experts are used anyway.
+    per expert, i.e. decode) and there are few, large experts.
 
 Both compute exactly what :func:`moejax.dialect.ffn_reference` computes:
 the same dots with f32 accumulation, the activation in f32, the hidden state
@@ -91,14 +91,16 @@ def _round_up(n: int, m: int) -> int:
 # --------------------------------------------------------------------------
 # Strategy "loop": per-expert weight copy, fixed-size row chunks.
 # --------------------------------------------------------------------------
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _default_chunk(num_rows: int, num_experts: int) -> tuple[int, int]:
-    """(chunk, bucket) rows: big enough for efficient dots, small enough to waste little."""
+    """(chunk, bucket) rows, both powers of two: big enough for efficient dots
+    (about twice the mean group, at most 512), small enough to waste little."""
     per_expert = max(1, num_rows // num_experts)
-    chunk = min(512, max(8, 1 << (2 * per_expert - 1).bit_length()))  # >= 2x the mean group
-    chunk = min(chunk, _round_up(num_rows, 8))
+    chunk = max(8, min(512, _pow2_at_least(2 * per_expert), _pow2_at_least(num_rows)))
     bucket = min(chunk, 32 if chunk >= 128 else 8)
-    while chunk % bucket:
-        bucket //= 2
     return chunk, bucket
 
 
@@ -112,7 +114,7 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, mats: Sequence[j
       mats: float weights ``(w_gate, w_up, w_down)`` or ``(w_up, w_down)``.
       activation: one of :data:`moejax.dialect.ACTIVATIONS`.
       chunk: rows per full chunk (static); default from the shapes.
-      bucket: the remainder chunk is a multiple of ``bucket`` rows; must divide ``chunk``.
+      bucket: the smallest remainder piece (rows); ``chunk / bucket`` must be a power of two.
 
     Returns:
       [N, d] outputs, zero on rows past ``sum(group_sizes)``.
@@ -122,8 +124,10 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, mats: Sequence[j
     dflt_chunk, dflt_bucket = _default_chunk(n_rows, num_experts)
     chunk = chunk or dflt_chunk
     bucket = bucket or min(dflt_bucket, chunk)
-    if chunk % bucket:
-        raise ValueError(f"ffn_expert_loop: bucket={bucket} must divide chunk={chunk}")
+    ratio = chunk // bucket if bucket > 0 else 0
+    if ratio < 1 or chunk % bucket or ratio & (ratio - 1):
+        raise ValueError(f"ffn_expert_loop: chunk={chunk} must be bucket={bucket} times a power of two "
+                         "(the remainder is split in halves down to bucket rows)")
     sizes = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(sizes) - sizes
     # Padding rows let every chunk slice stay in bounds (dynamic_slice would clamp).
@@ -145,12 +149,24 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, mats: Sequence[j
             ws = [lax.dynamic_index_in_dim(m, e, keepdims=False) for m in mats]  # the one copy
             full = n // chunk
             out = lax.fori_loop(0, full, lambda c, o: run_chunk(o, ws, start + c * chunk, chunk, chunk), out)
-            rest = n - full * chunk
+            # The remainder in power-of-two pieces (binary decomposition), then
+            # one masked piece of `bucket` rows: waste < bucket rows per expert,
+            # log2(chunk / bucket) + 1 compiled bodies instead of chunk / bucket.
             row0 = start + full * chunk
-            branches = [lambda o: o] + [
-                functools.partial(lambda o, size: run_chunk(o, ws, row0, rest, size), size=bucket * (i + 1))
-                for i in range(chunk // bucket)]
-            return lax.switch((rest + bucket - 1) // bucket, branches, out)
+            rest = n - full * chunk
+            size = chunk // 2
+            while size >= bucket:
+                def piece(carry, size=size):
+                    o, r0, r = carry
+                    return run_chunk(o, ws, r0, size, size), r0 + size, r - size
+
+                out, row0, rest = lax.cond(rest >= size, piece, lambda c: c, (out, row0, rest))
+                size //= 2
+
+            def tail(o):
+                return run_chunk(o, ws, row0, rest, bucket)
+
+            return lax.cond(rest > 0, tail, lambda o: o, out)
 
         return lax.cond(n > 0, work, lambda o: o, out)
 
@@ -224,20 +240,21 @@ def ffn_capacity(grouped: jax.Array, group_sizes: jax.Array, mats: Sequence[jax.
 # The registered implementation.
 # --------------------------------------------------------------------------
 def choose_strategy(num_rows: int, num_experts: int) -> str:
-    """``"loop"`` or ``"capacity"`` for a static shape (measured on XLA:CPU).
+    """``"loop"`` or ``"capacity"`` for a static shape (from measurements on XLA:CPU).
 
-    The loop copies each used expert's weights once (about three weight reads
-    per used expert); the capacity path reads every expert's weights once in
-    place and pads each group to the largest. Few rows per expert make the
-    matmuls memory-bound, so the capacity path wins when most experts are used
-    (e.g. decode with N >= E); with few rows and many experts (one token of a
-    64-expert layer) only the used experts are worth touching.
+    With many rows per expert the matmuls are compute-bound and the loop's
+    per-expert weight copy is amortised; the capacity path pads every group to
+    the largest and its batched dot runs slower than 2-D dots, so the loop wins
+    (Mixtral- and DeepSeek-shaped layers, 512 tokens). With few rows per
+    expert (decode) the work is memory-bound: for a few large experts (E <= 16,
+    Mixtral-like) reading every expert in place beat copying the used ones
+    even at one token; for many small experts (64, DeepSeek-like) the batched
+    dot over all experts was 2-4x slower than copying only the used ones.
     """
     rows_per_expert = num_rows / max(num_experts, 1)
-    if rows_per_expert >= 16:
-        return "loop"
-    expected_used = num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** num_rows)
-    return "capacity" if 3.0 * expected_used >= num_experts else "loop"
+    if rows_per_expert < 16 and num_experts <= 16:
+        return "capacity"
+    return "loop"
 
 
 def ffn_blocked(grouped: jax.Array, group_sizes: jax.Array, weights: Sequence[Any], *,

@@ -29,6 +29,14 @@ class OptimizedModel:
         self._final = lowering.inline_dialect(stages[-1].program)
         self._final_decode = lowering.inline_dialect(self.decode_stages[-1].program) if self.decode_stages else None
 
+    def at_stage(self, index: int) -> "OptimizedModel":
+        """The model as it was after stage ``index`` (0 = as traced)."""
+        if not -len(self.stages) <= index < len(self.stages):
+            raise IndexError(f"stage {index} out of range; this pipeline has {len(self.stages)} stages")
+        index %= len(self.stages)
+        decode = self.decode_stages[: index + 1] if self.decode_stages else None
+        return OptimizedModel(self.model, self.stages[: index + 1], decode, self.passes[:index])
+
     @property
     def program(self) -> Program:
         """The forward program after the last pass (dialect ops still visible)."""
@@ -74,7 +82,7 @@ class OptimizedModel:
         return text
 
 
-def optimize(model: Any, example_args: Sequence[Any], passes: Sequence[Pass | str] = (), *,
+def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pass | str] = (), *,
              example_kwargs: dict[str, Any] | None = None, params: Any = None,
              decode_example: tuple[Sequence[Any], dict[str, Any]] | None = None,
              calibration: Sequence[Any] | None = None, dump_dir: str | None = None,

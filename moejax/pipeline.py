@@ -270,10 +270,10 @@ def check_outputs_close(before: Any, after: Any, what: str) -> float:
 class PassManager:
     """Runs passes in order, checking and recording a :class:`Stage` after each."""
 
-    def __init__(self, passes: Sequence[Pass | str], *, dump_dir: str | Path | None = None,
+    def __init__(self, passes: str | Sequence[Pass | str], *, dump_dir: str | Path | None = None,
                  check_exact: bool = True, verbose: Callable[[str], None] | None = None):
         items: list[Pass] = []
-        for p in passes:
+        for p in [passes] if isinstance(passes, str) else passes:
             items.extend(parse_pipeline(p) if isinstance(p, str) else [p])
         for p in items:
             if not isinstance(p, Pass):
