@@ -1,4 +1,19 @@
-"""Model-level passes (survey section 3). Importing this package registers them."""
+"""Model-level passes (survey section 3). Importing this package registers them.
+
+=============  ===========================================================
+``profile``    routing profile on calibration data (analysis)
+``select-impl`` expert-FFN implementation choice (exact)
+``gating``     dynamic gating: top-p / threshold / skip (lossy)
+``prune``      expert pruning by frequency, mass or reconstruction (lossy)
+``merge``      expert merging by clustering (lossy)
+``quantize``   weight-only int8 / int4 / mixed-precision experts (lossy)
+=============  ===========================================================
+"""
+from moejax.passes.gating import DynamicGating
+from moejax.passes.merge import MergeExperts
+from moejax.passes.profile import ProfileRouting
+from moejax.passes.prune import PruneExperts
+from moejax.passes.quantize import QuantizeExperts
 from moejax.passes.select_impl import SelectImpl
 
-__all__ = ["SelectImpl"]
+__all__ = ["SelectImpl", "ProfileRouting", "DynamicGating", "PruneExperts", "MergeExperts", "QuantizeExperts"]
