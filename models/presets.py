@@ -1,0 +1,197 @@
+"""Published full-size configs (the survey's Table 1) and tiny configs for tests.
+
+Full-size presets are never materialised: :func:`param_count` builds the model
+under ``nnx.eval_shape`` and sums the parameter shapes. ``PUBLISHED_PARAMS`` holds
+the "Param." column of Table 1 of *A Survey on Inference Optimization Techniques
+for Mixture of Experts Models* (total parameters, billions); a test checks every
+preset against it within 3%.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.dialect import Routing
+from moejax.models.decoder import MoEConfig, MoEDecoder, tiny_mixtral
+
+__all__ = ["PRESETS", "PUBLISHED_PARAMS", "TINY", "preset", "tiny", "param_count", "active_param_count"]
+
+
+def _mixtral(vocab: int, d: int, layers: int, heads: int, kv: int, ff: int, experts: int = 8, k: int = 2,
+             **kw: Any) -> MoEConfig:
+    return MoEConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, d_ff_expert=ff,
+                     n_experts=experts, routing=Routing(k=k), rope_theta=1e6, family="mixtral").replace(**kw)
+
+
+def mixtral_8x7b(**kw: Any) -> MoEConfig:
+    """Mixtral-8x7B (mistralai/Mixtral-8x7B-v0.1)."""
+    return _mixtral(32000, 4096, 32, 32, 8, 14336, **kw)
+
+
+def mixtral_8x22b(**kw: Any) -> MoEConfig:
+    """Mixtral-8x22B (mistralai/Mixtral-8x22B-v0.1)."""
+    return _mixtral(32000, 6144, 56, 48, 8, 16384, **kw)
+
+
+def qwen1_5_moe_a2_7b(**kw: Any) -> MoEConfig:
+    """Qwen1.5-MoE-A2.7B: 60 fine-grained experts top-4 plus a gated shared expert."""
+    return MoEConfig(vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, d_ff_expert=1408,
+                     n_experts=60, routing=Routing(k=4, norm_topk=False), n_shared_experts=1, d_ff_shared=5632,
+                     shared_expert_gate=True, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6, family="qwen2_moe"
+                     ).replace(**kw)
+
+
+def qwen2_57b_a14b(**kw: Any) -> MoEConfig:
+    """Qwen2-57B-A14B: 64 experts top-8 plus a gated shared expert."""
+    return MoEConfig(vocab_size=151936, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff_expert=2560,
+                     n_experts=64, routing=Routing(k=8, norm_topk=False), n_shared_experts=1, d_ff_shared=20480,
+                     shared_expert_gate=True, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6, family="qwen2_moe"
+                     ).replace(**kw)
+
+
+def deepseek_moe_16b(**kw: Any) -> MoEConfig:
+    """DeepSeekMoE-16B: 64 fine-grained experts top-6, 2 shared experts, 1 leading dense layer, MHA."""
+    return MoEConfig(vocab_size=102400, d_model=2048, n_layers=28, n_heads=16, n_kv_heads=16, d_ff_expert=1408,
+                     n_experts=64, routing=Routing(k=6, norm_topk=False), n_shared_experts=2, d_ff_shared=1408,
+                     first_dense_layers=1, d_ff_dense=10944, norm_eps=1e-6, family="deepseek_moe").replace(**kw)
+
+
+_MLA = dict(attention="mla", qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=512,
+            q_lora_rank=1536, norm_eps=1e-6)
+
+
+def deepseek_v2(**kw: Any) -> MoEConfig:
+    """DeepSeek-V2 (236B): MLA, 160 routed experts top-6 (group-limited 8/3), 2 shared, 1 dense layer."""
+    return MoEConfig(vocab_size=102400, d_model=5120, n_layers=60, n_heads=128, n_kv_heads=128, d_ff_expert=1536,
+                     n_experts=160, routing=Routing(k=6, norm_topk=False, scale=16.0, n_group=8, topk_group=3),
+                     n_shared_experts=2, d_ff_shared=1536, first_dense_layers=1, d_ff_dense=12288,
+                     family="deepseek_v2", **_MLA).replace(**kw)
+
+
+def deepseek_v3(**kw: Any) -> MoEConfig:
+    """DeepSeek-V3 (671B, without the multi-token-prediction module): sigmoid routing with correction bias."""
+    return MoEConfig(vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, n_kv_heads=128, d_ff_expert=2048,
+                     n_experts=256, routing=Routing(k=8, score="sigmoid", norm_topk=True, scale=2.5, n_group=8,
+                                                    topk_group=4, group_score="top2_sum"),
+                     n_shared_experts=1, d_ff_shared=2048, selection_bias=True, first_dense_layers=3,
+                     d_ff_dense=18432, family="deepseek_v3", **_MLA).replace(**kw)
+
+
+def olmoe_1b_7b(**kw: Any) -> MoEConfig:
+    """OLMoE-1B-7B: 64 experts top-8, no renormalisation, q/k norm."""
+    return MoEConfig(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, d_ff_expert=1024,
+                     n_experts=64, routing=Routing(k=8, norm_topk=False), qk_norm=True, family="olmoe").replace(**kw)
+
+
+def dbrx(**kw: Any) -> MoEConfig:
+    """DBRX (132B): 16 experts top-4, bias-free LayerNorm, clipped qkv."""
+    return MoEConfig(vocab_size=100352, d_model=6144, n_layers=40, n_heads=48, n_kv_heads=8, d_ff_expert=10752,
+                     n_experts=16, routing=Routing(k=4), norm="layer", clip_qkv=8.0, rope_theta=5e5, family="dbrx"
+                     ).replace(**kw)
+
+
+# name -> (config factory, published total parameters in billions)
+PRESETS: dict[str, Callable[..., MoEConfig]] = {
+    "mixtral-8x7b": mixtral_8x7b,
+    "mixtral-8x22b": mixtral_8x22b,
+    "qwen1.5-moe-a2.7b": qwen1_5_moe_a2_7b,
+    "qwen2-57b-a14b": qwen2_57b_a14b,
+    "deepseekmoe-16b": deepseek_moe_16b,
+    "deepseek-v2": deepseek_v2,
+    "deepseek-v3": deepseek_v3,
+    "olmoe-1b-7b": olmoe_1b_7b,
+    "dbrx": dbrx,
+}
+PUBLISHED_PARAMS: dict[str, float] = {
+    "mixtral-8x7b": 46.7, "mixtral-8x22b": 141.0, "qwen1.5-moe-a2.7b": 14.3, "qwen2-57b-a14b": 57.4,
+    "deepseekmoe-16b": 16.4, "deepseek-v2": 236.0, "deepseek-v3": 671.0, "olmoe-1b-7b": 6.9, "dbrx": 132.0,
+}
+
+
+def preset(name: str, **overrides: Any) -> MoEConfig:
+    """The full-size config ``name`` (see ``PRESETS``), with field overrides."""
+    try:
+        factory = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}") from None
+    return factory(**overrides)
+
+
+# ---------------------------------------------------------------------------
+# Tiny configs: a few thousand parameters, same mechanics as the full models.
+# ---------------------------------------------------------------------------
+_T = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
+
+TINY: dict[str, Callable[..., MoEConfig]] = {
+    "mixtral": lambda **kw: tiny_mixtral(**kw),
+    "switch": lambda **kw: tiny_mixtral(**{"routing": Routing(k=1), **kw}),
+    "qwen2_moe": lambda **kw: MoEConfig(**{**_T, "d_ff_expert": 16, "n_experts": 8,
+                                           "routing": Routing(k=2, norm_topk=False), "n_shared_experts": 1,
+                                           "d_ff_shared": 32, "shared_expert_gate": True, "qkv_bias": True,
+                                           "family": "qwen2_moe", **kw}),
+    "olmoe": lambda **kw: MoEConfig(**{**_T, "d_ff_expert": 16, "n_experts": 8,
+                                       "routing": Routing(k=4, norm_topk=False), "qk_norm": True,
+                                       "family": "olmoe", **kw}),
+    "deepseek_v2": lambda **kw: MoEConfig(**{**_T, "n_kv_heads": 4, "d_ff_expert": 16, "n_experts": 8,
+                                             "routing": Routing(k=2, norm_topk=False, scale=1.5, n_group=4,
+                                                                topk_group=2),
+                                             "n_shared_experts": 2, "d_ff_shared": 16, "first_dense_layers": 1,
+                                             "d_ff_dense": 64, "attention": "mla", "q_lora_rank": 8,
+                                             "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+                                             "v_head_dim": 8, "family": "deepseek_v2", **kw}),
+    "deepseek_v3": lambda **kw: MoEConfig(**{**_T, "n_kv_heads": 4, "d_ff_expert": 16, "n_experts": 8,
+                                             "routing": Routing(k=2, score="sigmoid", scale=2.5, n_group=4,
+                                                                topk_group=2, group_score="top2_sum"),
+                                             "n_shared_experts": 1, "d_ff_shared": 16, "selection_bias": True,
+                                             "first_dense_layers": 1, "d_ff_dense": 64, "attention": "mla",
+                                             "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+                                             "v_head_dim": 8, "family": "deepseek_v3", **kw}),
+    "dbrx": lambda **kw: MoEConfig(**{**_T, "d_ff_expert": 48, "n_experts": 4, "routing": Routing(k=2),
+                                      "norm": "layer", "clip_qkv": 4.0, "family": "dbrx", **kw}),
+}
+
+
+def tiny(family: str, **overrides: Any) -> MoEConfig:
+    """A tiny config of ``family`` (see ``TINY``) for tests and examples."""
+    try:
+        factory = TINY[family]
+    except KeyError:
+        raise ValueError(f"unknown family {family!r}; available: {sorted(TINY)}") from None
+    return factory(**overrides)
+
+
+def _count(cfg: MoEConfig) -> int:
+    abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+
+
+def param_count(cfg: MoEConfig, *, direct: bool = False) -> int:
+    """Total parameters of ``MoEDecoder(cfg)``, from shapes only (nothing is allocated).
+
+    Building a 60-layer model even abstractly costs seconds, so by default the count
+    is assembled from abstract 1- and 2-layer models: embeddings and head, plus
+    ``n_moe`` times one MoE layer and ``n_dense`` times one dense layer (layers of a
+    kind are identical, so this is exact; a test checks it against ``direct=True``).
+    """
+    if direct or cfg.n_layers <= 2:
+        return _count(cfg)
+    n_dense = sum(cfg.is_dense(i) for i in range(cfg.n_layers))
+    one = cfg.replace(n_layers=1, first_dense_layers=0, dense_layers=(), scan_layers=False)
+    c1, c2 = _count(one), _count(one.replace(n_layers=2))
+    per_moe = c2 - c1
+    base = c1 - per_moe
+    per_dense = _count(one.replace(first_dense_layers=1)) - base if n_dense else 0
+    return base + (cfg.n_layers - n_dense) * per_moe + n_dense * per_dense
+
+
+def active_param_count(cfg: MoEConfig) -> int:
+    """Parameters used per token: all but the unselected routed experts (top-k of E)."""
+    total = param_count(cfg)
+    mats = 3 if cfg.activation in ("swiglu", "geglu") else 2
+    n_moe = sum(not cfg.is_dense(i) for i in range(cfg.n_layers))
+    per_expert = mats * cfg.d_model * cfg.d_ff_expert
+    return total - n_moe * (cfg.n_experts - cfg.routing.k) * per_expert

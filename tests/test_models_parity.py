@@ -1,0 +1,120 @@
+"""Parity with the transformers (PyTorch CPU) implementations, one test per family.
+
+Each test builds a tiny random model with transformers, saves it with
+``save_pretrained`` to a temporary folder (nothing is downloaded), loads it with
+``moejax.models.from_pretrained`` and compares float32 logits (max abs diff <= 1e-4
+on logits of order 1) and 16 greedy decoding steps token for token (transformers'
+``generate`` against ``moejax.models.generate``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from moejax import models  # noqa: E402
+
+TOL = 1e-4
+NEW_TOKENS = 16
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              initializer_range=0.2)  # large init: logits of order 1, a meaningful 1e-4 tolerance
+
+
+def _check(tmp_path, hf_model, *, bias_names: tuple[str, ...] = (), decode: bool = True, **load_kw):
+    """Save ``hf_model``, load it with moejax, compare logits and greedy decoding; return max |diff|.
+
+    ``decode=False`` (variants of a family already decoded elsewhere) skips the 16-step
+    comparison to keep the suite fast.
+    """
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight") or ".norm_" in name:
+                p.add_(0.1 * torch.randn_like(p))  # non-trivial norm weights
+        for name, buf in hf_model.named_buffers():
+            if name.endswith(bias_names) and bias_names:
+                buf.copy_(0.5 * torch.randn_like(buf))  # DeepSeek-V3 correction bias
+    hf_model.eval()
+    hf_model.save_pretrained(tmp_path)
+    model = models.from_pretrained(str(tmp_path), dtype=jnp.float32, **load_kw)
+
+    ids = np.random.default_rng(0).integers(0, 64, (2, 8))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+    assert ours.shape == ref.shape
+    diff = float(np.abs(ours - ref).max())
+    assert np.abs(ref).max() > 0.5, "logits should be of order 1 for a meaningful tolerance"
+    assert diff <= TOL, f"max |logit diff| {diff:.2e} > {TOL}"
+    print(f"{type(hf_model).__name__}: max |logit diff| = {diff:.3e}")
+    if not decode:
+        return diff
+
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        ref_tokens = hf_model.generate(torch.tensor(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                       attention_mask=torch.ones_like(torch.tensor(ids))).numpy()
+    tokens = np.asarray(models.generate(model, jnp.asarray(ids), NEW_TOKENS))
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    return diff
+
+
+@pytest.mark.parametrize("top_k", [2, 1], ids=["mixtral-top2", "switch-top1"])
+def test_mixtral_parity(tmp_path, top_k):
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=top_k, **COMMON)
+    _check(tmp_path, transformers.MixtralForCausalLM(cfg), decode=top_k == 2)
+
+
+@pytest.mark.parametrize("norm_topk", [False, True], ids=["qwen2moe-raw", "qwen2moe-renorm"])
+def test_qwen2_moe_parity(tmp_path, norm_topk):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                      norm_topk_prob=norm_topk, mlp_only_layers=[1] if norm_topk else [], **COMMON)
+    hf = transformers.Qwen2MoeForCausalLM(cfg)
+    with torch.no_grad():  # transformers zero-initialises the qkv biases
+        for name, p in hf.named_parameters():
+            if name.endswith("proj.bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    _check(tmp_path, hf, decode=not norm_topk)
+
+
+def test_olmoe_parity(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.OlmoeConfig(intermediate_size=16, num_experts=8, num_experts_per_tok=4, clip_qkv=4.0,
+                                   pad_token_id=None, eos_token_id=None, **COMMON)
+    _check(tmp_path, transformers.OlmoeForCausalLM(cfg))
+
+
+_MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, intermediate_size=64,
+            moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+            first_k_dense_replace=1, **{**COMMON, "num_key_value_heads": 4})  # transformers' MLA needs kv heads = heads
+
+
+def test_deepseek_v3_parity(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(q_lora_rank=None, n_shared_experts=1, routed_scaling_factor=2.5, **_MLA)
+    _check(tmp_path, transformers.DeepseekV3ForCausalLM(cfg), bias_names=("e_score_correction_bias",))
+
+
+def test_deepseek_v2_parity(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV2Config(q_lora_rank=8, n_shared_experts=2, topk_method="group_limited_greedy",
+                                        routed_scaling_factor=1.5, **_MLA)
+    _check(tmp_path, transformers.DeepseekV2ForCausalLM(cfg))
+
+
+def test_dbrx_parity(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.DbrxConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=64, max_seq_len=128,
+                                  initializer_range=0.2,
+                                  attn_config=dict(kv_n_heads=2, clip_qkv=4.0, rope_theta=10000.0),
+                                  ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2))
+    _check(tmp_path, transformers.DbrxForCausalLM(cfg))
