@@ -11,6 +11,7 @@
 * :func:`ffn_pallas` / :func:`route_pallas` -- registered with the dialect at
   import as the ``"pallas"`` implementations of ``moe_expert_ffn`` and
   ``moe_route``.
+* :class:`LowerToPallas` -- the ``pallas`` pipeline pass that selects them.
 
 Drivers: TPU (Mosaic, scalar-prefetch grid), GPU (Triton), and the Pallas
 interpreter on CPU. With ``backend=None, interpret=None`` the driver is picked
@@ -20,6 +21,7 @@ CPU host produces Mosaic kernels and ``["cuda"]`` Triton kernels.
 from moejax import dialect as _dialect
 from moejax.pallas_kernels.ffn import ffn_pallas, kernel_weight
 from moejax.pallas_kernels.gmm import gmm, gmm_gated, tgmm
+from moejax.pallas_kernels.lower_pass import LowerToPallas
 from moejax.pallas_kernels.metadata import GroupMetadata, make_group_metadata
 from moejax.pallas_kernels.quant_format import (
     QuantizedTensor,
@@ -33,6 +35,7 @@ from moejax.pallas_kernels.router import fused_route, route_pallas
 from moejax.pallas_kernels.tiling import choose_tiling, resolve_backend, set_tiling_override, tiling_override
 
 __all__ = [
+    "LowerToPallas",
     "gmm",
     "gmm_gated",
     "tgmm",
