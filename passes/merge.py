@@ -9,7 +9,9 @@ three similarities (cosine distance between):
 * ``weight``: the experts' flattened weights.
 
 Each cluster becomes one expert whose weights are the routing-frequency-weighted
-average of its members' weights. The router keeps all its columns; the route
+average of its members' weights, after their hidden units are permuted to line
+up with the cluster's most used member (MC-SMoE's alignment; ``align=false``
+averages as is). The router keeps all its columns; the route
 op's ``Routing.expert_map`` maps every old expert to its merged expert, and the
 weights of two selected experts that land in the same merged expert add up.
 
@@ -34,7 +36,8 @@ from moejax.passes.prune import (MoELayer, _check_target, _with_profile, apply_e
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
-__all__ = ["MergeExperts", "average_linkage", "cosine_distances", "merge_weights"]
+__all__ = ["MergeExperts", "average_linkage", "cosine_distances", "merge_weights", "merge_expert_weights",
+           "align_hidden_units"]
 
 SIMILARITIES = ("output", "router", "weight")
 
@@ -92,6 +95,61 @@ def merge_weights(weights: np.ndarray, clusters: list[list[int]], freq: np.ndarr
     return np.stack(out).astype(np.asarray(weights).dtype)
 
 
+def _match(sim: np.ndarray) -> np.ndarray:
+    """Column matched to each row maximising total similarity (Hungarian; greedy without scipy)."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:  # greedy fallback: best remaining pair first
+        n = sim.shape[0]
+        out = np.full(n, -1)
+        used_r, used_c = set(), set()
+        for flat in np.argsort(-sim, axis=None):
+            r, c = divmod(int(flat), n)
+            if r not in used_r and c not in used_c:
+                out[r] = c
+                used_r.add(r)
+                used_c.add(c)
+        return out
+    rows, cols = linear_sum_assignment(-sim)
+    return cols[np.argsort(rows)]
+
+
+def align_hidden_units(anchor: list[np.ndarray], other: list[np.ndarray]) -> list[np.ndarray]:
+    """Permute the hidden units of expert ``other`` to line up with ``anchor`` (MC-SMoE alignment).
+
+    Experts are ``[in_0 [d,f], ..., out [f,d]]``; a hidden unit is a column of the
+    input matrices plus a row of the output matrix. Units are matched by the dot
+    product of those concatenated vectors.
+    """
+    def units(mats):
+        return np.concatenate([m.T for m in mats[:-1]] + [mats[-1]], axis=1)  # [f, features]
+
+    perm = _match(units(anchor) @ units(other).T)
+    return [m[:, perm] for m in other[:-1]] + [other[-1][perm]]
+
+
+def merge_expert_weights(mats: list[np.ndarray], clusters: list[list[int]], freq: np.ndarray,
+                         align: bool = True) -> list[np.ndarray]:
+    """Merge stacked expert matrices ``[E, ...]`` per cluster into ``[M, ...]``.
+
+    With ``align``, each member's hidden units are first permuted to match the
+    cluster's most frequently routed member; then the matrices are averaged with
+    :func:`merge_weights` (routing-frequency weights).
+    """
+    if not align:
+        return [merge_weights(m, clusters, freq) for m in mats]
+    merged = [[] for _ in mats]
+    for members in clusters:
+        anchor = members[int(np.argmax(np.asarray(freq)[members]))]
+        ref = [np.asarray(m[anchor], np.float64) for m in mats]
+        aligned = [ref if e == anchor else align_hidden_units(ref, [np.asarray(m[e], np.float64) for m in mats])
+                   for e in members]
+        for i, m in enumerate(mats):
+            stack = np.stack([a[i] for a in aligned])
+            merged[i].append(merge_weights(stack, [list(range(len(members)))], np.asarray(freq)[members])[0])
+    return [np.stack(ms).astype(np.asarray(m).dtype) for ms, m in zip(merged, mats)]
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class MergeExperts(Pass):
@@ -102,6 +160,9 @@ class MergeExperts(Pass):
       similarity: ``output`` | ``router`` | ``weight`` (see the module doc).
       balanced: cap cluster sizes at ceil(E / num_experts) (keeps scanned layers
         stackable and avoids one giant cluster).
+      align: before averaging, permute each member's hidden units to match the
+        cluster's most used expert (MC-SMoE); experts trained from different
+        initialisations have unrelated hidden-unit orders.
 
     Needs a routing profile (``profile`` before it). Pipeline spelling:
     ``merge(num_experts=6,similarity=output)``.
@@ -114,6 +175,7 @@ class MergeExperts(Pass):
     num_experts: int | None = None
     similarity: str = "output"
     balanced: bool = False
+    align: bool = True
 
     def __post_init__(self):
         if self.num_experts is None:
@@ -187,10 +249,11 @@ class MergeExperts(Pass):
                 owner = {e: j for j, members in enumerate(rows[0]) for e in members}
                 old_map = layer.routing.expert_map or tuple(range(layer.num_router))
                 expert_map = tuple(owner[old_map[c]] for c in range(layer.num_router))
-            for p in layer.experts:
-                w = np.asarray(program.weights[p])
-                merged = [merge_weights(w[s] if layer.stacked else w, rows[s], freq[s]) for s in range(len(rows))]
-                new_weights[p] = jnp.asarray(np.stack(merged) if layer.stacked else merged[0])
+            mats = [np.asarray(program.weights[p]) for p in layer.experts]
+            per_row = [merge_expert_weights([m[s] if layer.stacked else m for m in mats], rows[s], freq[s],
+                                            self.align) for s in range(len(rows))]
+            for i, p in enumerate(layer.experts):
+                new_weights[p] = jnp.asarray(np.stack([r[i] for r in per_row]) if layer.stacked else per_row[0][i])
             routings[name] = dataclasses.replace(layer.routing, expert_map=expert_map)
             counts[name] = self.num_experts
             notes[name] = rows if layer.stacked else rows[0]

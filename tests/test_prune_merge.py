@@ -12,7 +12,8 @@ from flax import nnx
 import moejax
 from moejax import dialect, rewrite
 from moejax.models import MoEDecoder, tiny_mixtral
-from moejax.passes.merge import MergeExperts, average_linkage, cosine_distances, merge_weights
+from moejax.passes.merge import (MergeExperts, align_hidden_units, average_linkage, cosine_distances,
+                                 merge_expert_weights, merge_weights)
 from moejax.passes.profile import ProfileRouting
 from moejax.passes.prune import PruneExperts, find_moe_layers
 from moejax.pipeline import PassContext, PassError, PassManager
@@ -110,8 +111,28 @@ def test_merge_weights_in_program_follow_profile_frequency():
     emap = _routing_of(merged).expert_map
     clusters = [[e for e in range(E) if emap[e] == j] for j in range(3)]
     freq = program.metadata["routing_profile"]["moe"]["frequency"][0]
-    np.testing.assert_allclose(np.asarray(merged.weights["w_down"]), merge_weights(params["w_down"], clusters, freq),
-                               rtol=1e-5, atol=1e-6)
+    mats = [params[k] for k in ("w_gate", "w_up", "w_down")]
+    want = merge_expert_weights(mats, clusters, freq, align=True)
+    for k, w in zip(("w_gate", "w_up", "w_down"), want):
+        np.testing.assert_allclose(np.asarray(merged.weights[k]), w, rtol=1e-5, atol=1e-6)
+    # a singleton cluster keeps its expert untouched
+    single = [c for c in clusters if len(c) == 1][0][0]
+    np.testing.assert_allclose(np.asarray(merged.weights["w_up"])[emap[single]], params["w_up"][single], rtol=1e-6)
+
+
+def test_alignment_recovers_permuted_hidden_units_so_merging_a_permuted_copy_is_exact():
+    rs = np.random.RandomState(2)
+    anchor = [rs.randn(D, F), rs.randn(D, F), rs.randn(F, D)]
+    perm = rs.permutation(F)
+    shuffled = [anchor[0][:, perm], anchor[1][:, perm], anchor[2][perm]]
+    for a, b in zip(align_hidden_units(anchor, shuffled), anchor):
+        np.testing.assert_allclose(a, b)
+    mats = [np.stack([a, s]) for a, s in zip(anchor, shuffled)]
+    merged = merge_expert_weights(mats, [[0, 1]], np.array([0.7, 0.3]), align=True)
+    for m, a in zip(merged, anchor):
+        np.testing.assert_allclose(m[0], a, rtol=1e-6)
+    unaligned = merge_expert_weights(mats, [[0, 1]], np.array([0.7, 0.3]), align=False)
+    assert not np.allclose(unaligned[0][0], anchor[0])
 
 
 # ---- pruning: exact answers --------------------------------------------------------
