@@ -7,7 +7,7 @@
 * :func:`generate`: prefill plus KV-cache decoding.
 """
 from moejax.models.decoder import DecoderLayer, MoEConfig, MoEDecoder, tiny_mixtral
-from moejax.models.generate import generate, sample_next
+from moejax.models.generation import generate, sample_next
 from moejax.models.hf import SUPPORTED_ARCHITECTURES, CheckpointError, config_from_hf, from_pretrained, save_pretrained_hf
 
 __all__ = ["MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral", "generate", "sample_next", "from_pretrained",

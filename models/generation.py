@@ -53,7 +53,8 @@ def _run(call, params, prompt, cache, key, *, max_new_tokens: int, temperature: 
 
     (_, _, _), (toks, step_logits) = jax.lax.scan(step, (first, cache, jnp.asarray(s, jnp.int32)), keys[1:])
     new_tokens = jnp.concatenate([first[:, None], toks.T], axis=1)
-    all_logits = jnp.concatenate([logits[:, -1:], jnp.swapaxes(step_logits, 0, 1)], axis=1)
+    # logits[:, i] predicted tokens[:, i + 1]: the prefill's rows, then one row per decode step.
+    all_logits = jnp.concatenate([logits, jnp.swapaxes(step_logits, 0, 1)], axis=1)
     return jnp.concatenate([prompt, new_tokens], axis=1), all_logits
 
 
@@ -85,7 +86,9 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
       key: ``jax.random`` key, required when ``temperature > 0``.
       max_len: cache length (default ``S + max_new_tokens``).
       cache_dtype: dtype of the KV cache (default the cache's own default).
-      return_logits: also return the logits ``[B, max_new_tokens, V]`` that chose each new token.
+      return_logits: also return the float32 logits ``[B, S + max_new_tokens - 1, V]`` where row
+        ``i`` predicted token ``i + 1`` (prefill rows, then one row per decode step). They
+        equal ``model(tokens)[:, :-1]`` up to float error.
 
     Returns:
       ``[B, S + max_new_tokens]`` int32 ids (prompt then new tokens), and the logits when asked.

@@ -169,7 +169,11 @@ def _architecture(hf: dict) -> str:
 
 def config_from_hf(hf: dict, **overrides: Any) -> MoEConfig:
     """Translate a Hugging Face ``config.json`` dict into a :class:`MoEConfig`."""
-    cfg = _CONFIG_PARSERS[_architecture(hf)](hf)
+    arch = _architecture(hf)
+    try:
+        cfg = _CONFIG_PARSERS[arch](hf)
+    except KeyError as e:
+        raise ValueError(f"config.json lacks field {e.args[0]!r}, which {arch} needs") from None
     return cfg.replace(**overrides) if overrides else cfg
 
 

@@ -4,7 +4,9 @@ Each test builds a tiny random model with transformers, saves it with
 ``save_pretrained`` to a temporary folder (nothing is downloaded), loads it with
 ``moejax.models.from_pretrained`` and compares float32 logits (max abs diff <= 1e-4
 on logits of order 1) and 16 greedy decoding steps token for token (transformers'
-``generate`` against ``moejax.models.generate``).
+``generate`` against ``moejax.models.generate``). The compared logits are those of
+moejax's prefill and of each KV-cache decode step, against transformers' full forward
+over the generated sequence.
 """
 from __future__ import annotations
 
@@ -44,24 +46,27 @@ def _check(tmp_path, hf_model, *, bias_names: tuple[str, ...] = (), decode: bool
     model = models.from_pretrained(str(tmp_path), dtype=jnp.float32, **load_kw)
 
     ids = np.random.default_rng(0).integers(0, 64, (2, 8))
-    with torch.no_grad():
-        ref = hf_model(torch.tensor(ids)).logits.numpy()
-    ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+    if decode:
+        # One jitted prefill + KV-cache decode; its logits cover the prompt and every decode step.
+        tokens, ours = models.generate(model, jnp.asarray(ids), NEW_TOKENS, return_logits=True)
+        tokens, ours = np.asarray(tokens), np.asarray(ours)
+        hf_model.generation_config.eos_token_id = None
+        hf_model.generation_config.pad_token_id = 0
+        with torch.no_grad():
+            ref_tokens = hf_model.generate(torch.tensor(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                           attention_mask=torch.ones_like(torch.tensor(ids))).numpy()
+        np.testing.assert_array_equal(tokens, ref_tokens)
+        with torch.no_grad():  # transformers' full forward over the whole generated sequence
+            ref = hf_model(torch.tensor(tokens[:, :-1])).logits.numpy()
+    else:
+        ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+        with torch.no_grad():
+            ref = hf_model(torch.tensor(ids)).logits.numpy()
     assert ours.shape == ref.shape
     diff = float(np.abs(ours - ref).max())
     assert np.abs(ref).max() > 0.5, "logits should be of order 1 for a meaningful tolerance"
     assert diff <= TOL, f"max |logit diff| {diff:.2e} > {TOL}"
-    print(f"{type(hf_model).__name__}: max |logit diff| = {diff:.3e}")
-    if not decode:
-        return diff
-
-    hf_model.generation_config.eos_token_id = None
-    hf_model.generation_config.pad_token_id = 0
-    with torch.no_grad():
-        ref_tokens = hf_model.generate(torch.tensor(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                       attention_mask=torch.ones_like(torch.tensor(ids))).numpy()
-    tokens = np.asarray(models.generate(model, jnp.asarray(ids), NEW_TOKENS))
-    np.testing.assert_array_equal(tokens, ref_tokens)
+    print(f"{type(hf_model).__name__}: max |logit diff| = {diff:.3e} over {ref.shape[1]} positions")
     return diff
 
 
