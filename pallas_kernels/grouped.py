@@ -4,7 +4,8 @@ Both run the same per-tile math (:mod:`tile_math`) over the same visit tables
 (:mod:`metadata`); they differ only in how tiles reach the kernel, which is
 where Pallas backends differ:
 
-* ``mosaic``: grid ``(n tiles, visits, k tiles)``; the visit tables are
+* ``mosaic``: grid ``(n tiles, visits, k tiles)`` with a dynamic visit count
+  (as megablox); the visit tables are
   scalar-prefetched and drive the BlockSpec index maps, so the pipeline DMAs the
   right lhs row tile and expert weight tile; an f32 VMEM accumulator per
   right-hand side. Also the CPU interpret path.
@@ -102,7 +103,6 @@ def _mosaic_call(lhs_parts, rhs, meta: GroupMetadata, goff, *, k, n, tiling, epi
     tm, tk, tn = tiling
     m = lhs_parts[0].shape[0]
     tiles_k, tiles_n = pl_cdiv(k, tk), pl_cdiv(n, tn)
-    visits = meta.group_ids.shape[0]
     cdt = _compute_dtype(lhs_parts[0], rhs)
     specs = [s for s, _ in rhs]
     int4 = specs[0].kind == "int4"
@@ -183,7 +183,8 @@ def _mosaic_call(lhs_parts, rhs, meta: GroupMetadata, goff, *, k, n, tiling, epi
             num_scalar_prefetch=5,
             in_specs=in_specs,
             out_specs=pl.BlockSpec((tm, tn), out_map),
-            grid=(tiles_n, visits, tiles_k),
+            # Dynamic visit count (as megablox): no grid steps are spent on padding visits.
+            grid=(tiles_n, meta.num_visits, tiles_k),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32) for _ in range(n_acc)],
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
