@@ -17,7 +17,13 @@ compute, with the expert weights sharded over a mesh axis:
   the slots routed to its own experts, and one ``psum`` adds the partial
   outputs; no forward exchange.
 
-Buffers are fixed-size (``ragged_all_to_all`` is not implemented on XLA:CPU).
+``exchange="dense"`` uses fixed-size buffers with ``all_to_all`` (the only
+choice on XLA:CPU, where ``ragged_all_to_all`` is not implemented).
+``exchange="ragged"`` (GPU/TPU) sends only the filled rows with
+``ragged_all_to_all`` after one small ``all_gather`` of the per-destination
+counts; its offset bookkeeping is tested on CPU through
+``exchange="ragged_emulated"``, which performs the same ragged exchange with
+an ``all_gather`` (the real op has only been lowered/exported here).
 Dropless capacity ``C = tokens_per_chunk * min(K, slots_per_device)`` never
 drops a slot; a capacity factor shrinks ``C`` and the dropped slots are
 counted.
@@ -51,6 +57,7 @@ class EPConfig:
     chunks: int = 1
     capacity_factor: float | None = None
     count_dropped: bool = False
+    exchange: str = "dense"  # "dense" (all_to_all), "ragged" (ragged_all_to_all), "ragged_emulated" (tests)
 
     @property
     def n(self) -> int:
@@ -147,6 +154,28 @@ def _slot_routes(ids, tok_index, rep_count, rep_slots, spd):
     return valid, slot // spd, slot % spd
 
 
+def _ragged_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    """``ragged_all_to_all`` written with ``all_gather`` (runs on XLA:CPU; for tests of the bookkeeping)."""
+    del recv_sizes  # implied by the gathered send sizes, as in the real op
+    n = jax.lax.psum(1, axis_name)
+    me = jax.lax.axis_index(axis_name)
+    ops = jax.lax.all_gather(operand, axis_name)  # [n, N, ...]
+    in_off = jax.lax.all_gather(input_offsets, axis_name)[:, me]  # where source i's slice for me starts
+    size = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+    out_off = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+    rows = jnp.arange(output.shape[0])
+    for i in range(n):
+        inside = (rows >= out_off[i]) & (rows < out_off[i] + size[i])
+        src = jnp.clip(in_off[i] + rows - out_off[i], 0, operand.shape[0] - 1)
+        mask = inside.reshape((-1,) + (1,) * (output.ndim - 1))
+        output = jnp.where(mask, jnp.take(ops[i], src, axis=0), output)
+    return output
+
+
+def _ragged_fn(cfg: "EPConfig"):
+    return jax.lax.ragged_all_to_all if cfg.exchange == "ragged" else _ragged_emulated
+
+
 # --------------------------------------------------------------------------
 # The region.
 # --------------------------------------------------------------------------
@@ -175,7 +204,10 @@ def ep_moe(x, ids, cw, weights, ffn_params: dict[str, Any], cfg: EPConfig):
     leaves, tree = jax.tree_util.tree_flatten(tuple(weights))
     tok_spec = cfg.token_spec()
     w_spec = P(cfg.axis)
-    body = _shard_body if cfg.layout == "shard" else _replicated_body
+    if cfg.layout == "shard":
+        body = _shard_body if cfg.exchange == "dense" else _ragged_body
+    else:
+        body = _replicated_body
 
     def region(x, ids, cw, *leaves):
         w_local = jax.tree_util.tree_unflatten(tree, leaves)
@@ -265,3 +297,75 @@ def _replicated_body(x, ids, cw, w_local, rep_count, rep_slots, ffn_params, cfg:
     partial = jnp.einsum("tkd,tk->td", out.astype(jnp.float32).reshape(t, k, d), cw)
     y = jax.lax.psum(partial, cfg.axis).astype(x.dtype)
     return y, jnp.zeros((), jnp.int32)
+
+
+def _ragged_body(x, ids, cw, w_local, rep_count, rep_slots, ffn_params, cfg: EPConfig):
+    """Per device, like :func:`_shard_body` but exchanging only filled rows with ``ragged_all_to_all``.
+
+    Counts per destination travel first (one ``all_gather`` of ``[n]`` ints) so
+    that every device knows the full ``[n, n]`` send matrix ``M`` and hence the
+    offsets: a device's slice for ``j`` lands in ``j``'s buffer after the
+    slices of devices ``< me``; results go back along the reversed routes.
+    """
+    n, spd, c = cfg.n, cfg.placement.slots_per_device, cfg.chunks
+    t_l, d = x.shape
+    k = ids.shape[1]
+    tc = t_l // c
+    cap = capacity_for(tc, k, n, spd, cfg.capacity_factor)
+    me = jax.lax.axis_index(cfg.axis)
+    base = ((jax.lax.axis_index(cfg.data_axis) * n + me) if cfg.data_axis else me) * t_l
+    a2a = _ragged_fn(cfg)
+    s_rows = tc * k  # every slot of the chunk, at most
+    r_rows = n * dropless_capacity(tc, k, spd)  # received rows, at most
+
+    def excl(a, axis):
+        return jnp.cumsum(a, axis=axis) - a
+
+    def send(q):
+        xq, idq = x[q * tc:(q + 1) * tc], ids[q * tc:(q + 1) * tc]
+        tok = base + q * tc + jnp.arange(tc, dtype=jnp.int32)
+        valid, dst, loc = _slot_routes(idq, tok, rep_count, rep_slots, spd)
+        dst_f, valid_f = dst.reshape(-1), valid.reshape(-1)
+        onehot = jax.nn.one_hot(dst_f, n, dtype=jnp.int32) * valid_f[:, None].astype(jnp.int32)
+        rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - onehot, dst_f[:, None], axis=1)[:, 0]
+        keep = valid_f & (rank < cap)
+        sizes = jnp.sum(onehot * keep[:, None].astype(jnp.int32), axis=0)  # [n] rows to each device
+        in_off = excl(sizes, 0)
+        pos = jnp.where(keep, in_off[dst_f] + rank, s_rows)  # s_rows: a dummy row
+        rows = jnp.repeat(xq, k, axis=0)
+        buf = jnp.zeros((s_rows + 1, d), x.dtype).at[pos].set(rows)[:s_rows]
+        bid = jnp.full((s_rows + 1,), -1, jnp.int32).at[pos].set(loc.reshape(-1))[:s_rows]
+        packed = _pack(buf, bid)
+        m = jax.lax.all_gather(sizes, cfg.axis)  # m[i, j]: rows device i sends to device j
+        recv_sizes = m[:, me]
+        out_off = excl(m, 0)[me]  # where my slice lands on each destination
+        recv = a2a(packed, jnp.zeros((r_rows, packed.shape[1]), packed.dtype), in_off, sizes, out_off,
+                   recv_sizes, axis_name=cfg.axis)
+        dropped = jnp.sum(valid_f & ~keep).astype(jnp.int32)
+        return recv, pos, dropped, (m, sizes, recv_sizes)
+
+    def compute_and_return(recv, route):
+        m, sizes, recv_sizes = route
+        rows, rid = _unpack(recv, d)
+        filled = jnp.arange(r_rows) < jnp.sum(recv_sizes)
+        out = _local_experts(rows, jnp.where(filled, rid, -1), w_local, spd, ffn_params)
+        back_in_off = excl(recv_sizes, 0)  # source i's rows sit after those of sources < i
+        back_out_off = excl(m, 1)[:, me]  # where source i put its rows for me = its send offset for me
+        return a2a(out, jnp.zeros((s_rows, d), out.dtype), back_in_off, recv_sizes, back_out_off, sizes,
+                   axis_name=cfg.axis)
+
+    ys, dropped = [], jnp.zeros((), jnp.int32)
+    pending = send(0)
+    for q in range(c):
+        recv, pos, drop_q, route = pending
+        if q + 1 < c:
+            pending = send(q + 1)
+        back = compute_and_return(recv, route)
+        back = jnp.concatenate([back, jnp.zeros((1, d), back.dtype)], axis=0)
+        got = jnp.take(back, pos, axis=0).astype(jnp.float32).reshape(tc, k, d)
+        ys.append(jnp.einsum("tkd,tk->td", got, cw[q * tc:(q + 1) * tc]).astype(x.dtype))
+        dropped = dropped + drop_q
+    y = jnp.concatenate(ys, axis=0) if c > 1 else ys[0]
+    if cfg.count_dropped:
+        dropped = jax.lax.psum(dropped, _all_axes(cfg))
+    return y, dropped

@@ -41,6 +41,8 @@ from moejax.sharding.placement import (Placement, PlacementError, balanced_place
 __all__ = ["ExpertParallel", "LayerInfo", "moe_layers", "expert_parallel_program", "count_dropped"]
 
 LAYOUTS = ("auto", "shard", "replicate")
+EXCHANGES = ("auto", "dense", "ragged", "ragged_emulated")
+RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 PLACEMENTS = ("auto", "contiguous", "balanced")
 # Below this many tokens per device the replicated (decode) layout is used by layout="auto".
 MIN_TOKENS_PER_DEVICE = 4
@@ -250,7 +252,8 @@ def _placement_for(info: LayerInfo, n: int, mode: str, replicate_hot: int, loads
 def expert_parallel_program(program: Program, mesh: Mesh | AbstractMesh, *, axis: str = "expert",
                             data_axis: str | None = None, capacity_factor: float | None = None,
                             overlap_chunks: int = 1, replicate_hot: int = 0, placement: str = "auto",
-                            layout: str = "auto", profile: Mapping[str, Any] | None = None) -> Program:
+                            layout: str = "auto", profile: Mapping[str, Any] | None = None,
+                            exchange: str = "dense") -> Program:
     """``program`` with every MoE layer expert-parallel over ``mesh[axis]``.
 
     With an :class:`~jax.sharding.AbstractMesh` the weights become abstract
@@ -258,6 +261,8 @@ def expert_parallel_program(program: Program, mesh: Mesh | AbstractMesh, *, axis
     exported (:func:`moejax.sharding.export_program`) but not run.
     """
     mesh_lib.check_axes(mesh, axis, data_axis)
+    if exchange not in EXCHANGES[1:]:
+        raise PassError(f"ep: exchange must be one of {EXCHANGES[1:]}, got {exchange!r}")
     mesh = mesh_lib.auto_axes(mesh)
     layers = moe_layers(program)
     if not layers:
@@ -275,7 +280,7 @@ def expert_parallel_program(program: Program, mesh: Mesh | AbstractMesh, *, axis
         if lay == "auto":
             lay = "replicate" if info.tokens < MIN_TOKENS_PER_DEVICE * n * n_data else "shard"
         chunks = overlap_chunks if lay == "shard" else 1
-        cfg = EPConfig(mesh, axis, data_axis, place, lay, chunks, capacity_factor)
+        cfg = EPConfig(mesh, axis, data_axis, place, lay, chunks, capacity_factor, exchange=exchange)
         configs[name] = cfg
         per_chunk = -(-info.tokens // (n * n_data * chunks)) if lay == "shard" else info.tokens
         entry: dict[str, Any] = {
@@ -284,6 +289,7 @@ def expert_parallel_program(program: Program, mesh: Mesh | AbstractMesh, *, axis
             "capacity": capacity_for(per_chunk, info.k, n, place.slots_per_device, capacity_factor)
             if lay == "shard" else None,
             "dropless": capacity_factor is None or lay == "replicate",
+            "exchange": exchange if lay == "shard" else "psum",
             "weights": sorted(info.weights),
         }
         if loads is not None:
@@ -344,6 +350,9 @@ class ExpertParallel(Pass):
       layout: ``shard`` tokens across devices (prefill), ``replicate`` them
         (decode: no forward exchange, one psum), or ``auto`` (replicate below
         4 tokens per device).
+      exchange: ``dense`` (fixed-size ``all_to_all`` buffers), ``ragged``
+        (``ragged_all_to_all``: GPU/TPU only), or ``auto`` (ragged when the
+        platform being optimised for is a GPU or TPU, dense otherwise).
     """
 
     name: ClassVar[str] = "ep"
@@ -357,6 +366,7 @@ class ExpertParallel(Pass):
     placement: str = "auto"
     layout: str = "auto"
     num_devices: int | None = None
+    exchange: str = "auto"
 
     @property
     def exact(self) -> bool:  # type: ignore[override]
@@ -372,6 +382,8 @@ class ExpertParallel(Pass):
             raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {self.exchange!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.mesh is not None:
@@ -385,6 +397,15 @@ class ExpertParallel(Pass):
         if self.data_axis is not None:
             raise PassError("ep: data_axis needs an explicit mesh with that axis (mesh=expert_mesh(n, data=m))")
         return mesh_lib.expert_mesh(self.num_devices, axis=self.axis)
+
+    def resolve_exchange(self, platform: str) -> str:
+        """``auto`` -> ``ragged`` on GPU/TPU (where XLA implements ragged_all_to_all), else ``dense``."""
+        if self.exchange != "auto":
+            if self.exchange == "ragged" and platform not in RAGGED_PLATFORMS:
+                raise PassError(f"ep: exchange=ragged needs a GPU or TPU (ragged_all_to_all is not implemented on "
+                                f"{platform}); use exchange=dense or auto")
+            return self.exchange
+        return "ragged" if platform in RAGGED_PLATFORMS else "dense"
 
     def _profile(self, program: Program, ctx: PassContext):
         return program.metadata.get("routing_profile") or ctx.analysis.get("routing_profile")
@@ -411,7 +432,7 @@ class ExpertParallel(Pass):
             program, self.resolve_mesh(), axis=self.axis, data_axis=self.data_axis,
             capacity_factor=self.capacity_factor, overlap_chunks=self.overlap_chunks,
             replicate_hot=self.replicate_hot, placement=self.placement, layout=self.layout,
-            profile=self._profile(program, ctx))
+            profile=self._profile(program, ctx), exchange=self.resolve_exchange(ctx.platform))
         if self.capacity_factor is not None:
             out = self._report_drops(program, out, ctx)
         return out

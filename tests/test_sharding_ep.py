@@ -48,6 +48,12 @@ def test_mixtral_matches_single_device(report, variant, n_layers, chunks):
 
 
 @pytest.mark.parametrize("variant,n,chunks", [("unrolled_n8", 8, 1), ("unrolled_n4_c2", 4, 2), ("scanned_n2", 2, 1)])
+def test_ragged_exchange_bookkeeping(report):
+    r = _case(report, "mixtral")["ragged_emulated_n4_c2"]
+    assert r["dev"] < TOL, r
+    assert r["all_to_all"] == 0 and r["shard_maps"] == 2
+
+
 def test_64_experts_matches_single_device(report, variant, n, chunks):
     r = _case(report, "fine64")[variant]
     assert r["dev"] < TOL, r

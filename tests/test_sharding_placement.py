@@ -90,3 +90,21 @@ def test_export_for_tpu_and_cuda_shows_2c_all_to_all_per_layer(program, chunks):
         assert exported.nr_devices == 8 and exported.platforms == (platform,)
         counts = count_collectives(exported)
         assert counts["all_to_all"] == 2 * chunks * 2, counts  # 2 MoE layers
+
+
+def test_export_ragged_exchange_for_gpu_and_tpu(program):
+    ep = expert_parallel_program(program, abstract_expert_mesh(4), overlap_chunks=2, layout="shard",
+                                 exchange="ragged")
+    for platform in ("tpu", "cuda"):
+        counts = count_collectives(export_program(ep, [platform]))
+        # per layer and chunk: one all_gather of the send counts, two ragged_all_to_all
+        assert counts["ragged_all_to_all"] == 2 * 2 * 2 and counts["all_gather"] == 2 * 2
+        assert counts["all_to_all"] == 0
+
+
+def test_ragged_exchange_needs_gpu_or_tpu():
+    p = ExpertParallel(exchange="ragged")
+    with pytest.raises(PassError, match="exchange=ragged needs a GPU or TPU"):
+        p.resolve_exchange("cpu")
+    assert ExpertParallel().resolve_exchange("tpu") == "ragged"
+    assert ExpertParallel().resolve_exchange("cpu") == "dense"
