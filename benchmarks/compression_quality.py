@@ -72,8 +72,23 @@ def _family(name: str) -> str:
     return name.split("(")[0].split(" ")[0]
 
 
-def run(eval_bytes: int, calib_bytes: int, seq_len: int, batch: int, only: list[str] | None) -> list[dict]:
+def checkpoint_id() -> dict:
+    """Which default-model checkpoint was measured (it may be retrained): sha256 prefix and last log line."""
+    import hashlib
+
+    from moejax.models.default_model import DEFAULT_MODEL_DIR
+
+    weights = DEFAULT_MODEL_DIR / "model.safetensors"
+    log = DEFAULT_MODEL_DIR / "train_log.txt"
+    last = log.read_text().strip().splitlines()[-1] if log.exists() else ""
+    return {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16], "train_log_last_line": last}
+
+
+def run(eval_bytes: int, calib_bytes: int, seq_len: int, batch: int, only: list[str] | None,
+        partial: Path | None = None) -> list[dict]:
+    ckpt = checkpoint_id()
     model = load_default_model()
+    print(f"default model checkpoint {ckpt}")
     n_experts = model.config.n_experts
     text = data.heldout_bytes()
     calibration = [data.calibration_tokens(calib_bytes, seq_len)]
@@ -102,7 +117,10 @@ def run(eval_bytes: int, calib_bytes: int, seq_len: int, batch: int, only: list[
                "expert_bytes": st["expert_bytes"], "active_expert_flops_per_token": st["active_expert_flops_per_token"],
                "bits_per_byte": bpb, "seconds": time.perf_counter() - t0,
                "notes": {k: str(v) for k, v in program.metadata.get("notes", {}).items()}}
+        row["checkpoint"] = ckpt
         rows.append(row)
+        if partial is not None:  # long runs: keep what is measured so far
+            partial.write_text(json.dumps(rows, indent=2))
         print(f"{label:28s} bpb {bpb:.4f}  active {row['active_experts_per_token']:.3f}  "
               f"({row['seconds']:.0f}s)", flush=True)
     return rows
@@ -161,9 +179,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run only settings whose label contains one of these strings")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     args = ap.parse_args()
-    rows = run(args.eval_bytes, args.calib_bytes, args.seq_len, args.batch, args.only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = run(args.eval_bytes, args.calib_bytes, args.seq_len, args.batch, args.only,
+               partial=out / "compression_quality.partial.json")
     text = table(rows)
     print(text)
     meta = {k: v for k, v in vars(args).items() if k != "out"}
