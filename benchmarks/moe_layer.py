@@ -266,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
           f"GB/s, XLA {bw['xla_copy_gbs']:.1f} GB/s -> memory bound uses {bw['best_gbs']:.1f} GB/s", flush=True)
 
     rows: list[dict[str, Any]] = []
+
+    def payload(done: bool) -> dict[str, Any]:
+        return {"benchmark": "moe_layer", "complete": done, "quick": args.quick, "repeats": repeats,
+                "machine": info, "copy_bandwidth": bw, "shapes": {s: dataclasses.asdict(SHAPES[s]) for s in names},
+                "capacity_factor": CAPACITY_FACTOR, "elapsed_s": time.perf_counter() - start, "rows": rows}
+
     for sname in names:
         shape = SHAPES[sname]
         params_np = make_params(shape)
@@ -276,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(case)
             print(format_table(case, ["shape", "T", "impl", "median_ms", "gflops", "x_torch", "x_dense_eq",
                                       "x_mem_bound", "max_abs_err_vs_dense_all"]), "\n", flush=True)
+            write_json(args.out, payload(False))  # partial results survive an interrupted run
         del tblocks, params
 
     info["load_avg_end"] = list(os.getloadavg())
@@ -283,11 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print("All cases (x_torch: speed-up over the fastest transformers block; x_dense_eq: fraction of dense "
           "equal-FLOPs throughput; x_mem_bound: fraction of the decode memory bound):")
     print(format_table(rows, ["shape", "T", "impl", "median_ms", "gflops", "x_torch", "x_dense_eq", "x_mem_bound"]))
-    path = write_json(args.out, {
-        "benchmark": "moe_layer", "quick": args.quick, "repeats": repeats, "machine": info,
-        "copy_bandwidth": bw, "shapes": {s: dataclasses.asdict(SHAPES[s]) for s in names},
-        "capacity_factor": CAPACITY_FACTOR, "elapsed_s": elapsed, "rows": rows,
-    })
+    path = write_json(args.out, payload(True))
     print(f"\nwrote {path} ({elapsed:.0f} s; load avg at end {info['load_avg_end']})")
     return 0
 
