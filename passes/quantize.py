@@ -43,7 +43,7 @@ from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
 __all__ = ["QuantizeExperts", "LowBitTensor", "MixedExpertTensor", "quantize_weight", "pack_bitplanes",
-           "unpack_bitplanes", "allocate_bits", "STORAGE_BITS", "expert_weight_sites"]
+           "unpack_bitplanes", "allocate_bits", "allocate_bits_global", "STORAGE_BITS", "expert_weight_sites"]
 
 STORAGE_BITS = (2, 3, 4, 8)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -241,38 +241,98 @@ def _clip_groups(w, lo, hi, gs):
 # --------------------------------------------------------------------------
 # Mixed precision: bits per expert from the routing profile.
 # --------------------------------------------------------------------------
-def allocate_bits(importance: np.ndarray, err: np.ndarray, budget: float,
-                  choices: Sequence[int] = STORAGE_BITS) -> np.ndarray:
-    """Bits per expert ``int [S, E]`` under an average of ``budget`` bits per expert weight.
+def _candidates(importance: np.ndarray, err: np.ndarray, choices: Sequence[int]):
+    """Every count vector (experts per width, widest to most important) with its total error.
 
-    ``importance [S, E]`` ranks experts inside each stacked layer (routing
-    mass); ``err [S, E, len(choices)]`` is the importance-weighted error of each
-    expert at each width. Every layer gets the same count of experts per width
-    (so stacked layers stay scannable): all count vectors meeting the budget are
-    tried, experts taking widths in importance order (most important widest), and
-    the vector with the least total error wins. Uniform widths are candidates too,
-    so the result is never worse than uniform under this error model.
+    Returns ``(order [S,E], [(bounds, cost, code_bits_per_stack_expert_sum)])``.
     """
     s_dim, e = importance.shape
-    choices = sorted(choices, reverse=True)
     order = np.argsort(-importance, axis=1, kind="stable")  # most important first
     ranked = np.take_along_axis(err, order[:, :, None], axis=1)  # [S, E, C]
     cum = np.concatenate([np.zeros((s_dim, 1, len(choices))), np.cumsum(ranked, axis=1)], axis=1)
-    best, best_cost = None, np.inf
+    out = []
     for cuts in itertools.combinations_with_replacement(range(e + 1), len(choices) - 1):
         bounds = (0,) + cuts + (e,)
         counts = np.diff(bounds)
-        if np.dot(counts, choices) > budget * e + 1e-9:
-            continue
         cost = sum(float(np.sum(cum[:, bounds[i + 1], i] - cum[:, bounds[i], i])) for i in range(len(choices)))
-        if cost < best_cost - 1e-12:
-            best, best_cost = bounds, cost
-    if best is None:
-        raise ValueError(f"no allocation of widths {choices} averages at most {budget} bits")
-    rank_bits = np.concatenate([np.full(best[i + 1] - best[i], b) for i, b in enumerate(choices)])
+        out.append((bounds, cost, int(np.dot(counts, choices))))
+    return order, out
+
+
+def _bits_from_bounds(order: np.ndarray, bounds, choices) -> np.ndarray:
+    s_dim, e = order.shape
+    rank_bits = np.concatenate([np.full(bounds[i + 1] - bounds[i], b) for i, b in enumerate(choices)])
     out = np.empty((s_dim, e), int)
     np.put_along_axis(out, order, np.broadcast_to(rank_bits, (s_dim, e)), axis=1)
     return out
+
+
+def allocate_bits(importance: np.ndarray, err: np.ndarray, budget: float,
+                  choices: Sequence[int] = STORAGE_BITS) -> np.ndarray:
+    """Bits per expert ``int [S, E]`` of one MoE layer under an average of ``budget`` bits per expert.
+
+    ``importance [S, E]`` ranks experts inside each stacked layer (routing
+    mass); ``err [S, E, len(choices)]`` is the importance-weighted error of each
+    expert at each width (``choices`` in decreasing order). Every stacked layer
+    gets the same count of experts per width (so stacked layers stay
+    scannable): all count vectors meeting the budget are tried, experts taking
+    widths in importance order (most important widest), and the vector with the
+    least total error wins. Uniform widths are candidates too, so the result is
+    never worse than uniform under this error model.
+    """
+    return allocate_bits_global({"": (importance, err, 1)}, budget, choices)[""]
+
+
+def allocate_bits_global(layers: dict[str, tuple[np.ndarray, np.ndarray, int]], budget: float,
+                         choices: Sequence[int] = STORAGE_BITS) -> dict[str, np.ndarray]:
+    """Bits per expert for several MoE layers under one average budget over all expert weights.
+
+    ``layers[name] = (importance [S,E], err [S,E,C], weights_per_expert)``.
+    Each layer picks one count vector (see :func:`allocate_bits`); the choice
+    across layers is a multiple-choice knapsack solved by Lagrangian relaxation
+    (bisection on the price of a bit), so sensitive layers can take more bits
+    than robust ones. The result always meets the budget.
+    """
+    choices = sorted(choices, reverse=True)
+    cands, total = {}, 0.0
+    for name, (imp, err, per_expert) in layers.items():
+        order, cs = _candidates(imp, err, choices)
+        s_dim, e = imp.shape
+        cands[name] = (order, [(b, c, bits * s_dim * per_expert) for b, c, bits in cs])
+        total += s_dim * e * per_expert
+    limit = budget * total + 1e-6
+
+    def pick(lam):
+        chosen = {n: min(cs, key=lambda t: (t[1] + lam * t[2], t[2])) for n, (_, cs) in cands.items()}
+        return chosen, sum(t[2] for t in chosen.values())
+
+    chosen, used = pick(0.0)
+    if used > limit:
+        lo, hi = 0.0, 1.0
+        while pick(hi)[1] > limit:
+            hi *= 4.0
+            if hi > 1e30:
+                raise ValueError(f"no allocation of widths {choices} averages at most {budget} bits")
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if pick(mid)[1] > limit else (lo, mid)
+        chosen, used = pick(hi)
+        # Spend what the relaxation left over: best error drop per extra bit, while it fits.
+        while True:
+            best = None
+            for n, (_, cs) in cands.items():
+                cur = chosen[n]
+                for t in cs:
+                    extra = t[2] - cur[2]
+                    if t[1] < cur[1] and used + extra <= limit:
+                        gain = (cur[1] - t[1]) / max(extra, 1e-9)
+                        if best is None or gain > best[0]:
+                            best = (gain, n, t)
+            if best is None:
+                break
+            used += best[2][2] - chosen[best[1]][2]
+            chosen[best[1]] = best[2]
+    return {n: _bits_from_bounds(cands[n][0], chosen[n][0], choices) for n in cands}
 
 
 def _mixed_tensor(w: jax.Array, bits_se: np.ndarray, group_size: int, symmetric_for, clip: bool
@@ -425,11 +485,12 @@ class QuantizeExperts(Pass):
             by_layer: dict[str, list[str]] = {}
             for path, (layer, _) in sites.items():
                 by_layer.setdefault(layer, []).append(path)
+            inputs = {layer: self._allocation_inputs(program, layer, paths) for layer, paths in by_layer.items()}
+            alloc = allocate_bits_global(inputs, float(self.bits))
             for layer, paths in by_layer.items():
-                bits_se = self._allocate(program, layer, paths)
-                notes[layer] = bits_se
+                notes[layer] = alloc[layer]
                 for path in paths:
-                    new[path] = _mixed_tensor(program.weights[path], bits_se, self.group_size or 128,
+                    new[path] = _mixed_tensor(program.weights[path], alloc[layer], self.group_size or 128,
                                               self._symmetric, self.clip_search)
         else:
             b = self._uniform_bits()
@@ -450,22 +511,52 @@ class QuantizeExperts(Pass):
             meta["quantization"]["expert_bits"] = notes
         return program.rewrite({dialect.expert_ffn_p.name: _requantize_rule}, weights=new, metadata=meta)
 
-    def _allocate(self, program: Program, layer: str, paths: list[str]) -> np.ndarray:
-        """Bits per (stacked layer, expert) for one MoE layer from its profile and quantization errors."""
+    def _allocation_inputs(self, program: Program, layer: str, paths: list[str]):
+        """(importance [S,E], error [S,E,C], weights per expert) of one MoE layer.
+
+        The error of expert ``e`` at width ``b`` is its importance (share of the
+        layer's routing mass) times the mean squared change of its output on the
+        profile's sample of the layer's input tokens, all its matrices quantized
+        at ``b``: the expected squared error the choice adds to the layer output.
+        Without a token sample it falls back to the relative weight error.
+        """
         prof = program.metadata["routing_profile"][layer]
         mass = np.asarray(prof["mass"], np.float64)
         freq = np.asarray(prof["frequency"], np.float64)
-        imp = np.where(mass.sum(1, keepdims=True) > 0, mass / np.maximum(mass.sum(1, keepdims=True), 1e-30), freq)
-        imp = imp + 1e-6  # unused experts still prefer the smaller error at equal bits
+        tot = mass.sum(1, keepdims=True)
+        imp = np.where(tot > 0, mass / np.maximum(tot, 1e-30), freq) + 1e-6  # unused experts: error still ranks
         s_dim, e = imp.shape
         choices = sorted(STORAGE_BITS, reverse=True)
+        by_pos = {expert_weight_sites(program)[p][1]: p for p in paths}
+        mats = [jnp.reshape(jnp.asarray(program.weights[by_pos[i]], jnp.float32),
+                            (s_dim, e) + program.weights[by_pos[i]].shape[-2:]) for i in sorted(by_pos)]
+        per_expert = int(sum(m.shape[-2] * m.shape[-1] for m in mats))
+        activation = next(s.eqn.params["activation"] for s in rewrite.dialect_sites(program.jaxpr, "moe_expert_ffn")
+                          if s.name == layer)
+        x = jnp.asarray(prof.get("inputs", np.zeros((s_dim, 0, 1))), jnp.float32)  # [S, n, d]
+        use_outputs = x.shape[1] > 0 and len(mats) == len(by_pos) and x.shape[-1] == mats[0].shape[-2]
+        ref = _expert_outputs(x, mats, activation) if use_outputs else None
         err = np.zeros((s_dim, e, len(choices)))
-        for path in paths:
-            w = jnp.reshape(jnp.asarray(program.weights[path], jnp.float32), (s_dim, e) + program.weights[path].shape[-2:])
-            norm = np.asarray(jnp.sum(w * w, axis=(-2, -1)), np.float64)
-            for ci, b in enumerate(choices):
-                gs = None if b == 8 else (self.group_size or 128)
-                dq = quantize_weight(w, b, gs, self._symmetric(b), self.clip_search).dequantize(jnp.float32)
-                rel = np.asarray(jnp.sum((w - dq) ** 2, axis=(-2, -1)), np.float64) / np.maximum(norm, 1e-30)
-                err[:, :, ci] += rel
-        return allocate_bits(imp, imp[:, :, None] * err, self.bits, choices)
+        for ci, b in enumerate(choices):
+            gs = None if b == 8 else (self.group_size or 128)
+            deq = [quantize_weight(m, b, gs, self._symmetric(b), self.clip_search).dequantize(jnp.float32)
+                   for m in mats]
+            if use_outputs:
+                diff = _expert_outputs(x, deq, activation) - ref  # [S, E, n, d]
+                err[:, :, ci] = np.asarray(jnp.mean(jnp.sum(diff * diff, -1), -1), np.float64)
+            else:
+                for m, dq in zip(mats, deq):
+                    err[:, :, ci] += np.asarray(jnp.sum((m - dq) ** 2, axis=(-2, -1)) /
+                                                jnp.maximum(jnp.sum(m * m, axis=(-2, -1)), 1e-30), np.float64)
+        return imp, imp[:, :, None] * err, per_expert
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _expert_outputs(x: jax.Array, mats: list[jax.Array], activation: str) -> jax.Array:
+    """Every expert on every sample token: ``x [S,n,d]``, mats ``[S,E,k,n]`` -> ``[S,E,n,d]``."""
+    act = dialect.activation_fn(activation)
+    if activation in dialect.GATED_ACTIVATIONS:
+        h = act(jnp.einsum("snd,sedf->senf", x, mats[0]), jnp.einsum("snd,sedf->senf", x, mats[1]))
+    else:
+        h = act(jnp.einsum("snd,sedf->senf", x, mats[0]))
+    return jnp.einsum("senf,sefd->send", h, mats[-1])
