@@ -29,8 +29,8 @@ from moejax import dialect
 from moejax.models.decoder import MoEConfig, MoEDecoder
 from moejax.models.safetensors_io import Checkpoint, save_file
 
-__all__ = ["from_pretrained", "save_pretrained_hf", "config_from_hf", "weight_rules", "SUPPORTED_ARCHITECTURES",
-           "Rule", "CheckpointError"]
+__all__ = ["from_pretrained", "save_pretrained_hf", "export_tensors", "config_from_hf", "weight_rules",
+           "SUPPORTED_ARCHITECTURES", "Rule", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -130,6 +130,21 @@ def _deepseek(hf: dict, v3: bool) -> MoEConfig:
                      rope_interleave=True, family="deepseek_v3" if v3 else "deepseek_v2")
 
 
+def _deepseek_moe(hf: dict) -> MoEConfig:
+    """DeepSeekMoE-16B (``DeepseekForCausalLM``, remote code upstream): MHA plus fine-grained and shared experts."""
+    _no_bias(hf, "attention_bias", "Deepseek")
+    if hf.get("scoring_func", "softmax") != "softmax":
+        raise NotImplementedError(f"Deepseek scoring_func={hf['scoring_func']!r}: only softmax is supported")
+    freq = hf.get("moe_layer_freq", 1) or 1
+    first = hf.get("first_k_dense_replace", 0) or 0
+    dense = tuple(i for i in range(first, hf["num_hidden_layers"]) if i % freq != 0)
+    return MoEConfig(**_base(hf, "Deepseek"), d_ff_expert=hf["moe_intermediate_size"], n_experts=hf["n_routed_experts"],
+                     routing=dialect.Routing(k=hf["num_experts_per_tok"], norm_topk=bool(hf.get("norm_topk_prob"))),
+                     n_shared_experts=hf.get("n_shared_experts") or 0, d_ff_shared=hf["moe_intermediate_size"],
+                     first_dense_layers=first, dense_layers=dense, d_ff_dense=hf["intermediate_size"],
+                     family="deepseek_moe")
+
+
 def _dbrx(hf: dict) -> MoEConfig:
     attn, ffn = hf.get("attn_config") or {}, hf.get("ffn_config") or {}
     p = ffn.get("moe_normalize_expert_weights", 1.0)
@@ -151,6 +166,7 @@ _CONFIG_PARSERS: dict[str, Callable[[dict], MoEConfig]] = {
     "MixtralForCausalLM": _mixtral,
     "Qwen2MoeForCausalLM": _qwen2_moe,
     "OlmoeForCausalLM": _olmoe,
+    "DeepseekForCausalLM": _deepseek_moe,
     "DeepseekV2ForCausalLM": lambda hf: _deepseek(hf, v3=False),
     "DeepseekV3ForCausalLM": lambda hf: _deepseek(hf, v3=True),
     "DbrxForCausalLM": _dbrx,
@@ -464,26 +480,14 @@ def save_pretrained_hf(model: MoEDecoder, path: str, dtype: Any = None) -> None:
     if problems:
         raise ValueError(f"save_pretrained_hf: this model is not a Mixtral: {'; '.join(problems)}")
     os.makedirs(path, exist_ok=True)
-    state = {_path_str(p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    if cfg.scan_layers:
-        state = _unstack_layers(state)
-    tensors: dict[str, np.ndarray] = {}
-    for rule in weight_rules(cfg.replace(scan_layers=False), "MixtralForCausalLM"):
-        val = state[rule.dst]
-        if hasattr(val, "dequantize"):
-            raise ValueError(f"save_pretrained_hf: parameter {rule.dst} is quantized; export the float model")
-        if rule.kind == "copy":
-            tensors[rule.srcs[0]] = val
-        elif rule.kind == "linear":
-            tensors[rule.srcs[0]] = val.T
-        elif rule.kind == "experts":
-            for e, src in enumerate(rule.srcs):
-                tensors[src] = val[e].T
+    tensors = export_tensors(model, "MixtralForCausalLM")
     out_dtype = np.dtype(dtype) if dtype is not None else next(iter(tensors.values())).dtype
     tensors = {k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in tensors.items()}
     save_file(tensors, os.path.join(path, "model.safetensors"))
-    dtype_name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(out_dtype, "bfloat16")
+    names = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(jnp.bfloat16): "bfloat16"}
+    if out_dtype not in names:
+        raise ValueError(f"save_pretrained_hf: dtype {out_dtype} unsupported; use float32, float16 or bfloat16")
+    dtype_name = names[out_dtype]
     hf = {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff_expert, "num_hidden_layers": cfg.n_layers,
@@ -496,6 +500,31 @@ def save_pretrained_hf(model: MoEDecoder, path: str, dtype: Any = None) -> None:
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
+
+
+def export_tensors(model: MoEDecoder, architecture: str) -> dict[str, np.ndarray]:
+    """The checkpoint tensors of ``architecture``'s layout holding ``model``'s parameters.
+
+    Inverts the loading rules; architectures whose rules split fused tensors (DBRX)
+    are not exportable.
+    """
+    cfg: MoEConfig = model.config
+    state = {_path_str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if cfg.scan_layers:
+        state = _unstack_layers(state)
+    tensors: dict[str, np.ndarray] = {}
+    for rule in weight_rules(cfg.replace(scan_layers=False), architecture):
+        val = state[rule.dst]
+        if rule.kind == "copy":
+            tensors[rule.srcs[0]] = val
+        elif rule.kind == "linear":
+            tensors[rule.srcs[0]] = val.T
+        elif rule.kind == "experts":
+            for e, src in enumerate(rule.srcs):
+                tensors[src] = val[e].T
+        else:
+            raise NotImplementedError(f"export to {architecture}: parameter {rule.dst} has no inverse mapping")
+    return tensors
 
 
 def _unstack_layers(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

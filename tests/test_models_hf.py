@@ -161,3 +161,30 @@ def test_transformers_loads_the_export(exported):
         ref = hf(torch.tensor(ids)).logits.numpy()
     ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_deepseekmoe_v1_layout_round_trip(tmp_path):
+    """DeepSeekMoE-16B's ``DeepseekForCausalLM`` (remote code upstream, so no transformers parity)."""
+    from moejax.models.hf import export_tensors
+    from moejax.models.presets import deepseek_moe_16b
+    cfg = deepseek_moe_16b(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=4, d_ff_expert=8,
+                           n_experts=8, d_ff_shared=8, d_ff_dense=40, dense_layers=(1, 3))
+    model = MoEDecoder(cfg, rngs=nnx.Rngs(0))
+    save_file(export_tensors(model, "DeepseekForCausalLM"), str(tmp_path / "model.safetensors"))
+    hf = {"architectures": ["DeepseekForCausalLM"], "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 40, "moe_intermediate_size": 8,
+          "n_routed_experts": 8, "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+          "moe_layer_freq": 1, "norm_topk_prob": False, "scoring_func": "softmax", "rms_norm_eps": 1e-6,
+          "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.mlp.gate.weight'"):
+        models.from_pretrained(str(tmp_path))  # this config makes layers 1-3 MoE; the weights hold dense 1 and 3
+    hf["moe_layer_freq"] = 2  # layer 0 dense (first_k_dense_replace), then only even layers are MoE
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    loaded = models.from_pretrained(str(tmp_path))
+    assert loaded.config.dense_layers == (1, 3) and loaded.config.first_dense_layers == 1
+    assert loaded.config.routing.k == 6 and loaded.config.n_shared_experts == 2
+    a, b = _params(model), _params(loaded)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
