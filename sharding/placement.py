@@ -165,8 +165,37 @@ def balanced_placement(loads: Sequence[float], num_devices: int, replicate_hot: 
             best = min((d for d in range(num_devices) if len(dev_items[d]) < spd), key=lambda d: dev_load[d])
         dev_items[best].append(expert)
         dev_load[best] += load
+    share = {i: loads_arr[i] / counts[i] for i in range(e)}
+    _refine_by_swaps(dev_items, share)
     table = tuple(x for d in range(num_devices) for x in sorted(dev_items[d]))
     return Placement(e, num_devices, spd, table)
+
+
+def _refine_by_swaps(dev_items: list[list[int]], share: dict[int, float], max_rounds: int = 200) -> None:
+    """Local search after LPT: swap a slot of the busiest device with one elsewhere while that lowers the
+    busier of the two (LPT alone can be beaten, e.g. on two devices with similar loads)."""
+    def load(d):
+        return sum(share[x] for x in dev_items[d])
+
+    for _ in range(max_rounds):
+        loads = [load(d) for d in range(len(dev_items))]
+        hi = int(np.argmax(loads))
+        best = None  # (new max of the pair, device, index on hi, index on other)
+        for d in range(len(dev_items)):
+            if d == hi:
+                continue
+            for i, a in enumerate(dev_items[hi]):
+                for j, b in enumerate(dev_items[d]):
+                    if a == b or (b in dev_items[hi]) or (a in dev_items[d]):
+                        continue  # keep replicas of one expert on distinct devices
+                    delta = share[a] - share[b]
+                    pair_max = max(loads[hi] - delta, loads[d] + delta)
+                    if pair_max < loads[hi] - 1e-9 and (best is None or pair_max < best[0]):
+                        best = (pair_max, d, i, j)
+        if best is None:
+            return
+        _, d, i, j = best
+        dev_items[hi][i], dev_items[d][j] = dev_items[d][j], dev_items[hi][i]
 
 
 def device_loads(placement: Placement, loads: Sequence[float]) -> np.ndarray:
