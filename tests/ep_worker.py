@@ -136,6 +136,19 @@ def case_replicate(_):
             "load_after": layer["load_after"], "data_axis_dev": deviation(ep2(TOKENS), prog8(TOKENS))}
 
 
+def case_default(_):
+    """The bundled default model (byte-level, 8 experts, 4 layers) on 8 devices, 2 overlap chunks."""
+    from moejax.models.default_model import load_default_model
+
+    model = load_default_model()
+    tokens = np.frombuffer(b"def main(argv):\n    return 0  # ok", np.uint8)[:32].astype(np.int32).reshape(2, 16)
+    prog = moejax.trace(model, tokens)
+    ref = prog(tokens)
+    ep = sharding.expert_parallel_program(prog, sharding.expert_mesh(8), overlap_chunks=2)
+    return {"dev": deviation(ep(tokens), ref), "all_to_all": str(ep).count("all_to_all["),
+            "shard_maps": str(ep).count("shard_map[")}
+
+
 CASES = {k[5:]: v for k, v in globals().items() if k.startswith("case_")}
 
 if __name__ == "__main__":

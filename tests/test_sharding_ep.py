@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("ep_worker.py")
-CASES = ("mixtral", "fine64", "optimize_decode", "capacity", "replicate")
+CASES = ("mixtral", "fine64", "optimize_decode", "capacity", "replicate", "default")
 TOL = 1e-4  # f32 logits of magnitude ~3; the region only reorders the same float ops
 
 
@@ -87,3 +87,9 @@ def test_replication_and_data_axis(report):
     assert len(slots) == 8 and sorted(set(slots)) == list(range(6))
     assert slots.count(0) == 3  # the hottest expert (load 40 of 64) got both extra replicas
     assert r["load_after"]["max"] < r["load_before"]["max"]
+
+
+def test_default_model_matches_single_device(report):
+    r = _case(report, "default")
+    assert r["dev"] < TOL, r
+    assert r["shard_maps"] == 4 and r["all_to_all"] == 2 * 2 * 4  # 4 MoE layers, 2 chunks
