@@ -113,11 +113,13 @@ def cmd_optimize(args) -> int:
     vocab = cfg.vocab_size if cfg is not None else 256
     source = text if text is not None else bytes(range(256)) * (b * s // 256 + 1)
     example = jnp.asarray(list(source[: b * s]), jnp.int32).reshape(b, s) % vocab
+    # The signatures evaluation calls: forward, prefill into a cache, one-token decode step.
     cache = model.init_cache(b, s + args.decode_tokens)
     decode_example = ((example[:, :1],), {"cache": cache, "cache_index": jnp.int32(s)})
+    prefill_example = ((example,), {"cache": cache, "cache_index": jnp.int32(0)})
     _log(f"moejax optimize: model={args.model} passes={moejax.pipeline_to_str(passes) or '(none)'}")
-    opt = moejax.optimize(model, (example,), passes, decode_example=decode_example, dump_dir=args.dump,
-                          verbose=lambda m: _log("  " + m))
+    opt = moejax.optimize(model, (example,), passes, decode_example=decode_example,
+                          extra_examples=[prefill_example], dump_dir=args.dump, verbose=lambda m: _log("  " + m))
     _log(f"  pipeline done in {time.perf_counter() - t0:.1f}s")
     if args.dump:
         _dump_extras(opt, Path(args.dump))

@@ -8,7 +8,7 @@ import jax
 
 from moejax import lowering
 from moejax.pipeline import Pass, PassContext, PassManager, Stage
-from moejax.program import Program, trace
+from moejax.program import InputSignatureError, Program, trace
 
 __all__ = ["optimize", "OptimizedModel"]
 
@@ -16,30 +16,39 @@ __all__ = ["optimize", "OptimizedModel"]
 class OptimizedModel:
     """The result of :func:`optimize`: callable like the model, plus every stage.
 
-    ``opt(tokens)`` runs the optimised prefill/forward program; when a decode
-    signature was given, ``opt(tokens, cache=..., cache_index=...)`` runs the
-    optimised decode program. Both are plain jitted JAX (no dialect ops left).
+    One pipeline may optimise several traced signatures of the same model (the
+    forward pass, a prefill into a KV cache, a one-token decode step); a call is
+    routed to the program whose signature matches its inputs. ``stages`` are the
+    main program's, ``decode_stages`` those of ``decode_example``. The delivered
+    programs are plain jitted JAX (no dialect ops left).
     """
 
-    def __init__(self, model: Any, stages: list[Stage], decode_stages: list[Stage] | None, passes: list[Pass]):
+    def __init__(self, model: Any, entries: list[list[Stage]], passes: list[Pass], decode_index: int | None = None):
         self.model = model
-        self.stages = stages
-        self.decode_stages = decode_stages or []
+        self.entries = entries
         self.passes = passes
-        self._final = lowering.inline_dialect(stages[-1].program)
-        self._final_decode = lowering.inline_dialect(self.decode_stages[-1].program) if self.decode_stages else None
+        self._decode_index = decode_index
+        self._final = [lowering.inline_dialect(stages[-1].program) for stages in entries]
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.entries[0]
+
+    @property
+    def decode_stages(self) -> list[Stage]:
+        return self.entries[self._decode_index] if self._decode_index is not None else []
 
     def at_stage(self, index: int) -> "OptimizedModel":
-        """The model as it was after stage ``index`` (0 = as traced)."""
+        """The model as it was after stage ``index`` (0 = as traced), for every signature."""
         if not -len(self.stages) <= index < len(self.stages):
             raise IndexError(f"stage {index} out of range; this pipeline has {len(self.stages)} stages")
         index %= len(self.stages)
-        decode = self.decode_stages[: index + 1] if self.decode_stages else None
-        return OptimizedModel(self.model, self.stages[: index + 1], decode, self.passes[:index])
+        return OptimizedModel(self.model, [stages[: index + 1] for stages in self.entries], self.passes[:index],
+                              self._decode_index)
 
     @property
     def program(self) -> Program:
-        """The forward program after the last pass (dialect ops still visible)."""
+        """The main program after the last pass (dialect ops still visible)."""
         return self.stages[-1].program
 
     @property
@@ -48,17 +57,25 @@ class OptimizedModel:
 
     @property
     def lowered(self) -> Program:
-        """The delivered forward program: plain JAX, every dialect op inlined."""
-        return self._final
+        """The delivered main program: plain JAX, every dialect op inlined."""
+        return self._final[0]
 
     @property
     def weight_bytes(self) -> int:
         return int(self.stages[-1].stats["total_bytes"])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if "cache" in kwargs and self._final_decode is not None:
-            return self._final_decode(*args, **kwargs)
-        return self._final(*args, **kwargs)
+        errors = []
+        for program in self._final:
+            try:
+                program.check_inputs(args, kwargs)
+            except InputSignatureError:
+                errors.append(program.signature())
+                continue
+            return program(*args, **kwargs)
+        raise InputSignatureError(
+            "no optimised program takes these inputs; traced signatures: " + "; ".join(errors) +
+            ". Pass matching example inputs to moejax.optimize (example_args, decode_example, extra_examples)")
 
     def init_cache(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's empty KV cache (for decode programs)."""
@@ -85,6 +102,7 @@ class OptimizedModel:
 def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pass | str] = (), *,
              example_kwargs: dict[str, Any] | None = None, params: Any = None,
              decode_example: tuple[Sequence[Any], dict[str, Any]] | None = None,
+             extra_examples: Sequence[tuple[Sequence[Any], dict[str, Any]]] = (),
              calibration: Sequence[Any] | None = None, dump_dir: str | None = None,
              check_exact: bool = True, verbose: Callable[[str], None] | None = None,
              platform: str | None = None) -> OptimizedModel:
@@ -97,20 +115,25 @@ def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pas
       decode_example: ``(args, kwargs)`` of a KV-cache decode step, e.g.
         ``((tokens_b1,), {"cache": cache, "cache_index": 0})``; the same pipeline
         is applied to that program too (analysis results are shared).
+      extra_examples: more ``(args, kwargs)`` signatures to optimise (e.g. a
+        prefill into a KV cache); calls are routed by input signature.
       calibration: token batches analysis passes (routing profile) run on.
       dump_dir: write every stage's text, graph and stats there.
     """
     example_kwargs = dict(example_kwargs or {})
     manager = PassManager(passes, dump_dir=dump_dir, check_exact=check_exact, verbose=verbose)
-    ctx = PassContext(example_args=tuple(example_args), example_kwargs=example_kwargs, calibration=calibration,
-                      platform=platform or jax.default_backend())
-    program = trace(model, *example_args, params=params, **example_kwargs)
-    stages = manager.run(program, ctx, label="")
-    decode_stages = None
+    examples = [(tuple(example_args), example_kwargs)]
+    decode_index = None
     if decode_example is not None:
-        d_args, d_kwargs = decode_example
-        d_ctx = PassContext(example_args=tuple(d_args), example_kwargs=dict(d_kwargs), calibration=calibration,
-                            analysis=ctx.analysis, platform=ctx.platform)
-        d_program = trace(model, *d_args, params=params, **d_kwargs)
-        decode_stages = manager.run(d_program, d_ctx, label="decode")
-    return OptimizedModel(model, stages, decode_stages, manager.passes)
+        decode_index = len(examples)
+        examples.append((tuple(decode_example[0]), dict(decode_example[1])))
+    examples.extend((tuple(a), dict(k)) for a, k in extra_examples)
+    analysis: dict[str, Any] = {}  # shared: a profile measured on the first program serves the others
+    entries = []
+    for i, (args, kwargs) in enumerate(examples):
+        ctx = PassContext(example_args=args, example_kwargs=kwargs, calibration=calibration, analysis=analysis,
+                          platform=platform or jax.default_backend())
+        program = trace(model, *args, params=params, **kwargs)
+        label = "" if i == 0 else ("decode" if i == decode_index else f"sig{i}")
+        entries.append(manager.run(program, ctx, label=label))
+    return OptimizedModel(model, entries, manager.passes, decode_index)

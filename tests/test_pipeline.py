@@ -135,3 +135,16 @@ def test_cli_bad_pipeline_is_one_line_error(capsys):
 def test_cli_missing_model_path(capsys):
     assert cli.main(["optimize", "--model", "/no/such/model", "--passes", "select-impl"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_calls_are_routed_by_signature(tiny_model, tokens):
+    cache = tiny_model.init_cache(2, 9)
+    opt = moejax.optimize(tiny_model, (tokens,), [], decode_example=((tokens[:, :1],), {"cache": cache,
+                                                                                        "cache_index": jnp.int32(7)}),
+                          extra_examples=[((tokens,), {"cache": cache, "cache_index": jnp.int32(0)})])
+    logits, filled = opt(tokens, cache=cache, cache_index=jnp.int32(0))
+    want, _ = tiny_model(tokens, cache=cache, cache_index=0)
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+    assert len(opt.entries) == 3 and len(opt.at_stage(0).entries) == 3
+    with pytest.raises(moejax.InputSignatureError, match="no optimised program takes these inputs"):
+        opt(tokens[:1])
