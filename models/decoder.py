@@ -20,10 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import dialect
-from moejax.models.layers import (NORMS, Attention, DenseFFN, KVCache, Linear, MLAttention, SparseMoE,
+from moejax.models.layers import (NORMS, Attention, DenseFFN, KVCache, Linear, MLAttention, MoAttention, SparseMoE,
                                   init_cache_from_shapes, make_norm)
 
-ATTENTIONS = ("gqa", "mla")
+ATTENTIONS = ("gqa", "mla", "moa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,9 @@ class MoEConfig:
     norm: str = "rms"  # "rms" or "layer" (bias-free LayerNorm, DBRX)
     qk_norm: bool = False  # OLMoE: RMS norm on the full q and k projections
     clip_qkv: float | None = None  # DBRX / OLMoE: clamp q, k, v
-    attention: str = "gqa"  # "gqa" or "mla" (DeepSeek-V2/V3 multi-head latent attention)
+    # "gqa", "mla" (DeepSeek-V2/V3 multi-head latent attention) or "moa" (JetMoE attention experts:
+    # n_experts experts with routing.k per token, each giving n_kv_heads query heads)
+    attention: str = "gqa"
     q_lora_rank: int | None = None  # MLA only
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -65,6 +67,7 @@ class MoEConfig:
     v_head_dim: int = 0
     rope_interleave: bool = True  # MLA: DeepSeek's adjacent-pair rotary layout
     softmax_scale: float | None = None  # MLA: overrides qk_head_dim ** -0.5 (yarn mscale)
+    expert_out_bias: bool = False  # JetMoE: a bias added to the routed-expert output
 
     def __post_init__(self):
         if self.d_model % self.n_heads and self.head_dim is None:
@@ -112,6 +115,10 @@ class DecoderLayer(nnx.Module):
                 qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
                 v_head_dim=cfg.v_head_dim, rope_theta=cfg.rope_theta, rope_interleave=cfg.rope_interleave,
                 softmax_scale=cfg.softmax_scale, rngs=rngs, dtype=dtype)
+        elif cfg.attention == "moa":
+            self.self_attn = MoAttention(cfg.d_model, cfg.n_experts, cfg.n_kv_heads, cfg.hd, cfg.routing,
+                                         rope_theta=cfg.rope_theta, rngs=rngs,
+                                         name=name.replace("/mlp", "/self_attn"), dtype=dtype)
         else:
             self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, rope_theta=cfg.rope_theta,
                                        rngs=rngs, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
@@ -124,7 +131,8 @@ class DecoderLayer(nnx.Module):
             self.mlp = SparseMoE(cfg.d_model, cfg.d_ff_expert, cfg.n_experts, cfg.routing, rngs=rngs,
                                  activation=cfg.activation, n_shared=cfg.n_shared_experts,
                                  d_ff_shared=cfg.d_ff_shared, shared_gate=cfg.shared_expert_gate,
-                                 selection_bias=cfg.selection_bias, name=name, dtype=dtype)
+                                 selection_bias=cfg.selection_bias, out_bias=cfg.expert_out_bias, name=name,
+                                 dtype=dtype)
 
     def __call__(self, x, positions, cache=None, cache_index=None):
         h, cache = self.self_attn(self.input_layernorm(x), positions, cache, cache_index)

@@ -145,6 +145,47 @@ def _deepseek_moe(hf: dict) -> MoEConfig:
                      family="deepseek_moe")
 
 
+def _jetmoe(hf: dict) -> MoEConfig:
+    """JetMoE: attention experts (MoA) and FFN experts share num_local_experts and top-k."""
+    if float(hf.get("rms_norm_eps", 1e-6)) != 1e-6:
+        raise NotImplementedError("JetMoE with rms_norm_eps != 1e-6: transformers uses 1e-6 in the layer norms and "
+                                  "rms_norm_eps in the final norm; moejax has one eps")
+    k, nkv = hf["num_experts_per_tok"], hf["num_key_value_heads"]
+    act = _activation(hf.get("activation_function", "silu"))
+    return MoEConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                     n_heads=nkv * k, n_kv_heads=nkv, head_dim=hf.get("kv_channels", 128),
+                     d_ff_expert=hf["intermediate_size"], n_experts=hf["num_local_experts"],
+                     routing=dialect.Routing(k=k), activation=act, rope_theta=_rope_theta(hf), norm_eps=1e-6,
+                     tie_embeddings=bool(hf.get("tie_word_embeddings", True)), attention="moa",
+                     expert_out_bias=True, family="jetmoe")
+
+
+def _jetmoe_rules(cfg: MoEConfig) -> list[Rule]:
+    e, d, f, hq = cfg.n_experts, cfg.d_model, cfg.d_ff_expert, cfg.n_kv_heads * cfg.hd
+    r: list[Rule] = [Rule("embed_tokens/embedding", ("model.embed_tokens.weight",), "copy")]
+    t = lambda w: w.transpose(0, 2, 1)  # noqa: E731  [E, out, in] -> [E, in, out]
+    for i in range(cfg.n_layers):
+        p, a, m = f"model.layers.{i}", f"layers/{i}/self_attn", f"layers/{i}/mlp"
+        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
+        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
+        s = f"{p}.self_attention"
+        _linear(r, f"{a}/kv_proj", f"{s}.kv_proj")
+        _linear(r, f"{a}/router", f"{s}.experts.router.layer")
+        r.append(Rule(f"{a}/w_in", (f"{s}.experts.input_linear.weight",), "custom", ((e, hq, d),), t))
+        r.append(Rule(f"{a}/w_out", (f"{s}.experts.output_linear.weight",), "custom", ((e, d, hq),), t))
+        r.append(Rule(f"{a}/bias", (f"{s}.experts.bias",), "copy"))
+        _linear(r, f"{m}/gate", f"{p}.mlp.router.layer")
+        gate_up = (f"{p}.mlp.input_linear.weight",)
+        r.append(Rule(f"{m}/experts/w_gate", gate_up, "custom", ((e, 2 * f, d),), lambda w: t(w[:, :f])))
+        r.append(Rule(f"{m}/experts/w_up", gate_up, "custom", ((e, 2 * f, d),), lambda w: t(w[:, f:])))
+        r.append(Rule(f"{m}/experts/w_down", (f"{p}.mlp.output_linear.weight",), "custom", ((e, d, f),), t))
+        r.append(Rule(f"{m}/bias", (f"{p}.mlp.bias",), "copy"))
+    _norm(r, "norm", "model.norm")
+    if not cfg.tie_embeddings:
+        _linear(r, "lm_head", "lm_head")
+    return r
+
+
 def _dbrx(hf: dict) -> MoEConfig:
     attn, ffn = hf.get("attn_config") or {}, hf.get("ffn_config") or {}
     p = ffn.get("moe_normalize_expert_weights", 1.0)
@@ -170,6 +211,7 @@ _CONFIG_PARSERS: dict[str, Callable[[dict], MoEConfig]] = {
     "DeepseekV2ForCausalLM": lambda hf: _deepseek(hf, v3=False),
     "DeepseekV3ForCausalLM": lambda hf: _deepseek(hf, v3=True),
     "DbrxForCausalLM": _dbrx,
+    "JetMoeForCausalLM": _jetmoe,
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_CONFIG_PARSERS)
 
@@ -333,6 +375,8 @@ def weight_rules(cfg: MoEConfig, architecture: str) -> list[Rule]:
     """The rules that build every parameter of an unrolled ``MoEDecoder(cfg)`` from a checkpoint."""
     if architecture == "DbrxForCausalLM":
         return _dbrx_rules(cfg)
+    if architecture == "JetMoeForCausalLM":
+        return _jetmoe_rules(cfg)
     if architecture in _CONFIG_PARSERS:
         return _llama_like_rules(cfg, architecture)
     raise NotImplementedError(f"unsupported architecture {architecture!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")

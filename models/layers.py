@@ -200,6 +200,57 @@ class MLAttention(nnx.Module):
         return {"latent": (kv_lora_rank,), "k_rope": (qk_rope_head_dim,)}
 
 
+class MoAttention(nnx.Module):
+    """JetMoE's mixture of attention heads (MoA): routed per-expert query and output projections.
+
+    Each token picks ``k`` of ``E`` attention experts. Expert ``e`` maps the token to
+    ``n_kv_heads`` query heads (``w_in[e] [d, n_kv*hd]``); keys and values are shared
+    (``kv_proj``), so the token attends with ``k * n_kv_heads`` query heads over
+    ``n_kv_heads`` KV heads. Each slot's attention output goes back through its
+    expert's ``w_out[e] [n_kv*hd, d]`` and the slots are summed with the router weights.
+
+    Design: routing and the token shuffles are the dialect's ``moe_route``,
+    ``moe_dispatch`` and ``moe_combine`` (so they print, profile and shard like any MoE
+    layer). The two per-expert projections are single linear maps, which
+    ``moe_expert_ffn`` cannot express (its experts are ``act(x W1) W2``), so they are
+    ``jax.lax.ragged_dot`` on the dispatched rows; the attention between them runs on
+    token order. A ``linear`` expert kind in the dialect would make them passable
+    to expert passes (quantisation, kernels) too.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, n_kv_heads: int, head_dim: int, routing: dialect.Routing, *,
+                 rope_theta: float, rngs: nnx.Rngs, name: str = "", dtype=jnp.float32):
+        self.routing, self.name, self.n_experts = routing, name, n_experts
+        self.n_kv_heads, self.head_dim, self.rope_theta = n_kv_heads, head_dim, rope_theta
+        hq = n_kv_heads * head_dim
+        self.router = Linear(d_model, n_experts, rngs=rngs, dtype=dtype)
+        self.w_in = _init(rngs, (n_experts, d_model, hq), d_model, dtype)
+        self.w_out = _init(rngs, (n_experts, hq, d_model), hq, dtype)
+        self.bias = nnx.Param(jnp.zeros((d_model,), dtype))
+        self.kv_proj = Linear(d_model, 2 * hq, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        b, s, d = x.shape
+        k, nkv, hd = self.routing.k, self.n_kv_heads, self.head_dim
+        x2 = x.reshape(b * s, d)
+        w, ids = dialect.moe_route(x2, self.router.kernel[...], routing=self.routing, name=self.name)
+        grouped, sizes, order = dialect.moe_dispatch(x2, ids, num_experts=self.n_experts, name=self.name)
+        q_rows = jax.lax.ragged_dot(grouped, self.w_in[...].astype(x.dtype), sizes)
+        q = jnp.zeros_like(q_rows).at[order].set(q_rows)  # slot order: row t*k + j
+        # Head (slot j, kv head h) uses KV head h; order heads as (h, j) so GQA's repeat matches.
+        q = q.reshape(b, s, k, nkv, hd).swapaxes(2, 3).reshape(b, s, nkv * k, hd)
+        kv = self.kv_proj(x)
+        kk, vv = kv[..., : nkv * hd], kv[..., nkv * hd:]
+        q = rope(q, positions, self.rope_theta)
+        kk = rope(kk.reshape(b, s, nkv, hd), positions, self.rope_theta)
+        out, cache = attend(q, kk, vv.reshape(b, s, nkv, hd), positions, cache, cache_index)
+        out = out.reshape(b, s, nkv, k, hd).swapaxes(2, 3).reshape(b * s * k, nkv * hd)
+        y_rows = jax.lax.ragged_dot(jnp.take(out, order, axis=0), self.w_out[...].astype(x.dtype), sizes)
+        y = dialect.moe_combine(y_rows.astype(x.dtype), order, w, name=self.name)
+        return y.reshape(b, s, d) + self.bias[...].astype(x.dtype), cache
+
+
 def write_cache(buf: jax.Array, new: jax.Array, cache_index) -> jax.Array:
     """Write ``new [B, S, ...]`` into ``buf [B, L, ...]`` at sequence offset ``cache_index``."""
     zero = jnp.zeros((), jnp.int32)
@@ -275,9 +326,10 @@ class SparseMoE(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, routing: dialect.Routing, *, rngs: nnx.Rngs,
                  activation: str = "swiglu", n_shared: int = 0, d_ff_shared: int | None = None,
-                 shared_gate: bool = False, selection_bias: bool = False, name: str = "",
+                 shared_gate: bool = False, selection_bias: bool = False, out_bias: bool = False, name: str = "",
                  dtype=jnp.float32):
         self.routing, self.activation, self.name = routing, activation, name
+        self.bias = nnx.Param(jnp.zeros((d_model,), dtype)) if out_bias else None  # JetMoE
         self.gate = Linear(d_model, n_experts, rngs=rngs, dtype=dtype)
         self.experts = Experts(n_experts, d_model, d_ff, rngs=rngs, activation=activation, dtype=dtype)
         self.selection_bias = nnx.Param(jnp.zeros((n_experts,), jnp.float32)) if selection_bias else None
@@ -289,6 +341,8 @@ class SparseMoE(nnx.Module):
         bias = self.selection_bias[...] if self.selection_bias is not None else None
         y = dialect.sparse_moe(x, self.gate.kernel[...], self.experts.weights(), routing=self.routing,
                                activation=self.activation, selection_bias=bias, name=self.name)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
         if self.shared is not None:
             s = self.shared(x)
             if self.shared_gate is not None:

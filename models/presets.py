@@ -94,6 +94,13 @@ def dbrx(**kw: Any) -> MoEConfig:
                      ).replace(**kw)
 
 
+def jetmoe_8b(**kw: Any) -> MoEConfig:
+    """JetMoE-8B: 8 attention experts and 8 FFN experts, top-2 each, tied embeddings."""
+    return MoEConfig(vocab_size=32000, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=16, head_dim=128,
+                     d_ff_expert=5632, n_experts=8, routing=Routing(k=2), attention="moa", expert_out_bias=True,
+                     tie_embeddings=True, norm_eps=1e-6, family="jetmoe").replace(**kw)
+
+
 # name -> (config factory, published total parameters in billions)
 PRESETS: dict[str, Callable[..., MoEConfig]] = {
     "mixtral-8x7b": mixtral_8x7b,
@@ -105,10 +112,12 @@ PRESETS: dict[str, Callable[..., MoEConfig]] = {
     "deepseek-v3": deepseek_v3,
     "olmoe-1b-7b": olmoe_1b_7b,
     "dbrx": dbrx,
+    "jetmoe-8b": jetmoe_8b,
 }
 PUBLISHED_PARAMS: dict[str, float] = {
     "mixtral-8x7b": 46.7, "mixtral-8x22b": 141.0, "qwen1.5-moe-a2.7b": 14.3, "qwen2-57b-a14b": 57.4,
     "deepseekmoe-16b": 16.4, "deepseek-v2": 236.0, "deepseek-v3": 671.0, "olmoe-1b-7b": 6.9, "dbrx": 132.0,
+    "jetmoe-8b": 8.5,
 }
 
 
@@ -150,6 +159,9 @@ TINY: dict[str, Callable[..., MoEConfig]] = {
                                              "first_dense_layers": 1, "d_ff_dense": 64, "attention": "mla",
                                              "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
                                              "v_head_dim": 8, "family": "deepseek_v3", **kw}),
+    "jetmoe": lambda **kw: MoEConfig(**{**_T, "head_dim": 8, "d_ff_expert": 48, "n_experts": 4,
+                                        "routing": Routing(k=2), "attention": "moa", "expert_out_bias": True,
+                                        "tie_embeddings": True, "norm_eps": 1e-6, "family": "jetmoe", **kw}),
     "dbrx": lambda **kw: MoEConfig(**{**_T, "d_ff_expert": 48, "n_experts": 4, "routing": Routing(k=2),
                                       "norm": "layer", "clip_qkv": 4.0, "family": "dbrx", **kw}),
 }
@@ -189,9 +201,15 @@ def param_count(cfg: MoEConfig, *, direct: bool = False) -> int:
 
 
 def active_param_count(cfg: MoEConfig) -> int:
-    """Parameters used per token: all but the unselected routed experts (top-k of E)."""
+    """Parameters used per token: all but the unselected routed experts (top-k of E).
+
+    Embedding and head count as active (published "active" figures sometimes exclude them).
+    """
     total = param_count(cfg)
     mats = 3 if cfg.activation in ("swiglu", "geglu") else 2
     n_moe = sum(not cfg.is_dense(i) for i in range(cfg.n_layers))
     per_expert = mats * cfg.d_model * cfg.d_ff_expert
-    return total - n_moe * (cfg.n_experts - cfg.routing.k) * per_expert
+    inactive = n_moe * (cfg.n_experts - cfg.routing.k) * per_expert
+    if cfg.attention == "moa":  # JetMoE's attention experts: w_in and w_out per expert
+        inactive += cfg.n_layers * (cfg.n_experts - cfg.routing.k) * 2 * cfg.d_model * cfg.n_kv_heads * cfg.hd
+    return total - inactive

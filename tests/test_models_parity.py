@@ -123,3 +123,17 @@ def test_dbrx_parity(tmp_path):
                                   attn_config=dict(kv_n_heads=2, clip_qkv=4.0, rope_theta=10000.0),
                                   ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2))
     _check(tmp_path, transformers.DbrxForCausalLM(cfg))
+
+
+def test_jetmoe_parity(tmp_path):
+    """JetMoE: mixture-of-attention-heads experts plus MoE FFN, both with output biases."""
+    torch.manual_seed(0)
+    cfg = transformers.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+                                    kv_channels=8, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                                    initializer_range=0.2)
+    hf = transformers.JetMoeForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    _check(tmp_path, hf)
