@@ -1,7 +1,8 @@
 """Flax NNX MoE model families whose MoE layers are written with the moe_* dialect.
 
 * :class:`MoEConfig` / :class:`MoEDecoder`: one config-driven decoder covering Mixtral
-  (and Switch-style top-1), Qwen2-MoE, OLMoE, DeepSeek-V2/V3 (MLA), DBRX.
+  (and Switch-style top-1), Qwen1.5/Qwen2-MoE, OLMoE, DeepSeekMoE, DeepSeek-V2/V3 (MLA),
+  DBRX and JetMoE (attention experts). See models/README.md for what each family maps to.
 * :mod:`moejax.models.presets`: published full-size configs and tiny test configs.
 * :func:`from_pretrained` / :func:`save_pretrained_hf`: Hugging Face safetensors checkpoints.
 * :func:`generate`: prefill plus KV-cache decoding.
