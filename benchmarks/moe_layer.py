@@ -5,7 +5,8 @@ Shapes (f32, SwiGLU experts, random weights and tokens, random router):
 * ``mixtral``: Mixtral-8x7B scaled down: d=1024, expert hidden f=2816, 8 experts, top-2.
 * ``deepseek``: DeepSeek-V2-Lite-like fine-grained experts scaled down: d=1024,
   f=352, 64 experts, top-6 (routed experts only; shared experts are a dense FFN
-  and identical across implementations, so they are left out).
+  and identical across implementations, so they are left out; top-k weights are
+  renormalised as in Mixtral so every implementation computes the same function).
 
 Token counts: prefill T=512 and 2048, decode T=1 and 8 (``--quick``: 512, 1, 8).
 
@@ -27,6 +28,9 @@ For every row: median ms, GFLOP/s of *active* expert FLOPs (T*k*6*d*f), the spee
 over the fastest torch variant, the fraction of ``dense_eq`` throughput, and for
 decode the fraction of the memory bound (bytes of the experts the tokens touch
 divided by the measured copy bandwidth, STREAM convention: bytes read + written).
+
+Implementations of one case are timed in interleaved rounds (see
+``benchmarks/common.py``); a case's rounds are capped by ``--budget-s``.
 
 Run: ``python benchmarks/moe_layer.py [--quick] [--out benchmarks/results/moe_layer.json]``.
 """
