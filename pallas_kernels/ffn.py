@@ -8,6 +8,7 @@ dtype, rows past ``sum(group_sizes)`` zero.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,7 +58,31 @@ def ffn_pallas(grouped: jax.Array, group_sizes: jax.Array, weights: Sequence[Any
         ``(w_up, w_down)``; float arrays or :class:`QuantizedTensor`.
       activation: one of ``moejax.dialect.ACTIVATIONS``.
       backend, interpret: as for :func:`gmm` (default: chosen per platform).
+
+    Differentiable (forward and reverse mode): the kernels compute the value,
+    the tangent is the JVP of the same function written with ``ragged_dot``
+    (``moejax.dialect.ffn_ragged``), so calibration and fine-tuning work.
     """
+    return _ffn_diff(grouped, group_sizes, tuple(weights), activation, backend, interpret)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _ffn_diff(grouped, group_sizes, weights, activation, backend, interpret):
+    return _ffn_forward(grouped, group_sizes, weights, activation=activation, backend=backend, interpret=interpret)
+
+
+@_ffn_diff.defjvp
+def _ffn_diff_jvp(activation, backend, interpret, primals, tangents):
+    from moejax.dialect import ffn_ragged
+
+    grouped, group_sizes, weights = primals
+    out = _ffn_diff(grouped, group_sizes, weights, activation, backend, interpret)
+    _, tangent = jax.jvp(lambda x, w: ffn_ragged(x, group_sizes, w, activation=activation),
+                         (grouped, weights), (tangents[0], tangents[2]))
+    return out, tangent
+
+
+def _ffn_forward(grouped, group_sizes, weights, *, activation, backend, interpret):
     dtype = grouped.dtype
     mats = [kernel_weight(w, dtype) for w in weights]
     kw = dict(backend=backend, interpret=interpret)
