@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -132,9 +133,11 @@ def load_checkpoint(folder: Path | str, *, scan_layers: bool = False) -> MoEDeco
     folder = Path(folder)
     cfg = config_from_dict(_read_config(folder), scan_layers=False)
     tensors = _read_tensors(folder)
-    model = MoEDecoder(cfg, rngs=nnx.Rngs(0))
-    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    expected = {_path_name(p): tuple(v[...].shape) for p, v in flat}
+    # Shapes only: no random initialisation (slow, eager) for weights that are overwritten anyway.
+    abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    flat = list(nnx.to_flat_state(params))
+    expected = {_path_name(p): tuple(v.get_value().shape) for p, v in flat}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -147,34 +150,38 @@ def load_checkpoint(folder: Path | str, *, scan_layers: bool = False) -> MoEDeco
                                   f"implies {shape}; the checkpoint and config do not belong together")
         if not np.all(np.isfinite(tensors[name])):
             raise CheckpointError(f"tensor {name!r} contains NaN or inf; the checkpoint is corrupt")
-    _assign(model, tensors)
+    if jax.tree_util.tree_leaves(rest):
+        raise CheckpointError(f"MoEDecoder({cfg.family}) holds non-parameter state; this loader cannot restore it")
+    model = _materialise(cfg, lambda path: tensors[_path_name(path)])
     if scan_layers:
         model = to_scanned(model)
     return model
 
 
-def _assign(model: MoEDecoder, tensors: dict[str, np.ndarray]) -> None:
-    state = nnx.state(model, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        var[...] = jnp.asarray(tensors[_path_name(path)], dtype=var[...].dtype)
-    nnx.update(model, state)
+def _materialise(cfg: MoEConfig, value_of) -> MoEDecoder:
+    """A model of ``cfg`` whose parameter at each state path is ``value_of(path)``.
+
+    Built from an abstract (``nnx.eval_shape``) model, so no random init runs.
+    """
+    abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    values = nnx.from_flat_state([(path, var.replace(jnp.asarray(value_of(path), dtype=var.get_value().dtype)))
+                                  for path, var in nnx.to_flat_state(params)])
+    return nnx.merge(graphdef, values, rest)
 
 
 def to_scanned(model: MoEDecoder) -> MoEDecoder:
     """The same weights in the stacked (``scan_layers=True``) form."""
     cfg = model.config.replace(scan_layers=True)
-    scanned = MoEDecoder(cfg, rngs=nnx.Rngs(0))
     src = flat_params(model)
-    state = nnx.state(scanned, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
+
+    def value_of(path):
         if path[0] == "layers":
             rest = _path_name(path[1:])
-            value = np.stack([src[f"layers.{i}.{rest}"] for i in range(cfg.n_layers)])
-        else:
-            value = src[_path_name(path)]
-        var[...] = jnp.asarray(value, dtype=var[...].dtype)
-    nnx.update(scanned, state)
-    return scanned
+            return np.stack([src[f"layers.{i}.{rest}"] for i in range(cfg.n_layers)])
+        return src[_path_name(path)]
+
+    return _materialise(cfg, value_of)
 
 
 def load_default_model(scan_layers: bool = False) -> MoEDecoder:

@@ -97,8 +97,11 @@ def capacity_moe(x: jax.Array, logits: jax.Array, weights, k: int, capacity_fact
     return y, 1.0 - jnp.mean(keep.astype(jnp.float32))
 
 
-def train_forward(model: MoEDecoder, tokens: jax.Array, capacity_factor: float):
-    """Logits plus per-layer router statistics, using the model's own submodules."""
+def train_forward(model: MoEDecoder, tokens: jax.Array, capacity_factor: float, valid: jax.Array | None = None):
+    """Logits plus per-layer router statistics, using the model's own submodules.
+
+    ``valid [B,S]`` (optional) restricts the expert-load fractions to those tokens.
+    """
     cfg = model.config
     b, s = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -115,7 +118,12 @@ def train_forward(model: MoEDecoder, tokens: jax.Array, capacity_factor: float):
         x = x + y.reshape(b, s, cfg.d_model)
         probs = jax.nn.softmax(logits, axis=-1)
         _, ids = jax.lax.top_k(logits, cfg.routing.k)
-        frac = jnp.mean(jax.nn.one_hot(ids, cfg.n_experts).sum(1), axis=0) / cfg.routing.k  # f_e
+        per_token = jax.nn.one_hot(ids, cfg.n_experts).sum(1)  # [T, E]
+        if valid is None:
+            frac = jnp.mean(per_token, axis=0) / cfg.routing.k  # f_e
+        else:
+            v = valid.reshape(-1, 1).astype(per_token.dtype)
+            frac = jnp.sum(per_token * v, axis=0) / (jnp.maximum(jnp.sum(v), 1.0) * cfg.routing.k)
         aux.append(cfg.n_experts * jnp.sum(frac * jnp.mean(probs, axis=0)))
         zloss.append(jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2))
         dropped.append(drop)
@@ -154,10 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", type=Path, default=None, help="progress log (default: OUT/train_log.txt)")
     ap.add_argument("--init", type=Path, default=None,
                     help="start from this checkpoint folder's weights (a continuation stage; fresh optimizer)")
+    ap.add_argument("--report", action="store_true",
+                    help="only evaluate the checkpoint in --out on the full held-out text; write eval_report.json")
+    ap.add_argument("--report-bytes", type=int, default=None, help="with --report: only this much held-out text")
     ap.add_argument("--bench", type=int, default=0, help="only time this many steps, write nothing")
     args = ap.parse_args(argv)
 
     out: Path = args.out
+    if args.report:
+        return report(out, args.seq_len, max_bytes=args.report_bytes)
     out.mkdir(parents=True, exist_ok=True)
     log_path = args.log or out / "train_log.txt"
     log_file = None if args.bench else open(log_path, "w")
@@ -277,6 +290,70 @@ def main(argv: list[str] | None = None) -> int:
         f"{n_eval} windows of {args.seq_len}); max |logit diff| train-forward vs model {gap:.2e}")
     log("expert load per layer (% of slots): " + "; ".join(
         f"L{j}: " + " ".join(f"{float(v) * 100:.1f}" for v in l) for j, l in enumerate(loads)))
+    return 0
+
+
+def report(out: Path, seq_len: int, batch: int = 16, max_bytes: int | None = None) -> int:
+    """Full held-out figures for the checkpoint in ``out``: bpb, expert load, n-gram baselines.
+
+    Scores exactly the windows of :func:`moejax.evaluation.bits_per_byte`, with the
+    capacity forward at capacity factor 2; a batch in which any slot overflowed is
+    recomputed dropless (capacity factor E/k), so the figures are exact.
+    """
+    from moejax import evaluation
+
+    t0 = time.time()
+    model = load_checkpoint(out)
+    cfg = model.config
+    heldout = data.heldout_bytes(max_bytes)
+    inputs, targets, mask = evaluation._windows(heldout, seq_len)
+    graphdef, params = nnx.split(model, nnx.Param)
+    e, k = cfg.n_experts, cfg.routing.k
+
+    def scores(p, x, y, m, cf):
+        logits, _, _, drop, loads = train_forward(nnx.merge(graphdef, p), x, cf, valid=m)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(m, nll, 0.0)), jnp.max(drop), loads * jnp.sum(m)
+
+    fast = jax.jit(lambda p, x, y, m: scores(p, x, y, m, 2.0))
+    exact = jax.jit(lambda p, x, y, m: scores(p, x, y, m, e / k))
+    total, redone, slots = 0.0, 0, 0.0
+    for i in range(0, len(inputs), batch):
+        x, y, m = (np.zeros((batch, seq_len), a.dtype) for a in (inputs, targets, mask))
+        n = min(batch, len(inputs) - i)
+        x[:n], y[:n], m[:n] = inputs[i:i + n], targets[i:i + n], mask[i:i + n]
+        nll, drop, counts = fast(params, x, y, m)
+        if float(drop) > 0:
+            nll, _, counts = exact(params, x, y, m)
+            redone += 1
+        total += float(nll)
+        if i == 0:
+            first_batch_bpb = float(nll) / math.log(2) / int(m.sum())
+        slots = slots + np.asarray(counts, np.float64)
+    bpb = total / math.log(2) / int(mask.sum())
+    first_bytes = batch * seq_len + 1
+    check = evaluation.bits_per_byte(model, heldout[:first_bytes], seq_len=seq_len, batch=8)
+    load = slots / slots.sum(axis=1, keepdims=True)
+    check_load = evaluation.expert_load(model, heldout[:4097], seq_len=seq_len, batch=8)
+    train = data.train_bytes(max_bytes=None if max_bytes is None else 20 * max_bytes)
+    ngram = {o: evaluation.ngram_bits_per_byte(train, heldout, order=o) for o in (1, 2, 3)}
+    result = {
+        "heldout_bytes": len(heldout), "scored_bytes": int(mask.sum()), "seq_len": seq_len,
+        "bits_per_byte": bpb, "batches_recomputed_dropless": redone,
+        # Consistency: the first batch scored here vs moejax.evaluation on the same bytes.
+        "check_first_batch_bits_per_byte": {"this_script": first_batch_bpb, "moejax.evaluation": check},
+        "check_first_4097_bytes_min_expert_load_percent": round(float(check_load.min()) * 100, 2),
+        "ngram_kneser_ney_bits_per_byte": {f"order_{o}": v for o, v in ngram.items()},
+        "expert_load_percent": [[round(float(v) * 100, 2) for v in row] for row in load],
+        "min_expert_load_percent_per_layer": [round(float(row.min()) * 100, 2) for row in load],
+        "parameters": int(sum(np.prod(v.shape) for v in jax.tree_util.tree_leaves(params))),
+        "checkpoint_bytes": (out / "model.safetensors").stat().st_size,
+        "report_seconds": round(time.time() - t0, 1),
+    }
+    if max_bytes is None:  # only the full evaluation is recorded next to the checkpoint
+        (out / "eval_report.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
     return 0
 
 
