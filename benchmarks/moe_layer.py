@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="T=512 prefill and T=1,8 decode, 3 repeats")
     ap.add_argument("--shapes", default="mixtral,deepseek", help="comma-separated: " + ",".join(SHAPES))
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 5, quick 3)")
-    ap.add_argument("--budget-s", type=float, default=20.0, help="time budget for one case's timed rounds")
+    ap.add_argument("--budget-s", type=float, default=30.0, help="time budget for one case's timed rounds")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers PyTorch block")
     ap.add_argument("--out", default="benchmarks/results/moe_layer.json")
     args = ap.parse_args(argv)
