@@ -89,10 +89,11 @@ def test_calibration_tokens_and_codec():
 # ---------------------------------------------------------------------------
 def _hand_bits_per_byte(model, text: bytes, seq_len: int) -> float:
     arr = np.frombuffer(text, np.uint8).astype(np.int32)
+    forward = nnx.jit(lambda m, t: m(t))  # one window at a time, unpadded (two shapes compile)
     total, n = 0.0, 0
     for start in range(0, len(arr) - 1, seq_len):
         window = arr[start: start + seq_len + 1]
-        logits = np.asarray(model(jnp.asarray(window[None, :-1])), np.float64)[0]
+        logits = np.asarray(forward(model, jnp.asarray(window[None, :-1])), np.float64)[0]
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         total -= logp[np.arange(len(window) - 1), window[1:]].sum()
