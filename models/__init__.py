@@ -8,8 +8,9 @@
 * :func:`generate`: prefill plus KV-cache decoding.
 """
 from moejax.models.decoder import DecoderLayer, MoEConfig, MoEDecoder, tiny_mixtral
+from moejax.models.default_model import DEFAULT_MODEL_DIR, load_default_model
 from moejax.models.generation import generate, sample_next
 from moejax.models.hf import SUPPORTED_ARCHITECTURES, CheckpointError, config_from_hf, from_pretrained, save_pretrained_hf
 
-__all__ = ["MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral", "generate", "sample_next", "from_pretrained",
+__all__ = ["load_default_model", "DEFAULT_MODEL_DIR", "MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral", "generate", "sample_next", "from_pretrained",
            "save_pretrained_hf", "config_from_hf", "SUPPORTED_ARCHITECTURES", "CheckpointError"]

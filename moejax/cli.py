@@ -30,9 +30,12 @@ def _log(msg: str) -> None:
 def load_model(spec: str):
     """``default`` -> the bundled model; otherwise a Hugging Face checkpoint folder."""
     if spec == "default":
-        from moejax.models.default_model import load_default_model
+        from moejax.models.default_model import CheckpointError, load_default_model
 
-        return load_default_model()
+        try:
+            return load_default_model()
+        except CheckpointError as e:
+            raise CLIError(f"the bundled default model cannot be loaded ({e}); reinstall moejax") from e
     path = Path(spec)
     if not path.exists():
         raise CLIError(f"model path {spec!r} does not exist; pass --model default or a folder with config.json "
@@ -44,7 +47,7 @@ def load_model(spec: str):
 
     try:
         return models.from_pretrained(str(path))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (models.CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
         raise CLIError(f"cannot load {spec!r}: {e}") from e
 
 
