@@ -47,7 +47,7 @@ def load_model(spec: str):
 
     try:
         return models.from_pretrained(str(path))
-    except (models.CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
+    except (models.CheckpointError, NotImplementedError, ValueError, KeyError, FileNotFoundError) as e:
         raise CLIError(f"cannot load {spec!r}: {e}") from e
 
 

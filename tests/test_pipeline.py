@@ -148,3 +148,10 @@ def test_calls_are_routed_by_signature(tiny_model, tokens):
     assert len(opt.entries) == 3 and len(opt.at_stage(0).entries) == 3
     with pytest.raises(moejax.InputSignatureError, match="no optimised program takes these inputs"):
         opt(tokens[:1])
+
+
+def test_cli_unknown_architecture_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"architectures": ["FooForCausalLM"]}')
+    assert cli.main(["optimize", "--model", str(tmp_path), "--passes", "select-impl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unsupported architecture" in err[0] and "MixtralForCausalLM" in err[0]
