@@ -11,9 +11,9 @@ from typing import Any
 
 __all__ = ["main", "DEFAULT_PIPELINE"]
 
-# The pipeline `moejax optimize` runs when --passes is not given: measure routing,
-# then the lossless and cheap-loss steps a server would take first.
-DEFAULT_PIPELINE = "profile,select-impl,quantize(bits=8)"
+# The pipeline `moejax optimize` runs when --passes is not given: measure routing, skip
+# weak second experts, 4-bit experts, then the fastest expert implementation here.
+DEFAULT_PIPELINE = "profile,gating(skip_ratio=0.3),quantize(bits=4,group_size=64),select-impl"
 
 
 class CLIError(Exception):
