@@ -180,6 +180,12 @@ def _dequantize_impl(q, scale, zero, *, bits, dtype, axis):
 _dequantize_jit = jax.jit(_dequantize_impl, static_argnames=("bits", "dtype", "axis"))
 
 
+def format_name(bits: int, group_size: int | None, symmetric: bool) -> str:
+    """The printed storage format: ``int8``, ``int4-g128``, ``int3-g64-asym`` ..."""
+    name = f"int{bits}" + (f"-g{group_size}" if group_size else "")
+    return name if symmetric else name + "-asym"
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedTensor:
     """A quantized weight as a pytree: leaves ``q``, ``scale``, ``zero`` (or None).
@@ -214,8 +220,7 @@ class QuantizedTensor:
     @property
     def format(self) -> str:
         """``"int8"``, ``"int4-g128"``, ``"int8-g64"``...; ``-asym`` when asymmetric."""
-        name = f"int{self.bits}" + (f"-g{self.group_size}" if self.group_size else "")
-        return name if self.symmetric else name + "-asym"
+        return format_name(self.bits, self.group_size, self.symmetric)
 
     @property
     def nbytes(self) -> int:

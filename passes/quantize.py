@@ -106,8 +106,7 @@ class LowBitTensor:
 
     @property
     def format(self) -> str:
-        name = f"int{self.bits}" + (f"-g{self.group_size}" if self.group_size else "")
-        return name if self.symmetric else name + "-asym"
+        return qf.format_name(self.bits, self.group_size, self.symmetric)
 
     @property
     def nbytes(self) -> int:
