@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
 
 from moejax import rewrite
@@ -50,7 +49,7 @@ def _fmt_aval(a) -> str:
     return f"{jnp.dtype(a.dtype).name}[{','.join(map(str, a.shape))}]"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # identity equality: programs key jit caches
 class Program:
     """A traced MoE program: jaxpr + bound weights + input signature + metadata.
 
@@ -186,11 +185,6 @@ def _tapped_fn(program: Program, rules_items):
         return rewrite.retrace(program.jaxpr, rules, list(weights) + list(inputs))
 
     return run
-
-
-# Programs are cached by identity (frozen dataclass with dict fields is unhashable).
-Program.__hash__ = object.__hash__  # type: ignore[assignment]
-Program.__eq__ = lambda self, other: self is other  # type: ignore[assignment]
 
 
 def retrace_program(program: Program, rules: Mapping[str, rewrite.Rule], *,
@@ -334,13 +328,3 @@ def _input_name(path) -> str:
     # path[0] is the (args, kwargs) tuple index: 0 for positional, 1 for keywords.
     rest = path_to_str(path[1:])
     return f"arg{rest}" if path and getattr(path[0], "idx", 0) == 0 else rest
-
-
-def example_inputs(program: Program) -> list[jax.ShapeDtypeStruct]:
-    """Abstract inputs matching the signature."""
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in program.in_avals]
-
-
-def np_weights(program: Program) -> dict[str, np.ndarray]:
-    """Host copies of every weight leaf, by leaf path."""
-    return {p: np.asarray(x) for p, x in zip(program.weight_leaf_paths(), program.weight_leaves)}
