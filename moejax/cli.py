@@ -54,7 +54,9 @@ def load_model(spec: str):
 # --------------------------------------------------------------------------
 # optimize
 # --------------------------------------------------------------------------
-def _stage_rows(opt, text: bytes | None, args) -> list[dict[str, Any]]:
+def _stage_rows(opt, text: bytes | None, prompt, args) -> list[dict[str, Any]]:
+    import numpy as np
+
     from moejax import evaluation
 
     rows = []
@@ -71,13 +73,18 @@ def _stage_rows(opt, text: bytes | None, args) -> list[dict[str, Any]]:
             "pass_seconds": stage.seconds,
             "max_deviation": stage.max_deviation,
         }
+        _log(f"  evaluating stage {i} ({stage.name}) ...")
         if text is not None:
-            _log(f"  evaluating stage {i} ({stage.name}) ...")
             res = evaluation.evaluate(view, text, eval_bytes=args.eval_bytes, seq_len=args.seq_len,
                                       batch=args.batch, decode_tokens=args.decode_tokens,
                                       decode_batch=args.batch)
             row.update(bits_per_byte=res.bits_per_byte, prefill_tokens_per_s=res.prefill_tokens_per_s,
                        decode_tokens_per_s=res.decode_tokens_per_s)
+        else:  # no held-out text for this vocabulary: speed only, on the example prompt
+            t_prefill, t_decode = evaluation._prefill_and_decode(
+                evaluation.jitted_calls(view), np.asarray(prompt), args.decode_tokens, args.batch, 3)
+            row.update(prefill_tokens_per_s=prompt.size / t_prefill,
+                       decode_tokens_per_s=args.batch * args.decode_tokens / t_decode)
         rows.append(row)
     return rows
 
@@ -126,7 +133,7 @@ def cmd_optimize(args) -> int:
     _log(f"  pipeline done in {time.perf_counter() - t0:.1f}s")
     if args.dump:
         _dump_extras(opt, Path(args.dump))
-    rows = _stage_rows(opt, text, args)
+    rows = _stage_rows(opt, text, example, args)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -155,3 +155,15 @@ def test_cli_unknown_architecture_is_one_line_error(tmp_path, capsys):
     assert cli.main(["optimize", "--model", str(tmp_path), "--passes", "select-impl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unsupported architecture" in err[0] and "MixtralForCausalLM" in err[0]
+
+
+def test_cli_optimize_hf_checkpoint_reports_speed_without_bpb(tmp_path, capsys):
+    model = moejax.models.MoEDecoder(moejax.models.tiny_mixtral(), rngs=nnx.Rngs(0))
+    moejax.models.save_pretrained_hf(model, str(tmp_path))
+    assert cli.main(["optimize", "--model", str(tmp_path), "--passes", "select-impl(impl=ragged)", "--batch", "2",
+                     "--seq-len", "16", "--decode-tokens", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["pass"] for r in rows] == ["input", "select-impl(impl=ragged)"]
+    for r in rows:
+        assert r["bits_per_byte"] is None and r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["expert_bytes"] == 2 * 4 * 3 * 32 * 48 * 4
