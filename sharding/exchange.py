@@ -227,18 +227,21 @@ def _all_axes(cfg: EPConfig):
     return (cfg.data_axis, cfg.axis) if cfg.data_axis else cfg.axis
 
 
+def _chunk_geometry(t_l: int, k: int, cfg: EPConfig):
+    """(chunk tokens, per-destination capacity, this device's expert index, global row of its first token)."""
+    tc = t_l // cfg.chunks
+    cap = capacity_for(tc, k, cfg.n, cfg.placement.slots_per_device, cfg.capacity_factor)
+    me = jax.lax.axis_index(cfg.axis)
+    device = jax.lax.axis_index(cfg.data_axis) * cfg.n + me if cfg.data_axis else me
+    return tc, cap, me, device * t_l
+
+
 def _shard_body(x, ids, cw, w_local, rep_count, rep_slots, ffn_params, cfg: EPConfig):
     """Per device: ``x [T_l, d]`` local tokens; chunked two-way all_to_all exchange."""
     n, spd, c = cfg.n, cfg.placement.slots_per_device, cfg.chunks
     t_l, d = x.shape
     k = ids.shape[1]
-    tc = t_l // c
-    cap = capacity_for(tc, k, n, spd, cfg.capacity_factor)
-    me = jax.lax.axis_index(cfg.axis)
-    if cfg.data_axis:
-        base = (jax.lax.axis_index(cfg.data_axis) * n + me) * t_l
-    else:
-        base = me * t_l
+    tc, cap, me, base = _chunk_geometry(t_l, k, cfg)
 
     def send(q):
         """Pack chunk q into per-destination buffers and exchange them."""
@@ -310,10 +313,7 @@ def _ragged_body(x, ids, cw, w_local, rep_count, rep_slots, ffn_params, cfg: EPC
     n, spd, c = cfg.n, cfg.placement.slots_per_device, cfg.chunks
     t_l, d = x.shape
     k = ids.shape[1]
-    tc = t_l // c
-    cap = capacity_for(tc, k, n, spd, cfg.capacity_factor)
-    me = jax.lax.axis_index(cfg.axis)
-    base = ((jax.lax.axis_index(cfg.data_axis) * n + me) if cfg.data_axis else me) * t_l
+    tc, cap, me, base = _chunk_geometry(t_l, k, cfg)
     a2a = _ragged_fn(cfg)
     s_rows = tc * k  # every slot of the chunk, at most
     r_rows = n * dropless_capacity(tc, k, spd)  # received rows, at most
