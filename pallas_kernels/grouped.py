@@ -31,6 +31,16 @@ from moejax.pallas_kernels.tile_math import RhsSpec, apply_epilogue, tile_produc
 __all__ = ["grouped_call", "zero_rows_outside", "split_even_odd"]
 
 
+
+def _split_refs(refs, n_lhs: int, specs):
+    """Kernel refs -> (lhs refs, one tuple of refs per rhs spec, remaining refs)."""
+    rest = refs[n_lhs:]
+    rhs_refs = []
+    for spec in specs:
+        rhs_refs.append(rest[:spec.num_arrays])
+        rest = rest[spec.num_arrays:]
+    return refs[:n_lhs], rhs_refs, rest
+
 def zero_rows_outside(out: jax.Array, offsets: jax.Array, group_offset: jax.Array, num_local: int) -> jax.Array:
     """Zero rows that belong to no local group (other experts, padding rows)."""
     start = offsets[group_offset]
@@ -139,12 +149,7 @@ def _mosaic_call(lhs_parts, rhs, meta: GroupMetadata, goff, *, k, n, tiling, epi
     gpt = (tk // (specs[0].group_size or k)) if int4 else 1  # scale rows per k tile
 
     def kernel(offsets, gids, mtiles, nvis, go, *refs):
-        x_refs = refs[:n_lhs]
-        rest = refs[n_lhs:]
-        rhs_refs = []
-        for spec in specs:
-            rhs_refs.append(rest[:spec.num_arrays])
-            rest = rest[spec.num_arrays:]
+        x_refs, rhs_refs, rest = _split_refs(refs, n_lhs, specs)
         out_ref, accs = rest[0], rest[1:]
         t, k_i = pl.program_id(1), pl.program_id(2)
         real = t < nvis[0]
@@ -218,12 +223,7 @@ def _triton_call(lhs_parts, rhs, meta: GroupMetadata, goff, *, k, n, tiling, epi
     flat_rhs = [a for _, arrays in rhs for a in arrays]
 
     def kernel(offsets, gids, mtiles, nvis, go, *refs):
-        x_refs = refs[:n_lhs]
-        rest = refs[n_lhs:]
-        rhs_refs = []
-        for spec in specs:
-            rhs_refs.append(rest[:spec.num_arrays])
-            rest = rest[spec.num_arrays:]
+        x_refs, rhs_refs, rest = _split_refs(refs, n_lhs, specs)
         out_ref = rest[0]
         t, n_i = pl.program_id(0), pl.program_id(1)
         g = gids[t]
