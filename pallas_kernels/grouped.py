@@ -31,7 +31,6 @@ from moejax.pallas_kernels.tile_math import RhsSpec, apply_epilogue, tile_produc
 __all__ = ["grouped_call", "zero_rows_outside", "split_even_odd"]
 
 
-
 def _split_refs(refs, n_lhs: int, specs):
     """Kernel refs -> (lhs refs, one tuple of refs per rhs spec, remaining refs)."""
     rest = refs[n_lhs:]
@@ -40,6 +39,7 @@ def _split_refs(refs, n_lhs: int, specs):
         rhs_refs.append(rest[:spec.num_arrays])
         rest = rest[spec.num_arrays:]
     return refs[:n_lhs], rhs_refs, rest
+
 
 def zero_rows_outside(out: jax.Array, offsets: jax.Array, group_offset: jax.Array, num_local: int) -> jax.Array:
     """Zero rows that belong to no local group (other experts, padding rows)."""
