@@ -481,8 +481,9 @@ def moe_dispatch(x: jax.Array, ids: jax.Array, *, num_experts: int, name: str = 
 
 
 def weight_format_of(weights: Sequence[Any]) -> str:
-    """Human-readable storage format of expert weights (``float``, ``int8`` ...)."""
-    fmts = {w.format if hasattr(w, "dequantize") else "float" for w in weights}
+    """Human-readable storage format of expert weights (``float``, ``int8``, ``int4-g64/per-expert`` ...)."""
+    fmts = {(w.format if hasattr(w, "dequantize") else "float") + ("/" + w.layout if hasattr(w, "layout") else "")
+            for w in weights}
     return fmts.pop() if len(fmts) == 1 else "+".join(sorted(fmts))
 
 

@@ -26,8 +26,11 @@ def program_text(program, show_weights: bool = True) -> str:
         lines.append(f"# weights ({len(program.weights)} tensors, in jaxpr-input order):")
         for path, w in program.weights.items():
             fmt = w.format if hasattr(w, "dequantize") else None
-            leaves = jax.tree_util.tree_leaves(w)
-            desc = " ".join(_fmt(x) for x in leaves)
+            if getattr(w, "layout", None) == "per-expert":  # E buffers of one shape: show one
+                fmt += ", one buffer per expert"
+                desc = f"{len(w.experts)} x " + " ".join(_fmt(x) for x in jax.tree_util.tree_leaves(w.experts[0]))
+            else:
+                desc = " ".join(_fmt(x) for x in jax.tree_util.tree_leaves(w))
             lines.append(f"#   {path}: {desc}" + (f"  ({fmt})" if fmt else ""))
     if program.metadata:
         lines.append(f"# metadata: {', '.join(sorted(program.metadata))}")

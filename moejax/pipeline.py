@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from moejax import inspection, stats
+from moejax import expert_layout, inspection, stats
 from moejax.program import Program
 
 __all__ = ["Pass", "PassError", "PassContext", "Stage", "PassManager", "register_pass", "registered_passes",
@@ -102,6 +102,8 @@ class Pass:
     exact: ClassVar[bool] = True
     needs: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
+    # Passes that read or reshape expert weights as stacked [E, k, n] arrays set this.
+    needs_stacked_experts: ClassVar[bool] = False
 
     def run(self, program: Program, ctx: PassContext) -> Program:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -321,6 +323,10 @@ class PassManager:
         return stages
 
     def _check_needs(self, p: Pass, program: Program, index: int) -> None:
+        if p.needs_stacked_experts and any(expert_layout.is_split(w) for w in program.weights.values()):
+            raise PassError(f"pass {p} (#{index}) needs stacked expert weights, but an earlier select-impl stored "
+                            f"them one buffer per expert (the CPU layout); run {p.name} before select-impl, or "
+                            f"use select-impl(layout=stacked)")
         for need in p.needs:
             if need not in program.metadata:
                 providers = [name for name, cls in registered_passes().items() if need in cls.provides]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from moejax import rewrite
+from moejax import expert_layout, rewrite
 
 __all__ = ["Program", "trace", "InputSignatureError", "path_to_str"]
 
@@ -213,6 +213,8 @@ def retrace_program(program: Program, rules: Mapping[str, rewrite.Rule], *,
                 args.append(val)
             else:  # an already-structured weight: the old jaxpr takes its leaves
                 leaves = jax.tree_util.tree_leaves(val)
+                if expert_layout.is_split(val) != expert_layout.is_split(old):  # a layout change
+                    leaves = [expert_layout.RelaidLeaf(val, old, i) for i in range(n_old)]
                 if len(leaves) != n_old:
                     raise ValueError(f"weight {p!r}: a structured weight can only be replaced by one with the "
                                      f"same number of leaves ({n_old}), got {len(leaves)}")

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 from jax.extend import core as jcore
 
-from moejax import dialect
+from moejax import dialect, expert_layout
 
 __all__ = ["EqnSite", "Replace", "RuleContext", "iter_eqns", "dialect_sites", "retrace", "inline_dialect_rule",
            "sub_jaxprs"]
@@ -343,3 +343,15 @@ def inline_dialect_rule(ctx: RuleContext) -> Any:
     """Replace a dialect op by its implementation's equations (plain JAX)."""
     args = [materialize(v, var) for v, var in zip(ctx.invals, ctx.eqn.invars)]
     return ctx.eqn.primitive.implementation(*args, **ctx.eqn.params)
+
+
+def rebind_expert_ffn(ctx: RuleContext, **param_changes: Any) -> Any:
+    """Bind ``moe_expert_ffn`` again on the equation's operands, with changed params.
+
+    Structured weights (quantized, or stored per expert after a layout change)
+    are rebuilt from the operands, so the new equation flattens them afresh.
+    """
+    weights = jax.tree_util.tree_unflatten(ctx.params["weights_tree"], ctx.invals[2:])
+    params = {k: ctx.params[k] for k in ("activation", "impl", "name")}
+    params.update(param_changes)
+    return dialect.moe_expert_ffn(ctx.invals[0], ctx.invals[1], expert_layout.regroup(weights), **params)

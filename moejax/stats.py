@@ -43,6 +43,25 @@ def expert_weight_leaf_indices(program) -> set[int]:
     return {src for hits in found.values() for pos, src in hits if pos >= 2}
 
 
+def expert_weight_sites(program) -> dict[str, tuple[str, int]]:
+    """Weight path -> (MoE layer name, weight operand index) for every expert-FFN weight."""
+    jaxpr = program.jaxpr.jaxpr
+    n = program.num_weight_leaves
+    sources = {v: i for i, v in enumerate(jaxpr.invars[:n])}
+    found: dict[int, set] = {}
+    _input_sources(jaxpr, sources, found, lambda eq: eq.primitive is dialect.expert_ffn_p)
+    names = {id(s.eqn): s.name for s in rewrite.dialect_sites(program.jaxpr, "moe_expert_ffn")}
+    leaf_to_path = []
+    for path, w in program.weights.items():
+        leaf_to_path.extend([path] * len(jax.tree_util.tree_leaves(w)))
+    out: dict[str, tuple[str, int]] = {}
+    for eqn_id, hits in found.items():
+        for pos, src in hits:
+            if pos >= 2:
+                out[leaf_to_path[src]] = (names.get(eqn_id, ""), pos - 2)
+    return dict(sorted(out.items()))
+
+
 def ffn_matrix_shapes(eqn) -> list[tuple[int, ...]]:
     """Logical [E, in, out] shapes of an expert op's weight matrices."""
     avals = [v.aval for v in eqn.invars[2:]]

@@ -26,6 +26,7 @@ class LowerToPallas(Pass):
     """Route ``moe_expert_ffn`` (and top-k ``moe_route`` when ``route``) to the Pallas kernels."""
 
     name: ClassVar[str] = "pallas"
+    needs_stacked_experts: ClassVar[bool] = True
     exact: ClassVar[bool] = True
     ffn: bool = True
     route: bool = True

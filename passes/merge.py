@@ -170,6 +170,7 @@ class MergeExperts(Pass):
 
     name: ClassVar[str] = "merge"
     exact: ClassVar[bool] = False
+    needs_stacked_experts: ClassVar[bool] = True
     needs: ClassVar[tuple[str, ...]] = ("routing_profile",)
 
     num_experts: int | None = None

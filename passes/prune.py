@@ -329,6 +329,7 @@ class PruneExperts(Pass):
 
     name: ClassVar[str] = "prune"
     exact: ClassVar[bool] = False
+    needs_stacked_experts: ClassVar[bool] = True
     needs: ClassVar[tuple[str, ...]] = (PROFILE_KEY,)
 
     num_experts: int | None = None

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import dialect, rewrite, stats
+from moejax.stats import expert_weight_sites
 from moejax.pallas_kernels import quant_format as qf
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
@@ -355,33 +356,12 @@ def _mixed_tensor(w: jax.Array, bits_se: np.ndarray, group_size: int, symmetric_
 # --------------------------------------------------------------------------
 # Finding the expert weights.
 # --------------------------------------------------------------------------
-def expert_weight_sites(program: Program) -> dict[str, tuple[str, int]]:
-    """Weight path -> (MoE layer name, operand index among the expert matrices) for expert weights."""
-    jaxpr = program.jaxpr.jaxpr
-    n = program.num_weight_leaves
-    sources = {v: i for i, v in enumerate(jaxpr.invars[:n])}
-    found: dict[int, set] = {}
-    stats._input_sources(jaxpr, sources, found, lambda eq: eq.primitive is dialect.expert_ffn_p)
-    names = {id(s.eqn): s.name for s in rewrite.dialect_sites(program.jaxpr, "moe_expert_ffn")}
-    leaf_to_path = []
-    for path, w in program.weights.items():
-        leaf_to_path.extend([path] * len(jax.tree_util.tree_leaves(w)))
-    out: dict[str, tuple[str, int]] = {}
-    for eqn_id, hits in found.items():
-        for pos, src in hits:
-            if pos >= 2:
-                out[leaf_to_path[src]] = (names.get(eqn_id, ""), pos - 2)
-    return dict(sorted(out.items()))
-
-
 def _requantize_rule(ctx: rewrite.RuleContext):
     """Re-bind the expert op on the quantized pytrees so its params name the format."""
     leaves = ctx.invals[2:]
     if not any(hasattr(v, "dequantize") for v in leaves):
         return None
-    weights = jax.tree_util.tree_unflatten(ctx.params["weights_tree"], leaves)
-    return dialect.moe_expert_ffn(ctx.invals[0], ctx.invals[1], weights, activation=ctx.params["activation"],
-                                  impl=ctx.params["impl"], name=ctx.params["name"])
+    return rewrite.rebind_expert_ffn(ctx)
 
 
 # --------------------------------------------------------------------------
@@ -410,6 +390,7 @@ class QuantizeExperts(Pass):
 
     name: ClassVar[str] = "quantize"
     exact: ClassVar[bool] = False
+    needs_stacked_experts: ClassVar[bool] = True
 
     bits: float = 8
     group_size: int | None = None

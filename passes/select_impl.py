@@ -1,10 +1,10 @@
-"""``select-impl``: choose how the expert op is computed (exact)."""
+"""``select-impl``: choose how the expert op is computed, and the expert weights' layout (exact)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from moejax import dialect
+from moejax import dialect, expert_layout, rewrite, stats
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
@@ -16,20 +16,41 @@ AUTO_CHOICES = {
     "rocm": ("ragged",),
     "tpu": ("pallas", "ragged"),
 }
+# Implementations that read per-expert buffers in place (the others stack them: a copy per call).
+PER_EXPERT_IMPLS = ("blocked",)
+# "auto" splits layers with at most this many experts. Measured on XLA:CPU
+# (benchmarks/moe_layer.py): Mixtral-like layers (8 large experts) ran prefill
+# ~10% and one-token decode ~5x faster split; DeepSeek-like layers (64 small
+# experts) compiled ~8x slower and ran long prefills slower, since a copy of a
+# small expert is cheap next to 64 unrolled expert loops.
+AUTO_SPLIT_MAX_EXPERTS = 16
+LAYOUTS = ("auto", "per-expert", "stacked")
 
 
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class SelectImpl(Pass):
-    """Set the ``impl`` of every ``moe_expert_ffn`` (all implementations compute the same function).
+    """Set the ``impl`` of every ``moe_expert_ffn`` and the layout of its weights.
 
-    ``impl=auto`` picks the fastest registered implementation for the platform
-    (``blocked`` on CPU, Pallas kernels on GPU/TPU, ``ragged_dot`` otherwise).
+    Options:
+      impl: a registered implementation, or ``auto``: the fastest for the
+        platform (``blocked`` on CPU, Pallas kernels on GPU/TPU, ``ragged_dot``
+        otherwise). All compute the same function.
+      layout: ``per-expert`` stores each expert's weights as its own buffer
+        (what ``blocked`` reads in place), ``stacked`` keeps ``[E, k, n]``
+        arrays, ``auto`` splits for per-expert implementations on layers of
+        at most 16 experts. Weights of scanned layers (``[L, E, k, n]``) and of
+        expert-parallel programs always stay stacked.
     """
 
     name: ClassVar[str] = "select-impl"
     exact: ClassVar[bool] = True
     impl: str = "auto"
+    layout: str = "auto"
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"select-impl: layout={self.layout!r} is not one of {', '.join(LAYOUTS)}")
 
     def resolve(self, platform: str) -> str:
         available = dialect.ffn_impls()
@@ -42,10 +63,23 @@ class SelectImpl(Pass):
                 return choice
         return "ragged"
 
+    def _wants_split(self, impl: str, weight: Any, program: Program) -> bool:
+        if len(weight.shape) != 3 or "expert_parallel" in program.metadata:
+            return False
+        if self.layout == "per-expert":
+            return True
+        if self.layout == "stacked":
+            return False
+        return impl in PER_EXPERT_IMPLS and weight.shape[0] <= AUTO_SPLIT_MAX_EXPERTS
+
     def run(self, program: Program, ctx: PassContext) -> Program:
         impl = self.resolve(ctx.platform)
-
-        def rule(rc):
-            return rc.bind(impl=impl)
-
-        return program.rewrite({dialect.expert_ffn_p.name: rule})
+        relaid: dict[str, Any] = {}
+        for path in stats.expert_weight_sites(program):
+            w = program.weights[path]
+            want = self._wants_split(impl, w, program)
+            if want != expert_layout.is_split(w):
+                relaid[path] = expert_layout.split_experts(w) if want else expert_layout.stack_experts(w)
+        layout = {p: "per-expert" if expert_layout.is_split(w) else "stacked" for p, w in relaid.items()}
+        return program.rewrite({dialect.expert_ffn_p.name: lambda rc: rewrite.rebind_expert_ffn(rc, impl=impl)},
+                               weights=relaid, metadata={"expert_layout": layout} if layout else None)

@@ -356,6 +356,7 @@ class ExpertParallel(Pass):
     """
 
     name: ClassVar[str] = "ep"
+    needs_stacked_experts: ClassVar[bool] = True
     provides: ClassVar[tuple[str, ...]] = ("expert_parallel", "device_mesh")
     mesh: Any = None
     axis: str = "expert"

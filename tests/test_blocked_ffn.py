@@ -1,7 +1,8 @@
 """Exactness of the ``blocked`` expert-FFN implementation (moejax/blocked_ffn.py).
 
-Both strategies (``loop`` and ``capacity``) and the shape-based default are
-checked against ``ffn_reference`` (the op's meaning) and ``jax.lax.ragged_dot``
+Both strategies (``loop`` and ``capacity``), the shape-based default and the
+loop over weights stored one buffer per expert (``per-expert``, what
+``select-impl`` sets up on CPU, float and quantized) are checked against ``ffn_reference`` (the op's meaning) and ``jax.lax.ragged_dot``
 on the edge cases routing produces: empty experts, every row on one expert,
 k = E, a single token, sizes that are no multiple of any chunk, dropped slots
 (padding rows), f32 and bf16, gated and non-gated activations, jit and vmap.
@@ -20,9 +21,10 @@ from moejax import dialect
 from moejax.blocked_ffn import (capacity_ladder, choose_strategy, ffn_blocked, ffn_capacity,
                                 ffn_expert_loop)
 from moejax.dialect import dispatch_reference, ffn_ragged, ffn_reference
+from moejax.expert_layout import split_experts, stack_experts
 
 D, F = 16, 24
-STRATEGIES = ("loop", "capacity", None)  # None: the shape-based default
+STRATEGIES = ("loop", "capacity", None, "per-expert")  # None: the shape-based default
 _reference = jax.jit(ffn_reference, static_argnames="activation")  # compiled once per shape
 _ragged = jax.jit(ffn_ragged, static_argnames="activation")
 
@@ -48,7 +50,15 @@ def _assert_close(got, want, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **_tol(dtype))
 
 
+def _layout(strategy, weights):
+    """(strategy for ffn_blocked, weights): ``per-expert`` splits the weights (the loop runs on them)."""
+    if strategy == "per-expert":
+        return None, tuple(split_experts(w) for w in weights)
+    return strategy, weights
+
+
 def _run(strategy, x, sizes, weights, activation, **kw):
+    strategy, weights = _layout(strategy, weights)
     fn = functools.partial(ffn_blocked, activation=activation, strategy=strategy, **kw)
     return jax.jit(fn)(x, sizes, weights)
 
@@ -68,21 +78,22 @@ SIZE_PATTERNS = {
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("strategy", ["loop", "capacity"])
+@pytest.mark.parametrize("strategy", ["loop", "capacity", "per-expert"])
 def test_matches_reference_and_ragged_dot(activation, strategy):
     x = _rows(40)
     w = _weights(4, activation)
+    strategy, stored = _layout(strategy, w)
     blocked = jax.jit(functools.partial(ffn_blocked, activation=activation, strategy=strategy))
     for name, pattern in SIZE_PATTERNS.items():
         sizes = jnp.asarray(pattern, jnp.int32)
-        got = blocked(x, sizes, w)
+        got = blocked(x, sizes, stored)
         _assert_close(got, _reference(x, sizes, w, activation=activation), jnp.float32)
         _assert_close(got, _ragged(x, sizes, w, activation=activation), jnp.float32)
         # Padding rows are exactly zero, not just small.
         assert not np.any(np.asarray(got)[int(sizes.sum()):]), name
 
 
-@pytest.mark.parametrize("strategy", ["loop", "capacity"])
+@pytest.mark.parametrize("strategy", ["loop", "capacity", "per-expert"])
 def test_single_token_shapes(strategy):
     """N = k rows (one token decoded) and many experts with prime-sized groups."""
     for n, pattern in ((2, [0, 1, 0, 1]), (71, [7, 0, 13, 1, 0, 29, 11, 5])):
@@ -94,7 +105,7 @@ def test_single_token_shapes(strategy):
         assert not np.any(np.asarray(got)[int(sizes.sum()):])
 
 
-@pytest.mark.parametrize("strategy", ["loop", "capacity"])
+@pytest.mark.parametrize("strategy", ["loop", "capacity", "per-expert"])
 def test_bf16(strategy):
     sizes = jnp.asarray([5, 0, 17, 9], jnp.int32)
     x = _rows(33, jnp.bfloat16)
@@ -105,14 +116,42 @@ def test_bf16(strategy):
         _assert_close(got, _reference(x, sizes, w, activation=activation), jnp.bfloat16)
 
 
-def test_loop_full_chunks_and_remainders():
-    """Groups of several full 16-row chunks plus remainders in 8/4/2-row pieces and a masked tail."""
-    sizes = jnp.asarray([21, 8, 0, 3, 17, 1], jnp.int32)  # 50 rows + 3 padding
-    x = _rows(53)
-    w = _weights(6, "swiglu")
-    got = jax.jit(functools.partial(ffn_expert_loop, activation="swiglu", chunk=16, bucket=2))(
-        x, sizes, list(w))
-    _assert_close(got, _reference(x, sizes, w, activation="swiglu"), jnp.float32)
+@pytest.mark.parametrize("layout", ["stacked", "per-expert"])
+def test_loop_full_chunks_and_tail_pieces(layout):
+    """Groups of several full 16-row chunks, exact multiples, and tails of every quantum count."""
+    sizes = jnp.asarray([21, 8, 0, 3, 17, 1, 32, 16, 31], jnp.int32)  # 129 rows + 3 padding
+    x = _rows(132)
+    w = _weights(9, "swiglu")
+    stored = w if layout == "stacked" else tuple(split_experts(m) for m in w)
+    for quantum in (2, 16):
+        got = jax.jit(functools.partial(ffn_expert_loop, activation="swiglu", chunk=16, quantum=quantum))(
+            x, sizes, list(stored))
+        _assert_close(got, _reference(x, sizes, w, activation="swiglu"), jnp.float32)
+
+
+def test_per_expert_quantized_weights():
+    """Experts stored one quantized buffer each are dequantized per expert (only those with rows)."""
+    sizes = jnp.asarray([4, 0, 6, 5], jnp.int32)
+    x = _rows(16)
+    wq = tuple(_quantize(m) for m in _weights(4, "swiglu"))
+    split = tuple(split_experts(m) for m in wq)
+    assert split[0].shape == (4, D, F) and split[0].format == "int8"
+    assert dialect.weight_format_of(split) == "int8/per-expert"
+    got = jax.jit(lambda x, s, w: dialect.moe_expert_ffn(x, s, w, activation="swiglu", impl="blocked"))(
+        x, sizes, split)
+    _assert_close(got, _reference(x, sizes, wq, activation="swiglu"), jnp.float32)
+
+
+def test_split_and_stack_round_trip():
+    w = _weights(3, "swiglu")[0]
+    split = split_experts(w)
+    assert len(split.experts) == 3 and split.nbytes == w.nbytes
+    np.testing.assert_array_equal(np.asarray(stack_experts(split)), np.asarray(w))
+    wq = _quantize(w)
+    back = stack_experts(split_experts(wq))
+    np.testing.assert_array_equal(np.asarray(back.q), np.asarray(wq.q))
+    with pytest.raises(ValueError, match=r"expected a stacked expert weight \[E, k, n\]"):
+        split_experts(w[0])
 
 
 def test_capacity_every_ladder_rung():
@@ -130,7 +169,7 @@ def test_capacity_every_ladder_rung():
         got = fn(x, sizes, list(w))
         _assert_close(got, _reference(x, sizes, w, activation="gelu"), jnp.float32)
 
-@pytest.mark.parametrize("strategy", ["loop", "capacity"])
+@pytest.mark.parametrize("strategy", ["loop", "capacity", "per-expert"])
 def test_k_equals_num_experts_and_dropped_slots(strategy):
     """Dispatch with k = E (every token on every expert) and with dropped slots (id -1)."""
     t, e = 5, 4
@@ -149,13 +188,14 @@ def test_k_equals_num_experts_and_dropped_slots(strategy):
         assert not np.any(np.asarray(got)[n_real:])
 
 
-@pytest.mark.parametrize("strategy", ["loop", "capacity"])
+@pytest.mark.parametrize("strategy", ["loop", "capacity", "per-expert"])
 def test_vmap(strategy):
     sizes = jnp.asarray([[3, 0, 9, 2], [0, 14, 0, 0], [1, 1, 1, 1]], jnp.int32)
     x = jnp.stack([_rows(14, seed=s) for s in range(3)])
     w = _weights(4, "swiglu")
+    strategy, stored = _layout(strategy, w)
     fn = functools.partial(ffn_blocked, activation="swiglu", strategy=strategy)
-    got = jax.jit(jax.vmap(fn, in_axes=(0, 0, None)))(x, sizes, w)
+    got = jax.jit(jax.vmap(fn, in_axes=(0, 0, None)))(x, sizes, stored)
     want = jnp.stack([_reference(x[i], sizes[i], w, activation="swiglu") for i in range(3)])
     _assert_close(got, want, jnp.float32)
 
@@ -167,6 +207,10 @@ class _Int8Weight:
     q: jax.Array
     scale: jax.Array
     format: str = "int8"
+
+    @property
+    def shape(self):
+        return self.q.shape
 
     def dequantize(self, dtype):
         return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
@@ -233,9 +277,9 @@ def test_bad_inputs_raise_clear_errors():
         ffn_blocked(x, sizes, w, activation="tanh")
     with pytest.raises(ValueError, match=r"must be \[N,d\]"):
         ffn_blocked(x[None], sizes, w, activation="swiglu")
-    with pytest.raises(ValueError, match=r"chunk=8 must be bucket=3 times a power of two"):
-        ffn_expert_loop(x, sizes, list(w), activation="swiglu", chunk=8, bucket=3)
-    with pytest.raises(ValueError, match=r"chunk=24 must be bucket=8 times a power of two"):
-        ffn_expert_loop(x, sizes, list(w), activation="swiglu", chunk=24, bucket=8)
+    with pytest.raises(ValueError, match=r"quantum=3 must divide chunk=8"):
+        ffn_expert_loop(x, sizes, list(w), activation="swiglu", chunk=8, quantum=3)
+    with pytest.raises(ValueError, match=r"all or none of the expert weights"):
+        ffn_blocked(x, sizes, (split_experts(w[0]), w[1], w[2]), activation="swiglu")
     with pytest.raises(ValueError, match=r"end at N=8"):
         ffn_capacity(x, sizes, list(w), activation="swiglu", ladder=(2, 4))

@@ -5,13 +5,14 @@ import subprocess
 import sys
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import moejax
-from moejax import cli, dialect, pipeline, rewrite
+from moejax import cli, dialect, expert_layout, pipeline, rewrite, stats
 from moejax.passes import SelectImpl
 
 
@@ -52,6 +53,39 @@ def test_select_impl_is_exact_and_reported(tiny_model, tokens, impl):
     report = opt.report(print_it=False)
     assert "select-impl" in report and "input" in report
     np.testing.assert_allclose(opt(tokens), tiny_model(tokens), atol=1e-4)
+
+
+def test_select_impl_on_cpu_stores_experts_per_expert(tiny_model, tokens, tmp_path):
+    """auto on CPU: impl=blocked and one buffer per expert (unrolled layers), exactly the same function."""
+    opt = moejax.optimize(tiny_model, (tokens,), "quantize(bits=8),select-impl,select-impl(layout=stacked)")
+    quantized, split, stacked = (s.program for s in opt.stages[1:])
+    scanned = tiny_model.config.scan_layers
+    paths = list(stats.expert_weight_sites(split))
+    assert paths and all(expert_layout.is_split(split.weights[p]) != scanned for p in paths)
+    assert opt.stages[2].stats["ffn_impls"] == {"blocked": 2}
+    text = str(split)
+    if not scanned:
+        assert "weight_format=int8/per-expert" in text and "one buffer per expert" in text
+        assert split.metadata["expert_layout"] == {p: "per-expert" for p in paths}
+    np.testing.assert_array_equal(split(tokens), quantized(tokens))
+    assert opt.stages[2].max_deviation == 0.0
+    # layout=stacked restores the quantized arrays bit for bit
+    for p in paths:
+        for a, b in zip(jax.tree_util.tree_leaves(stacked.weights[p]), jax.tree_util.tree_leaves(quantized.weights[p])):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(stacked(tokens), quantized(tokens))
+    split.save(tmp_path / "split")
+    np.testing.assert_array_equal(moejax.Program.restore(tmp_path / "split")(tokens), split(tokens))
+
+
+def test_passes_that_need_stacked_experts_refuse_split_weights(tiny_model, tokens):
+    if tiny_model.config.scan_layers:
+        pytest.skip("scanned layers keep stacked weights")
+    with pytest.raises(moejax.PassError, match=r"pass quantize \(#2\) needs stacked expert weights.*"
+                                               r"run quantize before select-impl"):
+        moejax.optimize(tiny_model, (tokens,), "select-impl,quantize(bits=8)")
+    with pytest.raises(moejax.PassError, match=r"layout='diagonal' is not one of auto, per-expert, stacked"):
+        moejax.parse_pipeline("select-impl(layout=diagonal)")
 
 
 def test_decode_program_optimised_alongside(tiny_model, tokens):

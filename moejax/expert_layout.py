@@ -1,0 +1,149 @@
+"""Storage layout of routed-expert weights: stacked ``[E, k, n]`` or one buffer per expert.
+
+Models and most passes keep an expert weight as one stacked array (or a
+quantized pytree of stacked arrays). XLA:CPU cannot point a ``dot`` at one
+expert of a stacked array without copying that expert's weights first, so the
+CPU implementation (``impl="blocked"``) runs fastest on
+:class:`PerExpertWeights`: the same values as ``E`` separate buffers, each read
+in place. ``select-impl`` converts between the two layouts; the conversion is
+exact (a re-arrangement of the same numbers) and reversible with
+:func:`stack_experts`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["PerExpertWeights", "split_experts", "stack_experts", "is_split", "num_experts_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PerExpertWeights:
+    """An expert weight stored as one buffer per expert.
+
+    ``experts[e]`` is expert ``e``'s ``[k, n]`` weight: a float array or a
+    quantized tensor (anything with ``dequantize(dtype)``). The object behaves
+    like the stacked weight it came from for ``shape``, ``format``, ``nbytes``
+    and ``dequantize`` (which stacks, i.e. copies: fast paths index ``experts``).
+    """
+
+    experts: tuple[Any, ...]
+    layout = "per-expert"  # class attribute: shown in the expert op's weight_format
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical shape of the stacked weight, ``(E, k, n)``."""
+        return (len(self.experts), *tuple(self.experts[0].shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def format(self) -> str:
+        """Storage format of the experts (``float``, ``int4-g64`` ...), as for the stacked weight."""
+        formats = {getattr(w, "format", "float") for w in self.experts}
+        return formats.pop() if len(formats) == 1 else "+".join(sorted(formats))
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(np.prod(np.shape(x)) * jnp.dtype(x.dtype).itemsize
+                       for x in jax.tree_util.tree_leaves(self.experts)))
+
+    def expert(self, e: int, dtype: Any) -> jax.Array:
+        """Expert ``e``'s float weight ``[k, n]`` (dequantized when stored quantized)."""
+        w = self.experts[e]
+        return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        """The stacked float weight ``[E, k, n]`` (a copy of every expert)."""
+        return jnp.stack([self.expert(e, dtype) for e in range(len(self.experts))])
+
+    def __repr__(self) -> str:
+        return f"PerExpertWeights({len(self.experts)} x {self.format})"
+
+
+jax.tree_util.register_dataclass(PerExpertWeights, data_fields=["experts"], meta_fields=[])
+
+
+def is_split(w: Any) -> bool:
+    """True for a weight stored one buffer per expert."""
+    return isinstance(w, PerExpertWeights)
+
+
+def num_experts_of(w: Any) -> int:
+    """Leading (expert) dimension of a stacked or split expert weight."""
+    return int(w.shape[0])
+
+
+def _expert_of(w: Any, e: int) -> Any:
+    """Expert ``e`` of a stacked weight ``[E, k, n]`` (array or quantized pytree)."""
+    if hasattr(w, "parts") and hasattr(w, "perm"):  # MixedExpertTensor: experts live in per-width parts
+        perm = np.asarray(w.perm)
+        offsets = np.cumsum([0] + [p.shape[0] for p in w.parts])
+        row = int(perm[e])
+        part = int(np.searchsorted(offsets, row, side="right") - 1)
+        return _expert_of(w.parts[part], row - int(offsets[part]))
+    return jax.tree_util.tree_map(lambda a: a[e], w)
+
+
+def split_experts(w: Any) -> PerExpertWeights:
+    """One buffer per expert from a stacked ``[E, k, n]`` weight (float or quantized).
+
+    Raises ``ValueError`` for weights with extra leading axes (scanned layers
+    stack ``[L, E, k, n]``; their per-layer slices are made by the scan).
+    """
+    if is_split(w):
+        return w
+    if len(w.shape) != 3:
+        raise ValueError(f"split_experts: expected a stacked expert weight [E, k, n], got shape {tuple(w.shape)} "
+                         "(weights of scanned layers keep the stacked layout)")
+    return PerExpertWeights(tuple(_expert_of(w, e) for e in range(int(w.shape[0]))))
+
+
+def stack_experts(w: Any) -> Any:
+    """The stacked layout of a weight (inverse of :func:`split_experts`; stacked weights pass through)."""
+    if not is_split(w):
+        return w
+    structures = {jax.tree_util.tree_structure(x) for x in w.experts}
+    if len(structures) != 1:
+        raise ValueError(f"stack_experts: experts stored in different formats ({w.format}) cannot be stacked "
+                         "again; keep the per-expert layout (impl='blocked') or re-run quantize on float weights")
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *w.experts)
+
+
+def with_layout_of(w: Any, like: Any) -> Any:
+    """``w`` in the layout of ``like`` (split per expert or stacked); formats are unchanged."""
+    return split_experts(w) if is_split(like) else stack_experts(w)
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaidLeaf:
+    """Leaf ``index`` of an expert weight whose layout a pass changed (see :func:`regroup`).
+
+    A program traced before the change reads the old layout's leaves; while it
+    is re-traced, each of them stands for the new value. Rules that understand
+    the new layout recover it with :func:`regroup`; any other use reads the old
+    leaf, recomputed from the new value (a copy, but the same numbers).
+    """
+
+    value: Any
+    old: Any
+    index: int
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        return jax.tree_util.tree_leaves(with_layout_of(self.value, self.old))[self.index]
+
+
+def regroup(weights: Any) -> Any:
+    """Replace each subtree whose leaves are all :class:`RelaidLeaf` of one value by that value."""
+    def fix(w):
+        leaves = jax.tree_util.tree_leaves(w, is_leaf=lambda x: isinstance(x, RelaidLeaf))
+        if leaves and all(isinstance(x, RelaidLeaf) for x in leaves) and len({id(x.value) for x in leaves}) == 1:
+            return leaves[0].value
+        return w
+    return tuple(fix(w) for w in weights)
