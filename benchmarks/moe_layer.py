@@ -13,7 +13,9 @@ Token counts: prefill T=512 and 2048, decode T=1 and 8 (``--quick``: 512, 1, 8).
 Implementations, each a full layer (router included) from tokens [T,d] to [T,d]:
 
 * ``moejax``: the dialect ops moe_route, moe_dispatch, moe_expert_ffn(impl="blocked"),
-  moe_combine (dropless), jitted.
+  moe_combine (dropless), jitted, with the weight layout ``select-impl`` chooses
+  on CPU: one buffer per expert for layers of at most 16 experts (Mixtral),
+  stacked otherwise (DeepSeek). The label says which strategy ran.
 * ``ragged``: the same ops with impl="ragged" (sort + ``jax.lax.ragged_dot``).
 * ``dense_all``: every expert on every token, then the weighted sum (E/k x the FLOPs).
 * ``gshard``: GShard capacity einsum (capacity factor 1.25; overflow tokens dropped).
@@ -59,6 +61,8 @@ except ImportError:  # pragma: no cover - script run from inside benchmarks/
 import moejax.blocked_ffn  # noqa: F401  registers impl "blocked"
 from moejax import dialect
 from moejax.blocked_ffn import choose_strategy
+from moejax.expert_layout import split_experts
+from moejax.passes.select_impl import AUTO_SPLIT_MAX_EXPERTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +107,11 @@ def make_params(shape: LayerShape, seed: int = 0) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------
 # JAX implementations: fn(x, params) -> y, all jitted.
 # --------------------------------------------------------------------------
-def dialect_layer(x, p, *, routing, impl):
+def dialect_layer(x, p, *, routing, impl, split=False):
     w, ids = dialect.moe_route(x, p["router"], routing=routing)
     grouped, sizes, order = dialect.moe_dispatch(x, ids, num_experts=p["router"].shape[1])
-    out = dialect.moe_expert_ffn(grouped, sizes, (p["w_gate"], p["w_up"], p["w_down"]),
-                                 activation="swiglu", impl=impl)
+    mats = tuple(p[f"{n}_split" if split else n] for n in ("w_gate", "w_up", "w_down"))
+    out = dialect.moe_expert_ffn(grouped, sizes, mats, activation="swiglu", impl=impl)
     return dialect.moe_combine(out, order, w)
 
 
@@ -188,8 +192,11 @@ def run_case(shape: LayerShape, tokens: int, params_np: dict[str, np.ndarray], p
     x_rows = jnp.asarray(np.resize(x_np, (rows, shape.d)))
     w0 = [params[n][0] for n in ("w_gate", "w_up", "w_down")]
 
+    split = shape.experts <= AUTO_SPLIT_MAX_EXPERTS  # the layout select-impl picks on CPU
+    if split:
+        params = {**params, **{f"{n}_split": split_experts(params[n]) for n in ("w_gate", "w_up", "w_down")}}
     jfns = {
-        "moejax": jax.jit(functools.partial(dialect_layer, routing=routing, impl="blocked")),
+        "moejax": jax.jit(functools.partial(dialect_layer, routing=routing, impl="blocked", split=split)),
         "ragged": jax.jit(functools.partial(dialect_layer, routing=routing, impl="ragged")),
         "dense_all": jax.jit(functools.partial(dense_all_layer, routing=routing)),
         "gshard": jax.jit(functools.partial(gshard_layer, routing=routing, capacity=capacity)),
@@ -225,7 +232,7 @@ def run_case(shape: LayerShape, tokens: int, params_np: dict[str, np.ndarray], p
     mem_bound_s = mem_bytes / (bandwidth_gbs * 1e9)
     torch_best = min((timings[n].median for n in timings if n.startswith("torch")), default=None)
     flops = shape.active_flops(tokens)
-    strategy = choose_strategy(rows, shape.experts)
+    strategy = "per-expert loop" if split else choose_strategy(rows, shape.experts)
     out = []
     for name, tm in timings.items():
         med = tm.median

@@ -6,6 +6,7 @@ are ordinary matmuls.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -367,6 +368,13 @@ def init_cache(batch: int, max_len: int, n_layers: int, n_kv_heads: int, head_di
 def init_cache_from_shapes(batch: int, max_len: int, n_layers: int, shapes: dict[str, tuple[int, ...]],
                            dtype=jnp.float32, stacked: bool = False):
     """An empty cache with entries ``name -> [B, L, *shape]`` per layer (stacked: ``[n_layers, B, L, ...]``)."""
+    items = tuple((n, tuple(s)) for n, s in shapes.items())
+    return _zeros_cache(batch, max_len, n_layers, items, jnp.dtype(dtype), stacked)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _zeros_cache(batch, max_len, n_layers, items, dtype, stacked):
+    # One compiled call instead of one dispatch per buffer (it is on the prefill path).
     if stacked:
-        return {n: jnp.zeros((n_layers, batch, max_len, *s), dtype) for n, s in shapes.items()}
-    return [{n: jnp.zeros((batch, max_len, *s), dtype) for n, s in shapes.items()} for _ in range(n_layers)]
+        return {n: jnp.zeros((n_layers, batch, max_len, *s), dtype) for n, s in items}
+    return [{n: jnp.zeros((batch, max_len, *s), dtype) for n, s in items} for _ in range(n_layers)]

@@ -159,13 +159,15 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, weights: Sequenc
                                                                   start + c * chunk, 0), out)
         row0 = start + full * chunk
         rest = n - full * chunk
-        # The switch returns only the piece, so `out` never passes through a
-        # branch (XLA would copy it); rows past the group keep their values.
+        # One piece, its size the smallest multiple of `quantum` holding the rest.
+        # Its rows past the group belong to later experts (or are padding): they
+        # are overwritten when those experts run (experts run in order), and the
+        # padding rows are zeroed at the end, so no mask is needed here. The
+        # switch returns only the piece: `out` never passes through a branch
+        # (XLA would copy it).
         pieces = [lambda: jnp.zeros((tail, d), dtype)]
         pieces += [functools.partial(tail_piece, ws, row0, q) for q in range(quantum, tail + 1, quantum)]
-        y = lax.switch((rest + quantum - 1) // quantum, pieces)
-        cur = lax.dynamic_slice_in_dim(out, row0, tail)
-        return lax.dynamic_update_slice_in_dim(out, jnp.where((jnp.arange(tail) < rest)[:, None], y, cur), row0, 0)
+        return lax.dynamic_update_slice_in_dim(out, lax.switch((rest + quantum - 1) // quantum, pieces), row0, 0)
 
     if all(is_split(w) for w in weights):
         quantized = any(hasattr(x, "dequantize") for w in weights for x in w.experts)
@@ -186,7 +188,7 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, weights: Sequenc
             return lax.cond(sizes[e] > 0, work, lambda o: o, out)
 
         out = lax.fori_loop(0, num_experts, one_expert, out)
-    return out[:n_rows]
+    return jnp.where((jnp.arange(n_rows) < jnp.sum(sizes))[:, None], out[:n_rows], jnp.zeros((), dtype))
 
 
 # --------------------------------------------------------------------------
