@@ -15,7 +15,8 @@ Implementations, each a full layer (router included) from tokens [T,d] to [T,d]:
 * ``moejax``: the dialect ops moe_route, moe_dispatch, moe_expert_ffn(impl="blocked"),
   moe_combine (dropless), jitted, with the weight layout ``select-impl`` chooses
   on CPU: one buffer per expert for layers of at most 16 experts (Mixtral),
-  stacked otherwise (DeepSeek). The label says which strategy ran.
+  stacked otherwise (DeepSeek). The label says which strategy ran;
+  ``moejax_stacked`` is the same op on stacked weights where the two differ.
 * ``ragged``: the same ops with impl="ragged" (sort + ``jax.lax.ragged_dot``).
 * ``dense_all``: every expert on every token, then the weighted sum (E/k x the FLOPs).
 * ``gshard``: GShard capacity einsum (capacity factor 1.25; overflow tokens dropped).
@@ -88,6 +89,8 @@ SHAPES = {
     "mixtral": LayerShape("mixtral", d=1024, f=2816, experts=8, k=2, norm_topk=True),
     # norm_topk as in Mixtral so every implementation (and the torch block) computes the same function.
     "deepseek": LayerShape("deepseek", d=1024, f=352, experts=64, k=6, norm_topk=True),
+    # a smoke-test shape (tests/test_benchmarks.py), not a benchmark
+    "tiny": LayerShape("tiny", d=32, f=48, experts=8, k=2, norm_topk=True),
 }
 PREFILL, DECODE = (512, 2048), (1, 8)
 CAPACITY_FACTOR = 1.25
@@ -198,6 +201,8 @@ def run_case(shape: LayerShape, tokens: int, params_np: dict[str, np.ndarray], p
     jfns = {
         "moejax": jax.jit(functools.partial(dialect_layer, routing=routing, impl="blocked", split=split)),
         "ragged": jax.jit(functools.partial(dialect_layer, routing=routing, impl="ragged")),
+        **({"moejax_stacked": jax.jit(functools.partial(dialect_layer, routing=routing, impl="blocked"))}
+           if split else {}),
         "dense_all": jax.jit(functools.partial(dense_all_layer, routing=routing)),
         "gshard": jax.jit(functools.partial(gshard_layer, routing=routing, capacity=capacity)),
     }
@@ -218,7 +223,8 @@ def run_case(shape: LayerShape, tokens: int, params_np: dict[str, np.ndarray], p
 
     # Exactness check of the dropless implementations against dense-all (GShard drops by design).
     ref = np.asarray(fns["dense_all"]())
-    errors = {n: float(np.max(np.abs(np.asarray(fns[n]()) - ref))) for n in ("moejax", "ragged")}
+    errors = {n: float(np.max(np.abs(np.asarray(fns[n]()) - ref))) for n in ("moejax", "moejax_stacked", "ragged")
+              if n in fns}
     for n in fns:
         if n.startswith("torch"):
             errors[n] = float(np.max(np.abs(fns[n]().reshape(tokens, shape.d).numpy() - ref)))

@@ -4,23 +4,28 @@ The rows arrive sorted by expert (``moe_dispatch``), ``group_sizes[e]`` rows per
 expert, padding rows last. XLA:CPU runs a 2-D ``dot`` well (YNNPACK) but has
 no cheap way to point a dot at one expert of a stacked ``[E,d,f]`` weight:
 every static or dynamic slice of it is materialised (a copy of the expert's
-weights), and ``jax.lax.ragged_dot`` expands to slow code. Two strategies
-follow from that, picked by static shape in :func:`ffn_blocked`:
+weights), and ``jax.lax.ragged_dot`` expands to slow code. Hence:
+
+Weight layout
+    ``select-impl`` stores the experts of layers with at most 16 experts as
+    :class:`~moejax.expert_layout.PerExpertWeights` (one buffer per expert).
+    The loop below is then unrolled over experts and reads each buffer in
+    place; quantized experts are dequantized only when they have rows. With
+    stacked weights it runs as a ``fori_loop`` that copies each used expert.
 
 ``loop`` (:func:`ffn_expert_loop`)
-    A loop over experts. An expert with rows copies its weights once, then
-    runs full chunks of ``chunk`` rows in a ``fori_loop`` and its remainder
-    as a binary decomposition (``chunk/2``, ``chunk/4`` ... ``bucket`` rows,
-    each under ``lax.cond``) plus one masked piece of ``bucket`` rows. Work is
-    ``N + E * bucket`` rows at most, plus one copy of each used expert's weights. Experts without rows
-    are skipped (no copy, no FLOPs). Best when each expert gets many rows.
+    Per expert: full chunks of ``chunk`` rows in a ``fori_loop``, then one
+    piece for the rest (its size a multiple of ``quantum``, picked by
+    ``lax.switch``). A piece costs one read of the expert's weights before any
+    row is computed, so one well-sized piece beats many small ones. Work is
+    ``N + E * quantum`` rows at most. Experts without rows cost a few scalar ops.
 
 ``capacity`` (:func:`ffn_capacity`)
-    One batched matmul over all experts (the weights are read in place, no
-    copies) with a per-expert capacity ``C`` chosen at run time from a static
-    ladder (``lax.switch`` on the largest group), so it is dropless and exact.
-    Work is ``E * C`` rows. Best when the matmuls are memory-bound (few rows
-    per expert, i.e. decode) and there are few, large experts.
+    One batched matmul over all (stacked) experts, weights read in place, with
+    a per-expert capacity ``C`` chosen at run time from a static ladder
+    (``lax.switch`` on the largest group), so it is dropless and exact. Work
+    is ``E * C`` rows. Used for decode-sized inputs on stacked weights of a
+    few large experts.
 
 Both compute exactly what :func:`moejax.dialect.ffn_reference` computes:
 the same dots with f32 accumulation, the activation in f32, the hidden state
@@ -90,7 +95,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 # --------------------------------------------------------------------------
-# Strategy "loop": one expert at a time, fixed-size row chunks.
+# Strategy "loop": one expert at a time, full chunks and one tail piece.
 # --------------------------------------------------------------------------
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
@@ -109,9 +114,10 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, weights: Sequenc
                     activation: str, chunk: int | None = None, quantum: int | None = None) -> jax.Array:
     """Expert FFN as a loop over experts: full chunks, then one tail piece.
 
-    Each expert's rows run as ``n // chunk`` full chunks in a ``fori_loop``,
-    then one piece holding the remainder, its size the smallest multiple of
-    ``quantum`` that fits (a ``lax.switch`` over ``chunk / quantum`` sizes).
+    Each expert's ``n`` rows run as ``n // chunk - 1`` full chunks in a
+    ``fori_loop``, then one piece holding the rest (under two chunks), its
+    size the smallest multiple of ``quantum`` that fits (a ``lax.switch`` over
+    ``2 * chunk / quantum`` sizes).
     Every expert weight is read once per piece, so few, large pieces beat a
     finer decomposition: at Mixtral sizes a piece costs about 0.6 ms of weight
     reads per matrix before any row is computed.
@@ -257,7 +263,9 @@ def ffn_capacity(grouped: jax.Array, group_sizes: jax.Array, mats: Sequence[jax.
 # The registered implementation.
 # --------------------------------------------------------------------------
 def choose_strategy(num_rows: int, num_experts: int) -> str:
-    """``"loop"`` or ``"capacity"`` for a static shape (from measurements on XLA:CPU).
+    """``"loop"`` or ``"capacity"`` for stacked weights of a static shape (measured on XLA:CPU).
+
+    Weights stored per expert always use the loop (it reads them in place).
 
     With many rows per expert the matmuls are compute-bound and the loop's
     per-expert weight copy is amortised; the capacity path pads every group to
