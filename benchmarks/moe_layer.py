@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 5, quick 3)")
     ap.add_argument("--budget-s", type=float, default=30.0, help="time budget for one case's timed rounds")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers PyTorch block")
+    ap.add_argument("--tokens", default=None,
+                    help="comma-separated token counts instead of the default cases (1 and 8 count as decode)")
     ap.add_argument("--out", default="benchmarks/results/moe_layer.json")
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -272,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
     token_counts = ((512,) if args.quick else PREFILL) + DECODE
+    if args.tokens:
+        try:
+            token_counts = tuple(int(t) for t in args.tokens.split(","))
+        except ValueError:
+            ap.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
+        if min(token_counts) < 1:
+            ap.error("--tokens must be positive")
     repeats = args.repeats or (3 if args.quick else 5)
 
     start = time.perf_counter()
