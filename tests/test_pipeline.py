@@ -78,6 +78,17 @@ def test_select_impl_on_cpu_stores_experts_per_expert(tiny_model, tokens, tmp_pa
     np.testing.assert_array_equal(moejax.Program.restore(tmp_path / "split")(tokens), split(tokens))
 
 
+def test_select_impl_keeps_expert_parallel_weights_stacked(tiny_model, tokens):
+    """Inside shard_map each device sees a slice of the experts: those weights must stay stacked."""
+    program = moejax.trace(tiny_model, tokens)
+    marked = program.replace(metadata={**program.metadata, "expert_parallel": {}})
+    ctx = pipeline.PassContext(platform="cpu")
+    out = SelectImpl(layout="per-expert").run(marked, ctx)
+    assert not any(expert_layout.is_split(w) for w in out.weights.values())
+    assert any(expert_layout.is_split(w) for w in SelectImpl(layout="per-expert").run(program, ctx).weights.values()) \
+        != tiny_model.config.scan_layers
+
+
 def test_passes_that_need_stacked_experts_refuse_split_weights(tiny_model, tokens):
     if tiny_model.config.scan_layers:
         pytest.skip("scanned layers keep stacked weights")
