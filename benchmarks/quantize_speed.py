@@ -52,8 +52,8 @@ def quality(model, eval_bytes: int, rows, seq_len: int = 256, batch: int = 8) ->
     out = []
     for label, passes in rows:
         t0 = time.perf_counter()
-        # select-impl: the fast CPU expert implementation (exact; its check lives in its own tests)
-        opt = moejax.optimize(model, example, ["select-impl"] + list(passes), check_exact=False)
+        # select-impl last: the fast CPU expert implementation (exact; its check lives in its own tests)
+        opt = moejax.optimize(model, example, list(passes) + ["select-impl"], check_exact=False)
         bpb = evaluation.bits_per_byte(opt, text, seq_len=seq_len, batch=batch)
         st = opt.stages[-1].stats
         out.append({"variant": label, "pipeline": ",".join(passes) or "(none)", "expert_bytes": st["expert_bytes"],
@@ -72,7 +72,7 @@ def _decode_program(model, batch: int, passes, max_len: int):
     idx = jnp.asarray(0, jnp.int32)
     program = moejax.trace(model, tok, cache=cache, cache_index=idx)
     ctx = PassContext(example_args=(tok,), example_kwargs={"cache": cache, "cache_index": idx})
-    stages = PassManager(["select-impl"] + list(passes), check_exact=False).run(program, ctx)
+    stages = PassManager(list(passes) + ["select-impl"], check_exact=False).run(program, ctx)
     return lowering.inline_dialect(stages[-1].program), stages[-1].stats, cache
 
 

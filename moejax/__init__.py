@@ -3,7 +3,7 @@
 Public API::
 
     program = moejax.trace(model, tokens)            # a Program: jaxpr + weights
-    opt = moejax.optimize(model, (tokens,), "select-impl,...")
+    opt = moejax.optimize(model, (tokens,), "...,select-impl")
     opt(tokens); opt.stages; opt.report()
 """
 from moejax import blocked_ffn, dialect  # blocked_ffn registers the fast CPU expert implementation

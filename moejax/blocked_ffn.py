@@ -18,7 +18,9 @@ Weight layout
     piece for the rest (its size a multiple of ``quantum``, picked by
     ``lax.switch``). A piece costs one read of the expert's weights before any
     row is computed, so one well-sized piece beats many small ones. Work is
-    ``N + E * quantum`` rows at most. Experts without rows cost a few scalar ops.
+    ``N + E * quantum`` rows at most; an expert without rows costs no dot, only
+    the loop's bookkeeping (a few small ops). Under ``vmap`` the switches and
+    conds become selects: still exact, but every piece size is computed.
 
 ``capacity`` (:func:`ffn_capacity`)
     One batched matmul over all (stacked) experts, weights read in place, with
@@ -101,13 +103,10 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _default_chunk(num_rows: int, num_experts: int) -> tuple[int, int]:
-    """(chunk, quantum) rows: chunks about twice the mean group (at most 512)
-    keep the dots efficient; the tail piece is a multiple of ``quantum`` =
-    ``chunk / 8`` (``1`` for tiny chunks), so it wastes under a quantum."""
+def _default_chunk(num_rows: int, num_experts: int) -> int:
+    """Rows per chunk: about twice the mean group (at most 512) keeps the dots efficient."""
     per_expert = max(1, num_rows // num_experts)
-    chunk = max(1, min(512, _pow2_at_least(2 * per_expert), _pow2_at_least(num_rows)))
-    return chunk, max(1, chunk // 8)
+    return max(1, min(512, _pow2_at_least(2 * per_expert), _pow2_at_least(num_rows)))
 
 
 def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, weights: Sequence[Any], *,
@@ -132,16 +131,16 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, weights: Sequenc
         weights are dequantized up front and each used expert is copied once).
       activation: one of :data:`moejax.dialect.ACTIVATIONS`.
       chunk: rows per full chunk (static); default from the shapes.
-      quantum: granularity of the tail piece; must divide ``chunk``.
+      quantum: granularity of the tail piece (default ``chunk / 8``, at least 1): it
+        wastes under a quantum of rows per expert; must divide ``chunk``.
 
     Returns:
       [N, d] outputs, zero on rows past ``sum(group_sizes)``.
     """
     n_rows, d = grouped.shape
     num_experts = group_sizes.shape[0]
-    dflt_chunk, dflt_quantum = _default_chunk(n_rows, num_experts)
-    chunk = chunk or dflt_chunk
-    quantum = quantum or (dflt_quantum if chunk == dflt_chunk else max(1, chunk // 8))
+    chunk = chunk or _default_chunk(n_rows, num_experts)
+    quantum = quantum or max(1, chunk // 8)
     if chunk % quantum:
         raise ValueError(f"ffn_expert_loop: quantum={quantum} must divide chunk={chunk}")
     dtype = grouped.dtype
@@ -169,8 +168,8 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, weights: Sequenc
         # Its rows past the group belong to later experts (or are padding): they
         # are overwritten when those experts run (experts run in order), and the
         # padding rows are zeroed at the end, so no mask is needed here. The
-        # switch returns only the piece: `out` never passes through a branch
-        # (XLA would copy it).
+        # switch returns only the piece, so `out` does not pass through its
+        # branches (XLA would copy it).
         pieces = [lambda: jnp.zeros((tail, d), dtype)]
         pieces += [functools.partial(tail_piece, ws, row0, q) for q in range(quantum, tail + 1, quantum)]
         return lax.dynamic_update_slice_in_dim(out, lax.switch((rest + quantum - 1) // quantum, pieces), row0, 0)

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["PerExpertWeights", "split_experts", "stack_experts", "is_split", "num_experts_of"]
+__all__ = ["PerExpertWeights", "split_experts", "stack_experts", "is_split", "with_layout_of", "RelaidLeaf",
+           "regroup"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class PerExpertWeights:
     @property
     def format(self) -> str:
         """Storage format of the experts (``float``, ``int4-g64`` ...), as for the stacked weight."""
-        formats = {getattr(w, "format", "float") for w in self.experts}
+        formats = {w.format if hasattr(w, "dequantize") else "float" for w in self.experts}
         return formats.pop() if len(formats) == 1 else "+".join(sorted(formats))
 
     @property
@@ -75,11 +76,6 @@ def is_split(w: Any) -> bool:
     return isinstance(w, PerExpertWeights)
 
 
-def num_experts_of(w: Any) -> int:
-    """Leading (expert) dimension of a stacked or split expert weight."""
-    return int(w.shape[0])
-
-
 def _expert_of(w: Any, e: int) -> Any:
     """Expert ``e`` of a stacked weight ``[E, k, n]`` (array or quantized pytree)."""
     if hasattr(w, "parts") and hasattr(w, "perm"):  # MixedExpertTensor: experts live in per-width parts
@@ -106,19 +102,31 @@ def split_experts(w: Any) -> PerExpertWeights:
 
 
 def stack_experts(w: Any) -> Any:
-    """The stacked layout of a weight (inverse of :func:`split_experts`; stacked weights pass through)."""
+    """The stacked layout of a weight (inverse of :func:`split_experts`; stacked weights pass through).
+
+    Experts stored in different formats (mixed precision) are stacked per
+    format again, as a ``MixedExpertTensor``.
+    """
     if not is_split(w):
         return w
-    structures = {jax.tree_util.tree_structure(x) for x in w.experts}
-    if len(structures) != 1:
-        raise ValueError(f"stack_experts: experts stored in different formats ({w.format}) cannot be stacked "
-                         "again; keep the per-expert layout (impl='blocked') or re-run quantize on float weights")
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *w.experts)
+    groups: dict[Any, list[int]] = {}
+    for e, x in enumerate(w.experts):
+        groups.setdefault(jax.tree_util.tree_structure(x), []).append(e)
+    stack = [jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[w.experts[e] for e in es])
+             for es in groups.values()]
+    if len(stack) == 1:
+        return stack[0]
+    from moejax.passes.quantize import MixedExpertTensor  # noqa: PLC0415 - the format lives with its pass
+
+    order = [e for es in groups.values() for e in es]  # expert at each row of the concatenated parts
+    perm = np.empty(len(order), np.int32)
+    perm[order] = np.arange(len(order), dtype=np.int32)
+    return MixedExpertTensor(tuple(stack), jnp.asarray(perm))
 
 
-def with_layout_of(w: Any, like: Any) -> Any:
-    """``w`` in the layout of ``like`` (split per expert or stacked); formats are unchanged."""
-    return split_experts(w) if is_split(like) else stack_experts(w)
+def with_layout_of(w: Any, split: bool) -> Any:
+    """``w`` split per expert (``split``) or stacked; formats are unchanged."""
+    return split_experts(w) if split else stack_experts(w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,24 +134,29 @@ class RelaidLeaf:
     """Leaf ``index`` of an expert weight whose layout a pass changed (see :func:`regroup`).
 
     A program traced before the change reads the old layout's leaves; while it
-    is re-traced, each of them stands for the new value. Rules that understand
-    the new layout recover it with :func:`regroup`; any other use reads the old
-    leaf, recomputed from the new value (a copy, but the same numbers).
+    is re-traced, each of them stands for the new ``value`` (a pytree, so it
+    passes through ``jit``, ``checkpoint`` and ``cond`` bodies). Rules that
+    understand the new layout recover it with :func:`regroup`; any other use
+    reads the old leaf, recomputed from the new value (a copy, same numbers).
     """
 
     value: Any
-    old: Any
-    index: int
+    old_split: bool = dataclasses.field(metadata=dict(static=True))
+    index: int = dataclasses.field(metadata=dict(static=True))
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
-        return jax.tree_util.tree_leaves(with_layout_of(self.value, self.old))[self.index]
+        return jax.tree_util.tree_leaves(with_layout_of(self.value, self.old_split))[self.index]
 
 
-def regroup(weights: Any) -> Any:
-    """Replace each subtree whose leaves are all :class:`RelaidLeaf` of one value by that value."""
+jax.tree_util.register_dataclass(RelaidLeaf, data_fields=["value"], meta_fields=["old_split", "index"])
+
+
+def regroup(weights: Any) -> tuple[Any, ...]:
+    """Replace each weight whose leaves are the :class:`RelaidLeaf` proxies of one old weight by the new value."""
     def fix(w):
         leaves = jax.tree_util.tree_leaves(w, is_leaf=lambda x: isinstance(x, RelaidLeaf))
-        if leaves and all(isinstance(x, RelaidLeaf) for x in leaves) and len({id(x.value) for x in leaves}) == 1:
+        if leaves and all(isinstance(x, RelaidLeaf) for x in leaves) and \
+                [x.index for x in leaves] == list(range(len(leaves))):
             return leaves[0].value
         return w
     return tuple(fix(w) for w in weights)

@@ -1,6 +1,7 @@
 """Inspection: program text, diffs between stages, and a Graphviz view of MoE structure."""
 from __future__ import annotations
 
+import collections
 import difflib
 import shutil
 import subprocess
@@ -26,9 +27,10 @@ def program_text(program, show_weights: bool = True) -> str:
         lines.append(f"# weights ({len(program.weights)} tensors, in jaxpr-input order):")
         for path, w in program.weights.items():
             fmt = w.format if hasattr(w, "dequantize") else None
-            if getattr(w, "layout", None) == "per-expert":  # E buffers of one shape: show one
+            if getattr(w, "layout", None) == "per-expert":  # E buffers: show one of each kind
                 fmt += ", one buffer per expert"
-                desc = f"{len(w.experts)} x " + " ".join(_fmt(x) for x in jax.tree_util.tree_leaves(w.experts[0]))
+                kinds = collections.Counter(" ".join(_fmt(x) for x in jax.tree_util.tree_leaves(e)) for e in w.experts)
+                desc = ", ".join(f"{n} x {k}" for k, n in kinds.items())
             else:
                 desc = " ".join(_fmt(x) for x in jax.tree_util.tree_leaves(w))
             lines.append(f"#   {path}: {desc}" + (f"  ({fmt})" if fmt else ""))

@@ -111,7 +111,7 @@ def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pas
     Args:
       model: a Flax NNX module (or Linen module / pure function with ``params``).
       example_args: example inputs; the result accepts inputs of these shapes.
-      passes: pass objects and/or pipeline strings (``"select-impl,quantize(bits=4)"``).
+      passes: pass objects and/or pipeline strings (``"quantize(bits=4),select-impl"``).
       decode_example: ``(args, kwargs)`` of a KV-cache decode step, e.g.
         ``((tokens_b1,), {"cache": cache, "cache_index": 0})``; the same pipeline
         is applied to that program too (analysis results are shared).

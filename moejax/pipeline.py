@@ -93,6 +93,20 @@ class PassContext:
     platform: str = dataclasses.field(default_factory=lambda: jax.default_backend())
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def derived_weight(self, kind: str, source: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` once per ``(kind, source)`` for all programs sharing ``analysis``.
+
+        The programs one pipeline optimizes (prefill, decode ...) share their
+        weight arrays; a pass that derives a new weight from one (quantized,
+        re-laid-out) uses this so the derived buffers are shared too, instead
+        of one copy per program. ``kind`` must name everything ``make`` depends on.
+        """
+        memo = self.analysis.setdefault("derived_weights", {})
+        key = (kind, id(source))
+        if key not in memo or memo[key][0] is not source:
+            memo[key] = (source, make())  # holding `source` keeps its id from being reused
+        return memo[key][1]
+
 
 @dataclasses.dataclass(frozen=True)
 class Pass:

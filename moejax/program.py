@@ -209,12 +209,13 @@ def retrace_program(program: Program, rules: Mapping[str, rewrite.Rule], *,
         for p, old in program.weights.items():
             val = by_path.get(p, _Dropped(p))
             n_old = len(jax.tree_util.tree_leaves(old))
-            if n_old == 1:
+            old_split = expert_layout.is_split(old)
+            if not isinstance(val, _Dropped) and expert_layout.is_split(val) != old_split:  # a layout change
+                args.extend(expert_layout.RelaidLeaf(val, old_split, i) for i in range(n_old))
+            elif n_old == 1 and not hasattr(old, "dequantize"):  # a plain array, or what replaces it
                 args.append(val)
             else:  # an already-structured weight: the old jaxpr takes its leaves
                 leaves = jax.tree_util.tree_leaves(val)
-                if expert_layout.is_split(val) != expert_layout.is_split(old):  # a layout change
-                    leaves = [expert_layout.RelaidLeaf(val, old, i) for i in range(n_old)]
                 if len(leaves) != n_old:
                     raise ValueError(f"weight {p!r}: a structured weight can only be replaced by one with the "
                                      f"same number of leaves ({n_old}), got {len(leaves)}")

@@ -44,7 +44,11 @@ def expert_weight_leaf_indices(program) -> set[int]:
 
 
 def expert_weight_sites(program) -> dict[str, tuple[str, int]]:
-    """Weight path -> (MoE layer name, weight operand index) for every expert-FFN weight."""
+    """Weight path -> (MoE layer name, operand position) for every expert-FFN weight.
+
+    The position is that of the weight's last leaf among the op's weight
+    operands: it orders a layer's matrices (gate, up, down), it is not their index.
+    """
     jaxpr = program.jaxpr.jaxpr
     n = program.num_weight_leaves
     sources = {v: i for i, v in enumerate(jaxpr.invars[:n])}

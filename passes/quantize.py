@@ -475,8 +475,10 @@ class QuantizeExperts(Pass):
         else:
             b = self._uniform_bits()
             for path in sites:
-                new[path] = quantize_weight(program.weights[path], b, self._group(b), self._symmetric(b),
-                                            self.clip_search)
+                w = program.weights[path]
+                new[path] = ctx.derived_weight(  # shared by the programs of one optimize call
+                    f"quantize-{b}-{self._group(b)}-{self._symmetric(b)}-{self.clip_search}", w,
+                    lambda w=w: quantize_weight(w, b, self._group(b), self._symmetric(b), self.clip_search))
         if self.include_shared:
             b = self._uniform_bits()
             for path, w in program.weights.items():

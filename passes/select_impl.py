@@ -75,11 +75,15 @@ class SelectImpl(Pass):
     def run(self, program: Program, ctx: PassContext) -> Program:
         impl = self.resolve(ctx.platform)
         relaid: dict[str, Any] = {}
+        layout: dict[str, str] = {}
         for path in stats.expert_weight_sites(program):
             w = program.weights[path]
             want = self._wants_split(impl, w, program)
             if want != expert_layout.is_split(w):
-                relaid[path] = expert_layout.split_experts(w) if want else expert_layout.stack_experts(w)
-        layout = {p: "per-expert" if expert_layout.is_split(w) else "stacked" for p, w in relaid.items()}
+                # once per source weight: the programs of one optimize call share the new buffers
+                relaid[path] = ctx.derived_weight(
+                    "split-experts" if want else "stack-experts", w,
+                    lambda w=w, want=want: expert_layout.with_layout_of(w, want))
+            layout[path] = "per-expert" if want else "stacked"
         return program.rewrite({dialect.expert_ffn_p.name: lambda rc: rewrite.rebind_expert_ffn(rc, impl=impl)},
-                               weights=relaid, metadata={"expert_layout": layout} if layout else None)
+                               weights=relaid, metadata={"expert_layout": layout})
