@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import dialect
+
 __all__ = ["PerExpertWeights", "split_experts", "stack_experts", "is_split", "with_layout_of", "RelaidLeaf",
            "regroup"]
 
@@ -47,8 +49,7 @@ class PerExpertWeights:
     @property
     def format(self) -> str:
         """Storage format of the experts (``float``, ``int4-g64`` ...), as for the stacked weight."""
-        formats = {w.format if hasattr(w, "dequantize") else "float" for w in self.experts}
-        return formats.pop() if len(formats) == 1 else "+".join(sorted(formats))
+        return dialect.weight_format_of(self.experts)
 
     @property
     def nbytes(self) -> int:
@@ -57,8 +58,7 @@ class PerExpertWeights:
 
     def expert(self, e: int, dtype: Any) -> jax.Array:
         """Expert ``e``'s float weight ``[k, n]`` (dequantized when stored quantized)."""
-        w = self.experts[e]
-        return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+        return dialect.materialize(self.experts[e], dtype)
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The stacked float weight ``[E, k, n]`` (a copy of every expert)."""

@@ -32,15 +32,19 @@ def _input_sources(jaxpr, sources: dict[Any, int], found: dict[int, set[int]], w
             _input_sources(sub, inner, found, want)
 
 
-def expert_weight_leaf_indices(program) -> set[int]:
-    """Indices of weight leaves that feed a ``moe_expert_ffn`` weight operand."""
+def _expert_weight_hits(program) -> dict[int, set[tuple[int, int]]]:
+    """id(moe_expert_ffn eqn) -> {(weight operand position, weight leaf index)} for leaves fed in unchanged."""
     jaxpr = program.jaxpr.jaxpr
-    n = program.num_weight_leaves
-    sources = {v: i for i, v in enumerate(jaxpr.invars[:n])}
+    sources = {v: i for i, v in enumerate(jaxpr.invars[:program.num_weight_leaves])}
     found: dict[int, set] = {}
     _input_sources(jaxpr, sources, found, lambda e: e.primitive is dialect.expert_ffn_p)
     # operands 0, 1 are the grouped rows and the group sizes; the rest are weights
-    return {src for hits in found.values() for pos, src in hits if pos >= 2}
+    return {eqn_id: {(pos - 2, src) for pos, src in hits if pos >= 2} for eqn_id, hits in found.items()}
+
+
+def expert_weight_leaf_indices(program) -> set[int]:
+    """Indices of weight leaves that feed a ``moe_expert_ffn`` weight operand."""
+    return {src for hits in _expert_weight_hits(program).values() for _, src in hits}
 
 
 def expert_weight_sites(program) -> dict[str, tuple[str, int]]:
@@ -49,20 +53,14 @@ def expert_weight_sites(program) -> dict[str, tuple[str, int]]:
     The position is that of the weight's last leaf among the op's weight
     operands: it orders a layer's matrices (gate, up, down), it is not their index.
     """
-    jaxpr = program.jaxpr.jaxpr
-    n = program.num_weight_leaves
-    sources = {v: i for i, v in enumerate(jaxpr.invars[:n])}
-    found: dict[int, set] = {}
-    _input_sources(jaxpr, sources, found, lambda eq: eq.primitive is dialect.expert_ffn_p)
     names = {id(s.eqn): s.name for s in rewrite.dialect_sites(program.jaxpr, "moe_expert_ffn")}
     leaf_to_path = []
     for path, w in program.weights.items():
         leaf_to_path.extend([path] * len(jax.tree_util.tree_leaves(w)))
     out: dict[str, tuple[str, int]] = {}
-    for eqn_id, hits in found.items():
+    for eqn_id, hits in _expert_weight_hits(program).items():
         for pos, src in hits:
-            if pos >= 2:
-                out[leaf_to_path[src]] = (names.get(eqn_id, ""), pos - 2)
+            out[leaf_to_path[src]] = (names.get(eqn_id, ""), pos)
     return dict(sorted(out.items()))
 
 

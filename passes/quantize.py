@@ -354,7 +354,7 @@ def _mixed_tensor(w: jax.Array, bits_se: np.ndarray, group_size: int, symmetric_
 
 
 # --------------------------------------------------------------------------
-# Finding the expert weights.
+# Re-binding the expert op on the quantized weights.
 # --------------------------------------------------------------------------
 def _requantize_rule(ctx: rewrite.RuleContext):
     """Re-bind the expert op on the quantized pytrees so its params name the format."""

@@ -19,10 +19,11 @@ AUTO_CHOICES = {
 # Implementations that read per-expert buffers in place (the others stack them: a copy per call).
 PER_EXPERT_IMPLS = ("blocked",)
 # "auto" splits layers with at most this many experts. Measured on XLA:CPU
-# (benchmarks/moe_layer.py): Mixtral-like layers (8 large experts) ran prefill
-# ~10% and one-token decode ~5x faster split; DeepSeek-like layers (64 small
-# experts) compiled ~8x slower and ran long prefills slower, since a copy of a
-# small expert is cheap next to 64 unrolled expert loops.
+# (benchmarks/moe_layer.py): a Mixtral-like layer (8 large experts) ran 1.2-1.3x
+# faster split in prefill and 3.1x at one-token decode. A DeepSeek-like layer
+# (64 small experts) also ran faster split in one run, but compiled ~6-9x slower
+# (64 unrolled expert loops per layer), so many-expert layers stay stacked
+# unless layout=per-expert asks for it.
 AUTO_SPLIT_MAX_EXPERTS = 16
 LAYOUTS = ("auto", "per-expert", "stacked")
 
