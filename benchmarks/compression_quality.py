@@ -31,6 +31,7 @@ from moejax.passes.merge import MergeExperts
 from moejax.passes.profile import ProfileRouting
 from moejax.passes.prune import PruneExperts
 from moejax.passes.select_impl import SelectImpl
+from moejax.analysis import AnalysisStore
 from moejax.pipeline import PassContext, PassManager
 
 SETTINGS = {
@@ -104,7 +105,7 @@ def run(eval_bytes: int, calib_bytes: int, seq_len: int, batch: int, only: list[
         if only and not any(o in label for o in only):
             continue
         t0 = time.perf_counter()
-        run_ctx = PassContext(example_args=(example,), calibration=calibration, analysis={})
+        run_ctx = PassContext(example_args=(example,), calibration=calibration, analysis=AnalysisStore())
         stages = PassManager(list(passes)).run(profiled, run_ctx)
         program = stages[-1].program
         kept = n_experts

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import moejax  # noqa: E402
-from moejax import data  # noqa: E402
+from moejax import analysis, data  # noqa: E402
 from moejax.models.default_model import load_default_model  # noqa: E402
 from moejax.passes.profile import measure_routing  # noqa: E402
 from moejax.sharding import (abstract_expert_mesh, balanced_placement, contiguous_placement,  # noqa: E402
@@ -80,7 +80,7 @@ def main():
               f"{r['after_max']:>9.0f} {r['mean']:>8.0f} {r['before_imbalance']:>10.3f} {r['after_imbalance']:>9.3f}")
 
     ref = program(tokens)
-    prof_prog = program.replace(metadata={**program.metadata, "routing_profile": profile})
+    prof_prog = program.replace(metadata=analysis.write(program.metadata, profile))
     exact = []
     for n, chunks, hot in ((2, 1, 0), (4, 2, 0), (8, 1, 0), (8, 2, 8)):
         ep = expert_parallel_program(prof_prog, expert_mesh(n), overlap_chunks=chunks, replicate_hot=hot)

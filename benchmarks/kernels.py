@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import weight_formats
 from moejax.pallas_kernels import gmm, quantize
 
 # (name, experts, k, n, top_k): published expert matmul shapes (k = contraction).
@@ -150,7 +151,7 @@ def run_cpu() -> dict[str, Any]:
         lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((e, k, n)), jnp.float32)
         rhs = quantize(w, 8) if "int8" in name else quantize(w, 4, 16) if "int4" in name else w
-        dense = rhs.dequantize(jnp.float32) if hasattr(rhs, "dequantize") else rhs
+        dense = weight_formats.dequantize(rhs, jnp.float32)
         gs = jnp.asarray(sizes, jnp.int32)
         got = gmm(lhs, rhs, gs, backend="interpret")
         ref = jax.lax.ragged_dot(lhs, dense, gs)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.numerics import NonFiniteError
+
 __all__ = ["generate", "sample_next"]
 
 
@@ -55,7 +57,10 @@ def _run(call, params, prompt, cache, key, *, max_new_tokens: int, temperature: 
     new_tokens = jnp.concatenate([first[:, None], toks.T], axis=1)
     # logits[:, i] predicted tokens[:, i + 1]: the prefill's rows, then one row per decode step.
     all_logits = jnp.concatenate([logits, jnp.swapaxes(step_logits, 0, 1)], axis=1)
-    return jnp.concatenate([prompt, new_tokens], axis=1), all_logits
+    # NaN logits make argmax/categorical return token 0 (NUL bytes): report the first bad position instead.
+    finite = jnp.all(jnp.isfinite(all_logits), axis=(0, 2))
+    first_bad = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
+    return jnp.concatenate([prompt, new_tokens], axis=1), all_logits, first_bad
 
 
 @functools.lru_cache(maxsize=32)
@@ -92,6 +97,9 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
 
     Returns:
       ``[B, S + max_new_tokens]`` int32 ids (prompt then new tokens), and the logits when asked.
+
+    Raises:
+      moejax.numerics.NonFiniteError: the model produced NaN/Inf logits (the tokens would be garbage).
     """
     prompt_ids = jnp.asarray(prompt_ids)
     if prompt_ids.ndim != 2 or not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
@@ -106,6 +114,11 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
         raise ValueError("sampling (temperature > 0) needs key=jax.random.key(seed)")
     if not hasattr(model, "init_cache"):
         raise TypeError(f"{type(model).__name__} has no init_cache(batch, max_len); generate needs a KV-cache model")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and prompt_ids.size and int(jnp.max(prompt_ids)) >= vocab:
+        # an out-of-range id embeds as NaN (jnp.take fills): say so rather than blame the weights later
+        raise ValueError(f"prompt_ids hold id {int(jnp.max(prompt_ids))}, but the model's vocabulary has {vocab} "
+                         f"tokens; tokenize the prompt for this model")
     b, s = prompt_ids.shape
     total = s + max_new_tokens
     max_len = max_len or total
@@ -119,8 +132,14 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
     else:
         params = None
         call = _plain_call(model)
-    tokens, logits = _jitted(call, max_new_tokens, float(temperature), float(top_p))(
+    tokens, logits, first_bad = _jitted(call, max_new_tokens, float(temperature), float(top_p))(
         params, prompt_ids.astype(jnp.int32), cache, key)
+    first_bad = int(first_bad)
+    if first_bad >= 0:
+        step = "the prompt (prefill)" if first_bad < s else f"decode step {first_bad - s + 1}"
+        raise NonFiniteError(f"generate: the model produced NaN/Inf logits at position {first_bad} ({step}); its "
+                             f"weights are likely corrupt (moejax.trace names NaN/Inf weights) or its activations "
+                             f"overflow their dtype; no tokens are returned")
     return (tokens, logits) if return_logits else tokens
 
 

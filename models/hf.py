@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import dialect
+from moejax import dialect, numerics
 from moejax.models.decoder import MoEConfig, MoEDecoder
 from moejax.models.safetensors_io import Checkpoint, save_file
 
@@ -479,7 +479,12 @@ def _apply_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str,
             if tuple(got) != tuple(es):
                 raise CheckpointError(f"tensor {src!r} has shape {tuple(got)}, expected {tuple(es)} "
                                       f"(for parameter {rule.dst}); check config.json against the weights")
-        arr = rule.build([ckpt[s] for s in rule.srcs])
+        tensors = [ckpt[s] for s in rule.srcs]
+        for src, t in zip(rule.srcs, tensors):  # the one place checkpoint tensors come in: NaN/Inf stop here
+            if n := numerics.count_nonfinite(t):
+                raise CheckpointError(f"tensor {src!r} (parameter {rule.dst}) holds {n} NaN/Inf values: the "
+                                      f"checkpoint {ckpt.folder} is corrupt; re-download or re-export it")
+        arr = rule.build(tensors)
         values[rule.dst] = np.asarray(arr).astype(dtype)
     return values
 

@@ -11,9 +11,11 @@ from moejax.dialect import Routing
 from moejax.inspection import diff_programs, moe_graph_dot
 from moejax.lowering import inline_dialect
 from moejax.optimize import OptimizedModel, optimize
-from moejax.pipeline import (Pass, PassContext, PassError, PassManager, Stage, parse_pipeline, pipeline_to_str,
-                             register_pass,
-                             registered_passes)
+from moejax import weight_formats
+from moejax.analysis import AnalysisStore
+from moejax.numerics import NonFiniteError
+from moejax.pipeline import (Pass, PassContext, PassError, PassManager, Stage, Tolerance, parse_pipeline,
+                             pipeline_to_str, register_pass, registered_passes)
 from moejax.program import InputSignatureError, Program, trace
 from moejax.stats import program_stats
 
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "dialect", "Routing", "trace", "Program", "InputSignatureError", "optimize", "OptimizedModel", "Pass",
-    "PassContext", "PassError", "PassManager", "Stage", "parse_pipeline", "pipeline_to_str", "register_pass", "registered_passes",
+    "PassContext", "PassError", "PassManager", "Stage", "Tolerance", "NonFiniteError", "AnalysisStore",
+    "weight_formats", "parse_pipeline", "pipeline_to_str", "register_pass", "registered_passes",
     "inline_dialect", "diff_programs", "moe_graph_dot", "program_stats",
 ]

@@ -10,8 +10,9 @@ Weight layout
     ``select-impl`` stores the experts of layers with at most 16 experts as
     :class:`~moejax.expert_layout.PerExpertWeights` (one buffer per expert).
     The loop below is then unrolled over experts and reads each buffer in
-    place; quantized experts are dequantized only when they have rows. With
-    stacked weights it runs as a ``fori_loop`` that copies each used expert.
+    place; quantized experts (any :mod:`moejax.weight_formats` format) are
+    dequantized only when they have rows. With stacked weights it runs as a
+    ``fori_loop`` that copies each used expert.
 
 ``loop`` (:func:`ffn_expert_loop`)
     Per expert: full chunks of ``chunk`` rows in a ``fori_loop``, then one
@@ -29,7 +30,8 @@ Weight layout
     is ``E * C`` rows. Used for decode-sized inputs on stacked weights of a
     few large experts.
 
-Both compute exactly what :func:`moejax.dialect.ffn_reference` computes:
+Both compute exactly what :func:`moejax.dialect.ffn_reference` computes (all three
+call :func:`moejax.dialect.expert_ffn_math`):
 the same dots with f32 accumulation, the activation in f32, the hidden state
 cast to the input dtype before the down projection, zeros on padding rows.
 """
@@ -45,8 +47,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from moejax import dialect
-from moejax.dialect import GATED_ACTIVATIONS, activation_fn, materialize
+from moejax.dialect import GATED_ACTIVATIONS, expert_ffn_math, materialize
 from moejax.expert_layout import is_split
+from moejax.weight_formats import is_structured
 
 __all__ = ["ffn_blocked", "ffn_expert_loop", "ffn_capacity", "choose_strategy", "capacity_ladder",
            "STRATEGIES"]
@@ -74,22 +77,6 @@ def _check(grouped: jax.Array, group_sizes: jax.Array, mats: Sequence[Any], acti
     f = mats[0].shape[2]
     if tuple(mats[-1].shape) != (e, f, d):
         raise ValueError(f"ffn_blocked: down weight has shape {mats[-1].shape}, expected [E={e}, f={f}, d={d}]")
-
-
-def _expert_ffn(x: jax.Array, ws: Sequence[jax.Array], activation: str, batched: bool) -> jax.Array:
-    """One expert (or a batch of experts) on its rows, with the reference's dtypes."""
-    act = activation_fn(activation)
-    if batched:
-        def mm(a, w):
-            return jnp.einsum("ecd,edf->ecf", a, w, preferred_element_type=jnp.float32)
-    else:
-        def mm(a, w):
-            return jnp.dot(a, w, preferred_element_type=jnp.float32)
-    if activation in GATED_ACTIVATIONS:
-        h = act(mm(x, ws[0]), mm(x, ws[1]))
-    else:
-        h = act(mm(x, ws[0]))
-    return mm(h.astype(x.dtype), ws[-1]).astype(x.dtype)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -152,7 +139,7 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, weights: Sequenc
     out = jnp.zeros((n_rows + tail, d), dtype)
 
     def ffn_rows(ws, row0, size):
-        return _expert_ffn(lax.dynamic_slice_in_dim(x_pad, row0, size), ws, activation, batched=False)
+        return expert_ffn_math(lax.dynamic_slice_in_dim(x_pad, row0, size), ws, activation).astype(dtype)
 
     def tail_piece(ws, row0, size):
         return jnp.pad(ffn_rows(ws, row0, size), ((0, tail - size), (0, 0)))
@@ -175,10 +162,10 @@ def ffn_expert_loop(grouped: jax.Array, group_sizes: jax.Array, weights: Sequenc
         return lax.dynamic_update_slice_in_dim(out, lax.switch((rest + quantum - 1) // quantum, pieces), row0, 0)
 
     if all(is_split(w) for w in weights):
-        quantized = any(hasattr(x, "dequantize") for w in weights for x in w.experts)
+        quantized = any(is_structured(w.expert(e)) for w in weights for e in range(num_experts))
         for e in range(num_experts):  # unrolled: each expert's buffers are read in place
             def work(o, e=e):
-                return expert_rows(o, [w.expert(e, dtype) for w in weights], sizes[e], starts[e])
+                return expert_rows(o, [materialize(w.expert(e), dtype) for w in weights], sizes[e], starts[e])
 
             # Quantized experts are dequantized only when they have rows.
             out = lax.cond(sizes[e] > 0, work, lambda o: o, out) if quantized else work(out)
@@ -226,7 +213,7 @@ def _capacity_branch(grouped, sizes, starts, mats, activation, capacity):
     valid = j[None, :] < sizes[:, None]
     xe = jnp.take(grouped, jnp.minimum(src, n_rows - 1).reshape(-1), axis=0).reshape(num_experts, capacity, d)
     xe = jnp.where(valid[..., None], xe, jnp.zeros((), grouped.dtype))
-    y = _expert_ffn(xe, mats, activation, batched=True).reshape(num_experts * capacity, d)
+    y = expert_ffn_math(xe, mats, activation).astype(grouped.dtype).reshape(num_experts * capacity, d)  # [E,C,d]
     # Gather each grouped row's result back (cheaper than a scatter on CPU).
     gid = dialect.row_groups(sizes, n_rows)
     local = jnp.arange(n_rows, dtype=jnp.int32) - jnp.take(starts, jnp.minimum(gid, num_experts - 1))
@@ -298,8 +285,7 @@ def ffn_blocked(grouped: jax.Array, group_sizes: jax.Array, weights: Sequence[An
     """
     if activation not in dialect.ACTIVATIONS:
         raise ValueError(f"ffn_blocked: activation {activation!r} not in {dialect.ACTIVATIONS}")
-    # Quantized pytrees without a logical shape are dequantized up front (checked as arrays).
-    weights = tuple(w if hasattr(w, "shape") else materialize(w, grouped.dtype) for w in weights)
+    weights = tuple(weights)
     _check(grouped, group_sizes, weights, activation)
     n_rows = grouped.shape[0]
     if n_rows == 0:

@@ -168,6 +168,11 @@ def cmd_generate(args) -> int:
     prompt = jnp.asarray([list(args.prompt.encode("utf-8"))], jnp.int32)
     if prompt.shape[1] == 0:
         raise CLIError("--prompt is empty; give some text to continue")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and int(prompt.max()) >= vocab:
+        raise CLIError(f"the prompt holds byte {int(prompt.max())}, but the model's vocabulary has only {vocab} "
+                       f"tokens (generate feeds UTF-8 bytes as token ids); use a byte-level model such as "
+                       f"--model default, or a prompt of bytes below {vocab}")
     out = models.generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           key=jax.random.PRNGKey(args.seed))
     new = bytes(int(t) % 256 for t in out[0, prompt.shape[1]:])
@@ -181,13 +186,18 @@ def cmd_generate(args) -> int:
 def cmd_passes(args) -> int:
     import moejax
 
+    from moejax.pipeline import exactness_label
+
     for name, cls in moejax.registered_passes().items():
-        kind = "exact" if cls.exact else "lossy"
+        kind = exactness_label(cls)  # reads class-level declarations (`exact` may be a property on ep)
         needs = f", needs {', '.join(cls.needs)}" if cls.needs else ""
         print(f"{name}  ({kind}{needs})")
         doc = (cls.__doc__ or "").strip().splitlines()
         if doc:
             print(f"    {doc[0]}")
+        if cls.tolerance is not None and kind != "lossy":
+            t = cls.tolerance
+            print(f"    not bit-exact: |difference| <= {t.atol:g} + {t.rtol:g} * max|output| ({t.reason})")
         for f in dataclasses.fields(cls):
             if f.repr:
                 default = f.default if f.default is not dataclasses.MISSING else "(required)"
@@ -273,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moejax: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a pipeline/model error the user can act on
+        from moejax.numerics import NonFiniteError
         from moejax.pipeline import PassError
         from moejax.program import InputSignatureError
 
-        if isinstance(e, (PassError, InputSignatureError)):
+        if isinstance(e, (PassError, InputSignatureError, NonFiniteError)):
             print(f"moejax: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -27,7 +27,10 @@ Each primitive keeps its reference implementation (its meaning), abstract
 evaluation, batching rule, JVP and XLA lowering together, like JAX's own
 ``lax`` primitives. The expert op's ``impl`` param selects one of several
 registered implementations (:func:`register_ffn_impl`); all compute the same
-function.
+function. The ops survive ``jax.vmap`` (the batch folds into the token axis and
+the same op is bound once) and ``jax.jvp``/``jax.grad`` (the op computes the
+primal, plain JAX the tangent); abstract evaluation checks every operand and
+raises :class:`DialectTypeError` naming the op and its layer.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
 
+from moejax import weight_formats
+
 __all__ = [
     "Routing",
     "moe_route",
@@ -54,6 +59,7 @@ __all__ = [
     "expert_ffn_p",
     "combine_p",
     "DIALECT_PRIMITIVES",
+    "DialectTypeError",
     "is_dialect_primitive",
     "register_ffn_impl",
     "ffn_impls",
@@ -244,15 +250,48 @@ def activation_fn(activation: str) -> Callable:
     }[activation]
 
 
-def materialize(w, dtype):
-    """A float array for a stored expert weight (dequantizing if needed)."""
-    return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+def materialize(w: Any, dtype: Any) -> jax.Array:
+    """A float array for a stored expert weight (structured weights are dequantized)."""
+    return weight_formats.dequantize(w, dtype)
 
 
 def row_groups(group_sizes: jax.Array, num_rows: int) -> jax.Array:
     """Group index of each grouped row (``len(group_sizes)`` for padding rows)."""
     ends = jnp.cumsum(group_sizes)
     return jnp.searchsorted(ends, jnp.arange(num_rows, dtype=ends.dtype), side="right")
+
+
+def expert_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+    """``a @ w`` accumulated in f32, for one expert or a stack of experts.
+
+    ``w`` is one expert's matrix ``[k, n]`` (a 2-D dot), or experts stacked
+    ``[..., E, k, n]`` with ``a`` either shared by every expert (``[..., m, k]``:
+    the layer's tokens) or per expert (``[..., E, m, k]``: each expert's rows
+    or hidden states); the result is ``[..., E, m, n]``.
+    """
+    if w.ndim == 2:
+        return jnp.dot(a, w, preferred_element_type=jnp.float32)
+    spec = "...mk,...ekn->...emn" if a.ndim == w.ndim - 1 else "...emk,...ekn->...emn"
+    return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32)
+
+
+def expert_ffn_math(x: jax.Array, mats: Sequence[jax.Array], activation: str,
+                    matmul: Callable[[jax.Array, jax.Array], jax.Array] = expert_matmul) -> jax.Array:
+    """The expert FFN, the one formulation every implementation and analysis uses.
+
+    ``act(x @ w_gate, x @ w_up) @ w_down`` (gated) or ``act(x @ w_up) @ w_down``:
+    matmuls accumulate in f32, the activation runs in f32, the hidden state is
+    cast to ``x.dtype`` before the down projection. Returns the f32 result;
+    callers cast. ``mats`` are float matrices; ``matmul`` decides how rows meet
+    experts: :func:`expert_matmul` (one expert, or every expert at once) by
+    default, ``ragged_dot`` over groups in :func:`ffn_ragged`.
+    """
+    act = activation_fn(activation)
+    if activation in GATED_ACTIVATIONS:
+        h = act(matmul(x, mats[0]), matmul(x, mats[1]))
+    else:
+        h = act(matmul(x, mats[0]))
+    return matmul(h.astype(x.dtype), mats[-1])
 
 
 def ffn_reference(grouped, group_sizes, weights, *, activation: str):
@@ -263,22 +302,12 @@ def ffn_reference(grouped, group_sizes, weights, *, activation: str):
     dtype = grouped.dtype
     num_experts = group_sizes.shape[0]
     gid = row_groups(group_sizes, grouped.shape[0])
-    act = activation_fn(activation)
     mats = [materialize(w, dtype) for w in weights]
     out = jnp.zeros(grouped.shape, jnp.float32)
     for e in range(num_experts):
-        h = _expert_hidden(grouped, [m[e] for m in mats[:-1]], activation, act)
-        y = jnp.dot(h.astype(dtype), mats[-1][e], preferred_element_type=jnp.float32)
+        y = expert_ffn_math(grouped, [m[e] for m in mats], activation)
         out = out + jnp.where((gid == e)[:, None], y, 0.0)
     return out.astype(dtype)
-
-
-def _expert_hidden(x, in_mats, activation, act):
-    if activation in GATED_ACTIVATIONS:
-        g = jnp.dot(x, in_mats[0], preferred_element_type=jnp.float32)
-        u = jnp.dot(x, in_mats[1], preferred_element_type=jnp.float32)
-        return act(g, u)
-    return act(jnp.dot(x, in_mats[0], preferred_element_type=jnp.float32))
 
 
 def ffn_ragged(grouped, group_sizes, weights, *, activation: str):
@@ -286,16 +315,11 @@ def ffn_ragged(grouped, group_sizes, weights, *, activation: str):
     dtype = grouped.dtype
     mats = [materialize(w, dtype) for w in weights]
     gs = group_sizes.astype(jnp.int32)
-    act = activation_fn(activation)
 
     def mm(a, w):
         return jax.lax.ragged_dot(a, w, gs, preferred_element_type=jnp.float32)
 
-    if activation in GATED_ACTIVATIONS:
-        h = act(mm(grouped, mats[0]), mm(grouped, mats[1]))
-    else:
-        h = act(mm(grouped, mats[0]))
-    return mm(h.astype(dtype), mats[-1]).astype(dtype)
+    return expert_ffn_math(grouped, mats, activation, matmul=mm).astype(dtype)
 
 
 # name -> (implementation, platforms it lowers on or None for all)
@@ -335,69 +359,153 @@ def expert_ffn_apply(grouped, group_sizes, *leaves, activation, weights_tree, im
 
 # --------------------------------------------------------------------------
 # Primitive machinery shared by the four ops.
+#
+# The ops stay ops under JAX's transformations: each batching rule folds the
+# vmapped axis into the token (or row) axis and binds the same op once, with
+# the same params; each JVP rule binds the op for the primal output and takes
+# the tangent from plain-JAX code computing the same function (so ``grad``
+# can transpose it). Passes therefore see every ``moe_*`` op in vmapped and
+# differentiated programs too.
 # --------------------------------------------------------------------------
-def _make_primitive(name: str, fn: Callable, abstract: Callable, multiple_results: bool,
-                    batch_rule: Callable | None = None) -> jcore.Primitive:
-    """A primitive whose lowering, JVP and default batching all derive from ``fn``."""
+class DialectTypeError(TypeError):
+    """An operand of a ``moe_*`` op has the wrong shape or dtype; the message names the op and layer."""
+
+
+def _make_primitive(name: str, fn: Callable, abstract: Callable, multiple_results: bool, *,
+                    batch_rule: Callable, tangent_fn: Callable) -> jcore.Primitive:
+    """A primitive lowered from ``fn`` whose batching and JVP rules keep the op.
+
+    ``fn`` is the implementation the op's params select (what XLA runs);
+    ``tangent_fn`` is plain, transposable JAX computing the same function,
+    whose JVP gives the op's tangents.
+    """
     prim = jcore.Primitive(name)
     prim.multiple_results = multiple_results
     prim.def_impl(functools.partial(_eager_impl, prim))
     prim.def_abstract_eval(abstract)
     mlir.register_lowering(prim, mlir.lower_fun(fn, multiple_results=multiple_results))
-    ad.primitive_jvps[prim] = functools.partial(_jvp_via_impl, fn, multiple_results)
-    batching.primitive_batchers[prim] = batch_rule or functools.partial(_batch_via_vmap, fn, multiple_results)
+    ad.primitive_jvps[prim] = functools.partial(_jvp_rebinding, prim, tangent_fn)
+    batching.primitive_batchers[prim] = batch_rule
     prim.implementation = fn  # type: ignore[attr-defined]  # used to inline the op
     return prim
 
 
-def _eager_impl(prim, *args, **params):
+def _eager_impl(prim: jcore.Primitive, *args: Any, **params: Any) -> Any:
     return jax.jit(functools.partial(prim.bind, **params))(*args)
 
 
-def _jvp_via_impl(fn, multiple_results, primals, tangents, **params):
-    """JVP of the reference: tangent math is plain JAX, so it transposes too."""
-    tangents = [ad.instantiate_zeros(t) for t in tangents]
-    out, out_t = jax.jvp(functools.partial(fn, **params), tuple(primals), tuple(tangents))
-    if not multiple_results:
+def _jvp_rebinding(prim: jcore.Primitive, tangent_fn: Callable, primals: Sequence[Any], tangents: Sequence[Any],
+                   **params: Any) -> tuple[Any, Any]:
+    """Primal: the op itself (so jvp/grad traces keep it). Tangent: the JVP of ``tangent_fn``.
+
+    Under ``grad`` the primal part of ``jax.jvp(tangent_fn)`` only feeds
+    residuals to the tangent; what it does not need is dead code under jit.
+    """
+    out = prim.bind(*primals, **params)
+    tangents = [ad.instantiate_zeros(t) for t in tangents]  # float0 zeros for integer operands
+    _, out_t = jax.jvp(functools.partial(tangent_fn, **params), tuple(primals), tuple(tangents))
+    if not prim.multiple_results:
         return out, out_t
+    # Integer outputs (ids, group sizes, order) get symbolic zero tangents.
     out_t = [ad.Zero(jax.typeof(o).to_tangent_aval()) if t.dtype == jax.dtypes.float0 else t
              for o, t in zip(out, out_t)]
     return out, out_t
 
 
-def _unmapped(dim) -> bool:
+# --- batching helpers ---------------------------------------------------------
+def _unmapped(dim: Any) -> bool:
     return dim is None or type(dim).__name__ == "NotMapped"
 
 
-def _batch_via_vmap(fn, multiple_results, args, dims, **params):
-    in_axes = tuple(None if _unmapped(d) else d for d in dims)
-    out = jax.vmap(functools.partial(fn, **params), in_axes=in_axes)(*args)
-    return out, ([0] * len(out) if multiple_results else 0)
+def _batch_size(args: Sequence[Any], dims: Sequence[Any]) -> int:
+    return next(a.shape[d] for a, d in zip(args, dims) if not _unmapped(d))
 
 
-def _sd(shape, dtype):
+def _to_front(x: jax.Array, dim: Any, size: int) -> jax.Array:
+    """``x`` with its batch axis first; an unbatched operand is broadcast to the batch."""
+    if _unmapped(dim):
+        return jnp.broadcast_to(x, (size, *jnp.shape(x)))
+    return jnp.moveaxis(x, dim, 0)
+
+
+def _check_example(abstract: Callable, args: Sequence[Any], dims: Sequence[Any], params: dict[str, Any]) -> None:
+    """Type-check one example's operands, so errors under vmap show per-example shapes."""
+    avals = [_sd(a.shape if _unmapped(d) else a.shape[:d] + a.shape[d + 1:], a.dtype) for a, d in zip(args, dims)]
+    abstract(*avals, **params)
+
+
+def _batch_by_map(prim: jcore.Primitive, args: Sequence[Any], dims: Sequence[Any], params: dict[str, Any]):
+    """Fallback for batches that do not fold (e.g. per-example weights): one op per example in ``lax.map``.
+
+    Slower than folding, but the op stays in the program (inside the map's scan).
+    """
+    batched = [i for i, d in enumerate(dims) if not _unmapped(d)]
+
+    def one(example):
+        full = list(args)
+        for i, v in zip(batched, example):
+            full[i] = v
+        return prim.bind(*full, **params)
+
+    out = jax.lax.map(one, [jnp.moveaxis(args[i], dims[i], 0) for i in batched])
+    return out, ([0] * len(out) if prim.multiple_results else 0)
+
+
+def _offsets(b: int, step: int, dtype: Any) -> jax.Array:
+    """``[0, step, 2*step, ...]`` of length ``b``: the start of each example in a folded axis."""
+    return jnp.arange(b, dtype=dtype) * step
+
+
+def _sd(shape: Sequence[int], dtype: Any) -> jax.core.ShapedArray:
     return jax.core.ShapedArray(tuple(shape), jnp.dtype(dtype))
+
+
+# --- type-checking helpers ------------------------------------------------------
+def _fmt_shape(shape: Sequence[Any]) -> str:
+    return "[" + ",".join(map(str, shape)) + "]"
+
+
+def _fmt(aval: Any) -> str:
+    return f"{jnp.dtype(aval.dtype).name}{_fmt_shape(aval.shape)}"
+
+
+def _is_float(aval: Any) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.floating)
+
+
+def _is_int(aval: Any) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.integer)
+
+
+def _type_error(op: str, name: str, msg: str) -> DialectTypeError:
+    return DialectTypeError(f"{op}[{name}]: {msg}")
 
 
 # --- moe_route --------------------------------------------------------------
 def _route_abstract(x, w_router, *bias, routing: Routing, name: str = "", impl: str = "reference"):
+    def fail(msg):
+        raise _type_error("moe_route", name, msg)
+
     if x.ndim != 2 or w_router.ndim != 2 or x.shape[1] != w_router.shape[0]:
-        raise TypeError(f"moe_route[{name}]: x {x.shape} and router weight {w_router.shape} must be [T,d] and [d,E]")
-    if bias and bias[0].shape != (w_router.shape[1],):
-        raise TypeError(f"moe_route[{name}]: selection bias {bias[0].shape} must be [E={w_router.shape[1]}]")
+        fail(f"x {_fmt(x)} and router weight {_fmt(w_router)} must be [T,d] and [d,E]")
+    if not (_is_float(x) and _is_float(w_router)):
+        fail(f"x {_fmt(x)} and router weight {_fmt(w_router)} must be floating point")
+    if len(bias) > 1:
+        fail(f"takes at most one selection bias, got {len(bias)}")
+    if bias and (bias[0].shape != (w_router.shape[1],) or not _is_float(bias[0])):
+        fail(f"selection bias {_fmt(bias[0])} must be float [E={w_router.shape[1]}]")
     t = x.shape[0]
     return [_sd((t, routing.slots), jnp.float32), _sd((t, routing.slots), jnp.int32)]
 
 
 def _route_batch(args, dims, **params):
-    """Keep the op under vmap: a batch of token matrices is one taller matrix."""
-    x, *rest = args
-    xd, *rest_d = dims
-    if not all(_unmapped(d) for d in rest_d) or _unmapped(xd):
-        return _batch_via_vmap(route_reference, True, args, dims, **params)
-    x = jnp.moveaxis(x, xd, 0)
-    b, t = x.shape[:2]
-    w, ids = route_p.bind(x.reshape(b * t, x.shape[2]), *rest, **params)
+    """Routing is per token: a batch of token matrices is one taller matrix."""
+    _check_example(_route_abstract, args, dims, params)
+    if not all(_unmapped(d) for d in dims[1:]):  # per-example router weights
+        return _batch_by_map(route_p, args, dims, params)
+    x = jnp.moveaxis(args[0], dims[0], 0)
+    b, t, d = x.shape
+    w, ids = route_p.bind(x.reshape(b * t, d), *args[1:], **params)
     return [w.reshape(b, t, -1), ids.reshape(b, t, -1)], [0, 0]
 
 
@@ -418,41 +526,173 @@ def register_route_impl(name: str, fn: Callable) -> None:
     _ROUTE_IMPLS[name] = fn
 
 
-route_p = _make_primitive("moe_route", _route_impl, _route_abstract, True, _route_batch)
+# Tangents follow the reference whatever the impl (kernels select the same experts).
+route_p = _make_primitive("moe_route", _route_impl, _route_abstract, True,
+                          batch_rule=_route_batch, tangent_fn=route_reference)
 
 
 # --- moe_dispatch -----------------------------------------------------------
 def _dispatch_abstract(x, ids, *, num_experts: int, name: str = ""):
     if x.ndim != 2 or ids.ndim != 2 or x.shape[0] != ids.shape[0]:
-        raise TypeError(f"moe_dispatch[{name}]: x {x.shape} and ids {ids.shape} must be [T,d] and [T,K]")
+        raise _type_error("moe_dispatch", name, f"x {_fmt(x)} and ids {_fmt(ids)} must be [T,d] and [T,K]")
+    if not _is_int(ids):
+        raise _type_error("moe_dispatch", name, f"expert ids {_fmt(ids)} must have an integer dtype "
+                          "(expert index, -1 for a dropped slot)")
     n = ids.shape[0] * ids.shape[1]
     return [_sd((n, x.shape[1]), x.dtype), _sd((num_experts,), jnp.int32), _sd((n,), jnp.int32)]
 
 
-dispatch_p = _make_primitive("moe_dispatch", dispatch_reference, _dispatch_abstract, True)
+def _dispatch_batch(args, dims, *, num_experts: int, name: str = ""):
+    """One dispatch over all ``B*T`` tokens that yields each example's dispatch exactly.
+
+    Example ``b``'s expert ``e`` becomes expert ``b*(E+1)+e`` and its dropped
+    slots expert ``b*(E+1)+E``, so the stable sort lays the examples out one
+    after another, each a block of ``T*K`` rows in per-example order with its
+    dropped slots last; the extra expert per example is cut from the group
+    sizes. (Ids outside ``[-1, E)`` are invalid; here they count as dropped.)
+    """
+    _check_example(_dispatch_abstract, args, dims, dict(num_experts=num_experts, name=name))
+    b = _batch_size(args, dims)
+    x, ids = (_to_front(a, d, b) for a, d in zip(args, dims))
+    _, t, d = x.shape
+    k, e = ids.shape[2], num_experts
+    local = jnp.where((ids < 0) | (ids >= e), e, ids).astype(jnp.int32)
+    folded = local + _offsets(b, e + 1, jnp.int32)[:, None, None]
+    grouped, sizes, order = dispatch_p.bind(x.reshape(b * t, d), folded.reshape(b * t, k),
+                                            num_experts=b * (e + 1), name=name)
+    sizes = sizes.reshape(b, e + 1)[:, :e]
+    order = order.reshape(b, t * k) - _offsets(b, t * k, order.dtype)[:, None]
+    return [grouped.reshape(b, t * k, d), sizes, order], [0, 0, 0]
+
+
+dispatch_p = _make_primitive("moe_dispatch", dispatch_reference, _dispatch_abstract, True,
+                             batch_rule=_dispatch_batch, tangent_fn=dispatch_reference)
 
 
 # --- moe_expert_ffn -----------------------------------------------------------
+def _logical_shape(w: Any) -> tuple[int, ...] | None:
+    """Logical shape of a weight rebuilt from avals (plain or structured), or None if unknown."""
+    try:
+        return tuple(int(s) for s in w.shape)
+    except Exception:  # noqa: BLE001 - a format whose shape needs values: skip its check
+        return None
+
+
+def _check_expert_weights(grouped, group_sizes, leaves, activation: str, weights_tree: Any, name: str) -> None:
+    """Each weight's logical shape against the rows ``[N,d]`` and the ``E`` group sizes."""
+    try:
+        weights = tuple(jax.tree_util.tree_unflatten(weights_tree, leaves))
+    except Exception:  # noqa: BLE001 - a pytree that cannot hold avals: nothing to check
+        return
+    names = ("w_gate", "w_up", "w_down") if activation in GATED_ACTIVATIONS else ("w_up", "w_down")
+    if len(weights) != len(names):
+        raise _type_error("moe_expert_ffn", name, f"activation {activation!r} takes {len(names)} weights "
+                          f"({', '.join(names)}), got {len(weights)}")
+    n, d = grouped.shape
+    e = group_sizes.shape[0]
+    shapes = dict(zip(names, map(_logical_shape, weights)))
+    # The hidden width f comes from the first input projection whose shape is known.
+    f = next((s[2] for nm, s in shapes.items() if nm != "w_down" and s is not None and len(s) == 3), None)
+    f_txt = "f" if f is None else f"f={f}"
+    layout = ", ".join(f"{nm} {'[E,f,d]' if nm == 'w_down' else '[E,d,f]'}" for nm in names)
+    for nm, s in shapes.items():
+        if s is None:
+            continue
+        if nm == "w_down":
+            want, want_txt = (e, f, d), f"[E={e},{f_txt},d={d}]"
+        else:
+            want, want_txt = (e, d, f), f"[E={e},d={d},{f_txt}]"
+        if len(s) != 3 or any(w is not None and w != got for w, got in zip(want, s)):
+            raise _type_error(
+                "moe_expert_ffn", name,
+                f"{nm} has shape {_fmt_shape(s)} but the rows are [N={n},d={d}] and there are E={e} group sizes; "
+                f"expected {nm} {want_txt} ({activation} experts take {layout})")
+
+
 def _ffn_abstract(grouped, group_sizes, *leaves, activation, weights_tree, impl="reference",
                   weight_format="float", name=""):
+    def fail(msg):
+        raise _type_error("moe_expert_ffn", name, msg)
+
     if activation not in ACTIVATIONS:
-        raise TypeError(f"moe_expert_ffn[{name}]: activation {activation!r} not in {ACTIVATIONS}")
+        fail(f"activation {activation!r} not in {ACTIVATIONS}")
     if grouped.ndim != 2 or group_sizes.ndim != 1:
-        raise TypeError(f"moe_expert_ffn[{name}]: grouped {grouped.shape} must be [N,d], group sizes [E]")
+        fail(f"grouped {_fmt(grouped)} must be [N,d], group sizes {_fmt(group_sizes)} [E]")
+    if not _is_float(grouped):
+        fail(f"grouped rows {_fmt(grouped)} must be floating point")
+    if not _is_int(group_sizes):
+        fail(f"group sizes {_fmt(group_sizes)} must have an integer dtype")
+    _check_expert_weights(grouped, group_sizes, leaves, activation, weights_tree, name)
     return _sd(grouped.shape, grouped.dtype)
 
 
-expert_ffn_p = _make_primitive("moe_expert_ffn", expert_ffn_apply, _ffn_abstract, False)
+def _ffn_batch(args, dims, **params):
+    """Rows of all examples in one op call: sort them by expert, run, un-sort.
+
+    A stable sort of the ``B*N`` rows by group (padding rows last) turns the
+    batch into one grouped matrix whose group sizes are the per-expert totals;
+    padding rows then fall past the groups, so they come out zero as per
+    example. Per-example weights do not fold and take :func:`_batch_by_map`.
+    """
+    _check_example(_ffn_abstract, args, dims, params)
+    if not all(_unmapped(d) for d in dims[2:]):
+        return _batch_by_map(expert_ffn_p, args, dims, params)
+    b = _batch_size(args[:2], dims[:2])
+    rows, sizes = (_to_front(a, d, b) for a, d in zip(args[:2], dims[:2]))
+    _, n, d = rows.shape
+    e = sizes.shape[1]
+    group = jax.vmap(row_groups, in_axes=(0, None))(sizes, n).reshape(b * n)  # e == E: padding
+    perm = jnp.argsort(group, stable=True)
+    # Counted from the rows (not summed sizes) so sizes overrunning N behave as per example.
+    totals = jnp.zeros((e,), sizes.dtype).at[group].add(1, mode="drop")
+    out = expert_ffn_p.bind(jnp.take(rows.reshape(b * n, d), perm, axis=0), totals, *args[2:], **params)
+    out = jnp.zeros_like(out).at[perm].set(out)
+    return out.reshape(b, n, d), 0
+
+
+def _ffn_tangent(grouped, group_sizes, *leaves, activation, weights_tree, impl="reference",
+                 weight_format="float", name=""):
+    """Tangents of every impl follow ``ffn_ragged``: plain JAX like ``ffn_reference`` without its E-fold cost."""
+    weights = jax.tree_util.tree_unflatten(weights_tree, leaves)
+    return ffn_ragged(grouped, group_sizes, weights, activation=activation)
+
+
+expert_ffn_p = _make_primitive("moe_expert_ffn", expert_ffn_apply, _ffn_abstract, False,
+                               batch_rule=_ffn_batch, tangent_fn=_ffn_tangent)
 
 
 # --- moe_combine --------------------------------------------------------------
 def _combine_abstract(out, order, weights, *, name: str = ""):
-    if out.ndim != 2 or weights.ndim != 2 or order.shape != (out.shape[0],):
-        raise TypeError(f"moe_combine[{name}]: out {out.shape}, order {order.shape}, weights {weights.shape} mismatch")
-    return _sd((weights.shape[0], out.shape[1]), out.dtype)
+    def fail(msg):
+        raise _type_error("moe_combine", name, msg)
+
+    if out.ndim != 2 or order.ndim != 1 or weights.ndim != 2:
+        fail(f"out {_fmt(out)}, order {_fmt(order)} and weights {_fmt(weights)} must be [N,d], [N] and [T,K]")
+    t, k = weights.shape
+    if out.shape[0] != order.shape[0] or order.shape[0] != t * k:
+        fail(f"out {_fmt(out)} and order {_fmt(order)} must have N = T*K = {t * k} rows "
+             f"for combine weights {_fmt(weights)}")
+    if not _is_int(order):
+        fail(f"order {_fmt(order)} must have an integer dtype")
+    if not (_is_float(out) and _is_float(weights)):
+        fail(f"out {_fmt(out)} and combine weights {_fmt(weights)} must be floating point")
+    return _sd((t, out.shape[1]), out.dtype)
 
 
-combine_p = _make_primitive("moe_combine", combine_reference, _combine_abstract, False)
+def _combine_batch(args, dims, *, name: str = ""):
+    """One combine over ``B*T`` tokens: example ``b``'s rows point at its slots, offset by ``b*T*K``."""
+    _check_example(_combine_abstract, args, dims, dict(name=name))
+    b = _batch_size(args, dims)
+    out, order, weights = (_to_front(a, d, b) for a, d in zip(args, dims))
+    _, n, d = out.shape  # n == T*K, checked above
+    t, k = weights.shape[1:]
+    order = order + _offsets(b, n, order.dtype)[:, None]
+    y = combine_p.bind(out.reshape(b * n, d), order.reshape(b * n), weights.reshape(b * t, k), name=name)
+    return y.reshape(b, t, d), 0
+
+
+combine_p = _make_primitive("moe_combine", combine_reference, _combine_abstract, False,
+                            batch_rule=_combine_batch, tangent_fn=combine_reference)
 
 DIALECT_PRIMITIVES = (route_p, dispatch_p, expert_ffn_p, combine_p)
 _DIALECT_NAMES = frozenset(p.name for p in DIALECT_PRIMITIVES)
@@ -482,8 +722,12 @@ def moe_dispatch(x: jax.Array, ids: jax.Array, *, num_experts: int, name: str = 
 
 def weight_format_of(weights: Sequence[Any]) -> str:
     """Human-readable storage format of expert weights (``float``, ``int8``, ``int4-g64/per-expert`` ...)."""
-    fmts = {(w.format if hasattr(w, "dequantize") else "float") + ("/" + w.layout if hasattr(w, "layout") else "")
-            for w in weights}
+    def one(w: Any) -> str:
+        fmt = weight_formats.format_of(w)
+        layout = w.layout if weight_formats.is_structured(w) else "stacked"
+        return fmt if layout == "stacked" else f"{fmt}/{layout}"
+
+    fmts = {one(w) for w in weights}
     return fmts.pop() if len(fmts) == 1 else "+".join(sorted(fmts))
 
 
@@ -533,12 +777,6 @@ def einsum_moe_reference(x, w_router, expert_weights, *, routing: Routing, activ
     dense_w = jnp.zeros((x2.shape[0], n_exp), jnp.float32)
     dense_w = dense_w.at[jnp.arange(x2.shape[0])[:, None], jnp.maximum(ids, 0)].add(jnp.where(ids >= 0, w, 0.0))
     mats = [materialize(m, x.dtype) for m in expert_weights]
-    act = activation_fn(activation)
-    if activation in GATED_ACTIVATIONS:
-        h = act(jnp.einsum("td,edf->etf", x2, mats[0], preferred_element_type=jnp.float32),
-                jnp.einsum("td,edf->etf", x2, mats[1], preferred_element_type=jnp.float32))
-    else:
-        h = act(jnp.einsum("td,edf->etf", x2, mats[0], preferred_element_type=jnp.float32))
-    y = jnp.einsum("etf,efd->etd", h.astype(x.dtype), mats[-1], preferred_element_type=jnp.float32)
+    y = expert_ffn_math(x2, mats, activation)  # [E, T, d]: every expert on every token
     out = jnp.einsum("etd,te->td", y, dense_w)
     return out.astype(x.dtype).reshape(x.shape)

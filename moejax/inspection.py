@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moejax import rewrite
+from moejax import expert_layout, rewrite, weight_formats
 
 __all__ = ["program_text", "diff_programs", "moe_graph_dot", "render_dot"]
 
@@ -26,8 +26,8 @@ def program_text(program, show_weights: bool = True) -> str:
     if show_weights:
         lines.append(f"# weights ({len(program.weights)} tensors, in jaxpr-input order):")
         for path, w in program.weights.items():
-            fmt = w.format if hasattr(w, "dequantize") else None
-            if getattr(w, "layout", None) == "per-expert":  # E buffers: show one of each kind
+            fmt = weight_formats.format_of(w) if weight_formats.is_structured(w) else None
+            if expert_layout.is_split(w):  # E buffers: show one of each kind
                 fmt += ", one buffer per expert"
                 kinds = collections.Counter(" ".join(_fmt(x) for x in jax.tree_util.tree_leaves(e)) for e in w.experts)
                 desc = ", ".join(f"{n} x {k}" for k, n in kinds.items())

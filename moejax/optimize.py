@@ -7,10 +7,15 @@ from typing import Any
 import jax
 
 from moejax import lowering
-from moejax.pipeline import Pass, PassContext, PassManager, Stage
+from moejax.analysis import AnalysisStore
+from moejax.pipeline import Pass, PassContext, PassManager, Stage, Tolerance, check_programs_match
 from moejax.program import InputSignatureError, Program, trace
 
-__all__ = ["optimize", "OptimizedModel"]
+__all__ = ["optimize", "OptimizedModel", "INLINE_TOLERANCE"]
+
+# How far the delivered (inlined) program may differ from the last stage. None: bit-exact —
+# inlining substitutes each dialect op by the very implementation it runs, so XLA sees the same ops.
+INLINE_TOLERANCE: Tolerance | None = None
 
 
 class OptimizedModel:
@@ -77,6 +82,13 @@ class OptimizedModel:
             "no optimised program takes these inputs; traced signatures: " + "; ".join(errors) +
             ". Pass matching example inputs to moejax.optimize (example_args, decode_example, extra_examples)")
 
+    def export(self, directory: str, platforms: Sequence[str] = ("cpu",)) -> str:
+        """Export the delivered main program for serving without moejax; see :meth:`Program.export`.
+
+        Other signatures (e.g. the decode step) export with ``opt.decode_program.export(...)``.
+        """
+        return self.lowered.export(directory, platforms=platforms)
+
     def init_cache(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's empty KV cache (for decode programs)."""
         if not hasattr(self.model, "init_cache"):
@@ -119,6 +131,15 @@ def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pas
         prefill into a KV cache); calls are routed by input signature.
       calibration: token batches analysis passes (routing profile) run on.
       dump_dir: write every stage's text, graph and stats there.
+      check_exact: run every stage on the example inputs and on a batch derived from them:
+        exact passes must be bit-exact (or within their declared ``tolerance``), NaN/Inf
+        outputs stop the pipeline at the pass that introduced them, and the delivered
+        (inlined) programs must match the last stage. False skips these runs; weights
+        are still checked for NaN/Inf.
+
+    Raises:
+      PassError: a pass cannot apply, breaks its contract or changes the result of an exact pass.
+      moejax.numerics.NonFiniteError: a weight or a stage's output holds NaN/Inf.
     """
     example_kwargs = dict(example_kwargs or {})
     manager = PassManager(passes, dump_dir=dump_dir, check_exact=check_exact, verbose=verbose)
@@ -128,12 +149,21 @@ def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pas
         decode_index = len(examples)
         examples.append((tuple(decode_example[0]), dict(decode_example[1])))
     examples.extend((tuple(a), dict(k)) for a, k in extra_examples)
-    analysis: dict[str, Any] = {}  # shared: a profile measured on the first program serves the others
-    entries = []
+    analysis = AnalysisStore()  # shared: a profile measured on the first program serves the others
+    entries, contexts, labels = [], [], []
     for i, (args, kwargs) in enumerate(examples):
         ctx = PassContext(example_args=args, example_kwargs=kwargs, calibration=calibration, analysis=analysis,
                           platform=platform or jax.default_backend())
         program = trace(model, *args, params=params, **kwargs)
         label = "" if i == 0 else ("decode" if i == decode_index else f"sig{i}")
         entries.append(manager.run(program, ctx, label=label))
-    return OptimizedModel(model, entries, manager.passes, decode_index)
+        contexts.append(ctx)
+        labels.append(label)
+    result = OptimizedModel(model, entries, manager.passes, decode_index)
+    if check_exact:
+        # What is delivered is the inlined program, not the last stage: check it on the same batches.
+        for stages, final, ctx, label in zip(entries, result._final, contexts, labels):
+            stages[-1].extra["inline_deviation"] = check_programs_match(
+                stages[-1].program, final, ctx, f"the delivered (inlined) program{' (' + label + ')' if label else ''} "
+                f"differs from the last stage {stages[-1].name!r}", INLINE_TOLERANCE)
+    return result

@@ -2,7 +2,14 @@
 
 A pass is a small frozen dataclass: its fields are its options, ``name`` is its
 pipeline spelling, ``exact`` says whether outputs must stay unchanged (checked
-after it runs), ``needs`` lists metadata keys an earlier pass must provide::
+bit for bit after it runs, on the example inputs and a second batch derived
+from them, unless the pass declares a :class:`Tolerance`), ``needs`` lists
+metadata keys an earlier pass must provide and ``provides`` those it adds
+(checked after it runs). A pass keeps the program's input and output
+signature unless it declares ``changes_signature``; ``check`` runs before it
+and ``ensures`` after it, and anything they raise becomes a :class:`PassError`
+naming the pass and the passes before it. Every stage's weights and outputs
+must be finite: the first stage with NaN/Inf stops the pipeline::
 
     @register_pass
     @dataclasses.dataclass(frozen=True)
@@ -22,8 +29,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib
+import inspect
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,15 +43,48 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from moejax import expert_layout, inspection, stats
-from moejax.program import Program
+from moejax import expert_layout, inspection, numerics, stats
+from moejax.analysis import AnalysisStore
+from moejax.numerics import NonFiniteError
+from moejax.program import Program, path_to_str
 
-__all__ = ["Pass", "PassError", "PassContext", "Stage", "PassManager", "register_pass", "registered_passes",
-           "parse_pipeline", "pipeline_to_str", "check_outputs_close"]
+__all__ = ["Pass", "PassError", "NonFiniteStageError", "Tolerance", "PassContext", "Stage", "PassManager",
+           "register_pass", "registered_passes", "parse_pipeline", "pipeline_to_str", "check_outputs_close",
+           "check_programs_match", "check_batches", "is_exact", "exactness_label"]
 
 
 class PassError(ValueError):
     """A pass cannot run: unmet needs, options that do not fit the program, bad order."""
+
+
+class NonFiniteStageError(PassError, NonFiniteError):
+    """A stage of a pipeline holds NaN/Inf weights or produces NaN/Inf outputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """How far an exact pass may move outputs, and why: ``|a - b| <= atol + rtol * max|a|`` per output.
+
+    ``rtol`` is relative to the output's largest magnitude (not elementwise):
+    a different summation order moves every element by a few ulps of the
+    values it sums, which for near-zero elements is far beyond their own ulp.
+
+    Exact passes are checked bit for bit unless they declare one, e.g. a kernel
+    that sums in another order: ``tolerance = Tolerance(1e-6, 1e-6, "tiled sum order")``.
+    """
+
+    rtol: float
+    atol: float
+    reason: str
+
+    def __post_init__(self):
+        if not (self.rtol >= 0 and self.atol >= 0):
+            raise ValueError(f"Tolerance: rtol and atol must be >= 0, got rtol={self.rtol}, atol={self.atol}")
+        if not self.reason.strip():
+            raise ValueError("Tolerance needs a reason: say why the pass cannot be bit-exact")
+
+    def __str__(self) -> str:
+        return f"rtol={self.rtol:g}, atol={self.atol:g}"
 
 
 _REGISTRY: dict[str, type["Pass"]] = {}
@@ -61,18 +104,16 @@ def registered_passes() -> dict[str, type["Pass"]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+# The packages whose passes register themselves on import.
+BUILTIN_PASS_MODULES: tuple[str, ...] = ("moejax.passes", "moejax.sharding", "moejax.pallas_kernels")
+
+
 def _load_builtin_passes() -> None:
     # The core must not import the pass packages at import time (they import the core);
-    # they register themselves when imported here, on first use.
-    import importlib
-
-    for mod in ("moejax.passes", "moejax.sharding", "moejax.pallas_kernels"):
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:  # pragma: no cover - optional components
-            if mod == "moejax.passes":
-                raise
-            del e
+    # they register themselves when imported here, on first use. An ImportError is not
+    # swallowed: a broken module must show its real error, not "unknown pass".
+    for mod in BUILTIN_PASS_MODULES:
+        importlib.import_module(mod)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,17 +122,39 @@ class PassContext:
 
     ``example_args``/``example_kwargs`` are the inputs exactness is checked on;
     ``calibration`` is a list of token batches analysis passes run on;
-    ``analysis`` is shared between the programs one pipeline optimizes
-    (prefill and decode), keyed like the program metadata, so a profile
-    measured once serves both.
+    ``analysis`` (a :class:`moejax.analysis.AnalysisStore`) is shared between
+    the programs one pipeline optimizes (prefill and decode): typed results by
+    pipeline step (:meth:`step`), so a profile or plan made once serves both,
+    and the weights derived from shared weights (:meth:`derived_weight`).
     """
 
     example_args: tuple[Any, ...] = ()
     example_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     calibration: Sequence[Any] | None = None
-    analysis: dict[str, Any] = dataclasses.field(default_factory=dict)
+    analysis: AnalysisStore | None = None  # None makes a new one
     platform: str = dataclasses.field(default_factory=lambda: jax.default_backend())
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # per context (one per program): how often each pass spelling asked for its step
+    _steps: dict[str, int] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.analysis is None:
+            object.__setattr__(self, "analysis", AnalysisStore())
+        elif not isinstance(self.analysis, AnalysisStore):
+            raise TypeError(f"PassContext.analysis must be a moejax.analysis.AnalysisStore, got "
+                            f"{type(self.analysis).__name__}")
+
+    def step(self, pass_: Any) -> str:
+        """This run's step key for ``pass_``: ``str(pass_)#n``, n = earlier runs of an equal pass on this context.
+
+        Call it once per ``run``. The programs of one optimize call run the same
+        pipeline on their own contexts, so the i-th ``prune(num_experts=6)`` gets
+        the same key in each and finds what the first program stored.
+        """
+        spelling = str(pass_)
+        n = self._steps.get(spelling, 0)
+        self._steps[spelling] = n + 1
+        return f"{spelling}#{n}"
 
     def derived_weight(self, kind: str, source: Any, make: Callable[[], Any]) -> Any:
         """``make()`` once per ``(kind, source)`` for all programs sharing ``analysis``.
@@ -101,19 +164,26 @@ class PassContext:
         re-laid-out) uses this so the derived buffers are shared too, instead
         of one copy per program. ``kind`` must name everything ``make`` depends on.
         """
-        memo = self.analysis.setdefault("derived_weights", {})
-        key = (kind, id(source))
-        if key not in memo or memo[key][0] is not source:
-            memo[key] = (source, make())  # holding `source` keeps its id from being reused
-        return memo[key][1]
+        return self.analysis.derived_weights.get(kind, source, make)
 
 
 @dataclasses.dataclass(frozen=True)
 class Pass:
-    """Base class of passes (subclasses are frozen dataclasses; fields are options)."""
+    """Base class of passes (subclasses are frozen dataclasses; fields are options).
+
+    Class-level declarations (the pass manager checks each one):
+      exact: outputs stay the same, bit for bit on the same backend (or within ``tolerance``).
+      tolerance: for an exact pass that cannot be bit-exact, how far and why.
+      lossy_options: options that make an exact pass lossy when set away from their default.
+      needs / provides: metadata keys read from earlier passes / added by this one.
+      changes_signature: the pass may change the program's inputs or outputs.
+    """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
+    tolerance: ClassVar[Tolerance | None] = None
+    lossy_options: ClassVar[tuple[str, ...]] = ()
+    changes_signature: ClassVar[bool] = False
     needs: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     # Passes that read or reshape expert weights as stacked [E, k, n] arrays set this.
@@ -125,6 +195,13 @@ class Pass:
     def check(self, program: Program, ctx: PassContext) -> None:
         """Raise :class:`PassError` if this pass cannot apply to ``program`` (default: no check)."""
 
+    def ensures(self, before: Program, after: Program, ctx: PassContext) -> None:
+        """Raise :class:`PassError` if ``after`` (this pass's result) breaks a promise of the pass.
+
+        Runs after the declared contract (``provides``, signature) is verified;
+        the default checks nothing more.
+        """
+
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
 
@@ -134,11 +211,50 @@ class Pass:
             if not f.repr:
                 continue
             v = getattr(self, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
-            if v != default:
+            if v != _field_default(f):
                 changed.append(f"{f.name}={_fmt_value(v)}")
         return self.name + (f"({','.join(changed)})" if changed else "")
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return object()  # a required option: never equal to a value
+
+
+def is_exact(p: Pass) -> bool:
+    """Whether this pass object, with its options, promises unchanged outputs."""
+    if not bool(p.exact):  # a ClassVar, or a property computed from the options
+        return False
+    fields = {f.name: f for f in dataclasses.fields(p)}
+    return all(getattr(p, o) == _field_default(fields[o]) for o in type(p).lossy_options if o in fields)
+
+
+def exactness_label(cls: type[Pass]) -> str:
+    """``exact`` or ``lossy``, plus ``; lossy with OPT`` when options make an exact pass lossy.
+
+    Reads the class-level declarations (``cls.exact`` may be a property computed
+    from the options: then the default options decide).
+    """
+    declared = inspect.getattr_static(cls, "exact", True)
+    computed = isinstance(declared, property)
+    if computed:
+        try:
+            default_exact = is_exact(cls())
+        except Exception:  # required options: the property cannot be evaluated without them
+            default_exact = True
+    else:
+        default_exact = bool(declared)
+    if not default_exact:
+        return "lossy"
+    label = "exact"  # a declared tolerance is shown beside it (``moejax passes``)
+    if cls.lossy_options:
+        label += f"; lossy with {', '.join(cls.lossy_options)}"
+    elif computed:
+        label += "; lossy with some options"
+    return label
 
 
 def _fmt_value(v: Any) -> str:
@@ -243,7 +359,13 @@ def pipeline_to_str(passes: Sequence["Pass"]) -> str:
 # --------------------------------------------------------------------------
 @dataclasses.dataclass
 class Stage:
-    """The program after one pass, with its statistics."""
+    """The program after one pass, with its statistics.
+
+    ``exact`` is whether the pass promised unchanged outputs; ``max_deviation``
+    the largest output difference the exactness check measured (0.0 when
+    bit-exact; None when not checked); ``checked_batches`` how many input
+    batches the stage was run on (exactness and NaN/Inf checks).
+    """
 
     name: str
     program: Program
@@ -252,39 +374,168 @@ class Stage:
     exact: bool | None = None
     max_deviation: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    checked_batches: int = 0
 
     def __str__(self) -> str:
         return f"== stage {self.name} ==\n{self.program}"
 
 
-def _tolerance(dtype) -> tuple[float, float]:
-    return (2e-2, 2e-2) if jnp.dtype(dtype).itemsize <= 2 else (1e-4, 1e-4)
+# --------------------------------------------------------------------------
+# Check batches and output comparison.
+# --------------------------------------------------------------------------
+Batch = tuple[tuple[Any, ...], dict[str, Any]]
+Leaves = list[tuple[str, np.ndarray]]
+
+# Inputs whose names contain one of these keep their example values in the derived batch:
+# a KV cache, a write index or positions must stay consistent with each other.
+_FIXED_INPUT_WORDS = ("cache", "index", "position", "pos")
 
 
-def check_outputs_close(before: Any, after: Any, what: str) -> float:
-    """Largest deviation between two output pytrees; raises PassError past tolerance."""
+def _vary_leaf(x: Any, name: str, rng: np.random.Generator) -> Any:
+    """A deterministic variation of one example input leaf (or ``x`` itself if it must stay)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype") or any(w in name.lower() for w in _FIXED_INPUT_WORDS):
+        return x
+    a = np.asarray(x)
+    if a.ndim == 0 or a.size == 0:
+        return x
+    if np.issubdtype(a.dtype, np.integer):
+        # token ids: reshuffle the example's own values, so every id stays in the vocabulary
+        flat = a.ravel()
+        new = flat[rng.permutation(flat.size)]
+        if np.array_equal(new, flat):  # e.g. one distinct value per row order: shift to the next distinct value
+            values = np.unique(flat)
+            if values.size >= 2:
+                new = values[(np.searchsorted(values, flat) + 1) % values.size]
+            elif values[0] > 0:  # one distinct id v: v - 1 is in the vocabulary too
+                new = flat - 1
+            else:
+                return x
+        return jnp.asarray(new.reshape(a.shape), dtype=a.dtype)
+    if numerics.is_float(a):
+        scale = float(np.std(a.astype(np.float32))) or 1.0
+        noise = rng.standard_normal(a.shape).astype(np.float32) * (1e-2 * scale)
+        return jnp.asarray(a.astype(np.float32) + noise, dtype=a.dtype)
+    return x
+
+
+def check_batches(program: Program, ctx: PassContext) -> list[tuple[str, Batch]]:
+    """The input batches stages are checked on: ``ctx``'s example and one derived from it.
+
+    The derived batch permutes the example's integer token ids (keeping them in
+    the vocabulary) and adds small noise to float inputs; KV caches, indices and
+    positions (inputs named so) keep their values. Empty when ``ctx`` has no
+    example inputs but the program takes some.
+    """
+    args, kwargs = tuple(ctx.example_args), dict(ctx.example_kwargs)
+    if not args and not kwargs and program.in_avals:
+        return []
+    batches = [("the example inputs", (args, kwargs))]
+    leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+    if len(leaves) != len(program.in_avals):
+        return batches  # the example does not fit the program; calling it raises a clear error
+    names = program.input_names or tuple(f"in{i}" for i in range(len(leaves)))
+    rng = np.random.default_rng(0)
+    varied = [_vary_leaf(x, n, rng) for x, n in zip(leaves, names)]
+    if any(v is not x for v, x in zip(varied, leaves)):
+        batches.append(("a batch derived from the example (tokens permuted, float inputs perturbed)",
+                        jax.tree_util.tree_unflatten(tree, varied)))
+    return batches
+
+
+def _outputs(program: Program, batch: Batch) -> Leaves:
+    out = program(*batch[0], **batch[1])
+    return [(path_to_str(path), np.asarray(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]]
+
+
+def _output_name(name: str) -> str:
+    return f"output {name!r}" if name else "the output"
+
+
+def _compare(before: Leaves, after: Leaves, tolerance: Tolerance | None) -> tuple[float, str | None]:
+    """(largest absolute deviation, description of the first violation or None)."""
     worst = 0.0
-    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape:
-            raise PassError(f"{what}: output shape changed from {a.shape} to {b.shape}")
-        if not np.issubdtype(a.dtype, np.floating) and a.dtype != jnp.bfloat16:
+    for (name, a), (_, b) in zip(before, after):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return worst, f"{_output_name(name)} changed type from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
+        if not numerics.is_float(a):
             if not np.array_equal(a, b):
-                raise PassError(f"{what}: integer output changed")
+                return worst, f"integer {_output_name(name)} changed"
             continue
-        a32, b32 = a.astype(np.float32), b.astype(np.float32)
-        dev = float(np.max(np.abs(a32 - b32))) if a.size else 0.0
-        atol, rtol = _tolerance(a.dtype)
-        scale = float(np.max(np.abs(a32))) if a.size else 0.0
-        if not np.isfinite(dev) or dev > atol + rtol * scale:
-            raise PassError(f"{what}: outputs differ by up to {dev:.3g} (allowed {atol + rtol * scale:.3g} for "
-                            f"outputs of magnitude {scale:.3g}); the pass is declared exact but changed the result")
+        # bfloat16/float16 widen to float32 exactly; float64 stays
+        wide = np.float64 if a.dtype == np.float64 else np.float32
+        a, b = a.astype(wide), b.astype(wide)
+        if a.size == 0:
+            continue
+        dev = float(np.max(np.abs(a - b)))
         worst = max(worst, dev)
+        if tolerance is None:
+            if not np.array_equal(a, b):
+                return worst, f"{_output_name(name)} is not bit-equal (required unless a tolerance is declared)"
+        elif dev > tolerance.atol + tolerance.rtol * float(np.max(np.abs(a))):
+            return worst, f"{_output_name(name)} exceeds the declared tolerance {tolerance} ({tolerance.reason})"
+    return worst, None
+
+
+def check_outputs_close(before: Any, after: Any, what: str, tolerance: Tolerance | None = None) -> float:
+    """Largest deviation between two output pytrees; raises PassError unless bit-equal (or within ``tolerance``)."""
+    def leaves(tree: Any) -> Leaves:
+        return [(path_to_str(p), np.asarray(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+    dev, problem = _compare(leaves(before), leaves(after), tolerance)
+    if problem:
+        raise PassError(f"{what}: outputs differ by up to {dev:.3g}: {problem}")
+    return dev
+
+
+def check_programs_match(reference: Program, candidate: Program, ctx: PassContext, what: str,
+                         tolerance: Tolerance | None = None) -> float | None:
+    """Run both programs on :func:`check_batches` and require equal outputs (or within ``tolerance``).
+
+    Returns the largest deviation, or None when ``ctx`` has no example inputs.
+    """
+    worst = None
+    for label, batch in check_batches(reference, ctx):
+        dev, problem = _compare(_outputs(reference, batch), _outputs(candidate, batch), tolerance)
+        if problem:
+            raise PassError(f"{what}: outputs differ by up to {dev:.3g} on {label}: {problem}")
+        worst = max(worst or 0.0, dev)
     return worst
 
 
+# --------------------------------------------------------------------------
+# The pass manager.
+# --------------------------------------------------------------------------
+def _in_context(e: PassError, where: str) -> PassError:
+    """``e`` prefixed with the pass and the passes before it (same type when it can be rebuilt)."""
+    try:
+        return type(e)(f"{where}: {e}")
+    except Exception:  # a subclass with another constructor
+        return PassError(f"{where}: {e}")
+
+
+def _signature(program: Program) -> tuple[Any, ...]:
+    """What a pass must keep: input structure and types, output structure and types."""
+    def avals(seq: Sequence[Any]) -> tuple[tuple[tuple[int, ...], str], ...]:
+        return tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in seq)
+
+    return program.in_tree, avals(program.in_avals), program.out_tree, avals(program.jaxpr.out_avals)
+
+
+def _out_signature(program: Program) -> str:
+    return ", ".join(f"{jnp.dtype(a.dtype).name}[{','.join(map(str, a.shape))}]" for a in program.jaxpr.out_avals)
+
+
 class PassManager:
-    """Runs passes in order, checking and recording a :class:`Stage` after each."""
+    """Runs passes in order, checking and recording a :class:`Stage` after each.
+
+    After each pass: it returned a well-typed Program with the same signature
+    (unless it declares ``changes_signature``) and the metadata it ``provides``;
+    its ``ensures`` hook holds; its new weights and its outputs on
+    :func:`check_batches` are finite; and, for an exact pass, its outputs equal
+    the previous stage's bit for bit (or within its declared ``tolerance``).
+    ``check_exact=False`` skips running the stages (exactness and output
+    NaN/Inf checks); weights are still checked for NaN/Inf.
+    """
 
     def __init__(self, passes: str | Sequence[Pass | str], *, dump_dir: str | Path | None = None,
                  check_exact: bool = True, verbose: Callable[[str], None] | None = None):
@@ -299,42 +550,132 @@ class PassManager:
         self.check_exact = check_exact
         self.verbose = verbose
 
+    def _where(self, index: int) -> str:
+        """``pass X (#i, after a, b)``: the pass and the passes that ran before it."""
+        before = ", ".join(str(q) for q in self.passes[: index - 1])
+        return f"pass {self.passes[index - 1]} (#{index}, {'after ' + before if before else 'the first pass'})"
+
+    def _hook(self, index: int, hook: str, fn: Callable[..., None], *args: Any) -> None:
+        """Call ``check``/``ensures``; whatever it raises becomes a PassError naming the pass and its predecessors."""
+        try:
+            fn(*args)
+        except PassError as e:
+            raise _in_context(e, self._where(index)) from e
+        except Exception as e:
+            raise PassError(f"{self._where(index)}: {hook}() raised {type(e).__name__}: {e}; this is a bug in the "
+                            f"pass's {hook}(): it should raise PassError with what to change") from e
+
     def run(self, program: Program, ctx: PassContext, *, label: str = "") -> list[Stage]:
-        stages = [Stage("input", program, stats.program_stats(program), 0.0)]
+        suffix = f" ({label} program)" if label else ""
+        batches = check_batches(program, ctx) if self.check_exact else []
+        if self.check_exact and len(batches) < 2 and program.in_avals and any(is_exact(p) for p in self.passes):
+            warnings.warn(
+                f"PassManager: exactness and NaN/Inf output checks skipped{suffix}: the PassContext has no example "
+                "inputs; give it example_args/example_kwargs" if not batches else
+                f"PassManager: exactness checked on the example inputs only{suffix}: no input could be varied "
+                f"(token ids all 0, or only caches/indices)", stacklevel=2)
+        self._check_weights(program, None, 0, suffix)
+        outputs = [_outputs(program, b) for _, b in batches]
+        self._check_outputs(outputs, batches, 0, suffix)
+        stages = [Stage("input", program, stats.program_stats(program), 0.0, checked_batches=len(batches))]
         self._dump(stages[-1], 0, label)
-        reference = None
         for i, p in enumerate(self.passes, start=1):
             self._check_needs(p, program, i)
-            p.check(program, ctx)
+            self._hook(i, "check", p.check, program, ctx)
             if self.verbose:
                 self.verbose(f"[{i}/{len(self.passes)}] {p}{' (' + label + ')' if label else ''}")
             t0 = time.perf_counter()
             try:
                 new = p.run(program, ctx)
-            except PassError:
-                raise
+            except PassError as e:
+                raise _in_context(e, self._where(i)) from e
             except Exception as e:
-                raise PassError(f"pass {p} failed: {type(e).__name__}: {e}") from e
+                raise PassError(f"pass {p} failed: {type(e).__name__}: {e} ({self._where(i)})") from e
             seconds = time.perf_counter() - t0
             if not isinstance(new, Program):
-                raise PassError(f"pass {p} returned {type(new).__name__}, not a Program")
+                raise PassError(f"{self._where(i)} returned {type(new).__name__}, not a Program")
             try:
                 jcore.check_jaxpr(new.jaxpr.jaxpr)
             except Exception as e:
-                raise PassError(f"pass {p} produced an ill-typed program: {e}") from e
+                raise PassError(f"{self._where(i)} produced an ill-typed program: {e}") from e
+            self._check_contract(p, i, program, new)
+            self._hook(i, "ensures", p.ensures, program, new, ctx)
+            self._check_weights(new, program, i, suffix)
+            exact = is_exact(p)
             deviation = None
-            if p.exact and self.check_exact and ctx.example_args:
-                if reference is None:
-                    reference = program(*ctx.example_args, **ctx.example_kwargs)
-                after = new(*ctx.example_args, **ctx.example_kwargs)
-                deviation = check_outputs_close(reference, after, f"exactness check of pass {p}")
-            if not p.exact:
-                reference = None  # later exact passes compare against this lossy stage
-            stage = Stage(str(p), new, stats.program_stats(new), seconds, exact=p.exact, max_deviation=deviation)
+            if batches and _signature(new) != _signature(program):  # declared: the old inputs no longer fit
+                warnings.warn(f"{self._where(i)} changed the program's signature; later stages are not checked "
+                              f"for exactness or NaN/Inf outputs{suffix}", stacklevel=2)
+                batches, outputs = [], []
+            if batches:
+                new_outputs = [_outputs(new, b) for _, b in batches]
+                self._check_outputs(new_outputs, batches, i, suffix)  # NaN first: not "the pass changed the result"
+                if exact:
+                    deviation = self._check_exact(p, i, outputs, new_outputs, batches, suffix)
+                outputs = new_outputs
+            stage = Stage(str(p), new, stats.program_stats(new), seconds, exact=exact, max_deviation=deviation,
+                          checked_batches=len(batches))
             stages.append(stage)
             self._dump(stage, i, label)
             program = new
         return stages
+
+    def _check_contract(self, p: Pass, index: int, before: Program, after: Program) -> None:
+        """The declared contract: ``provides`` keys present; signature unchanged unless declared."""
+        missing = [k for k in type(p).provides if k not in after.metadata]
+        if missing:
+            raise PassError(f"{self._where(index)} declares provides={tuple(type(p).provides)} but its program has "
+                            f"no metadata {missing[0]!r}; set it in the returned program's metadata or drop it from "
+                            f"provides")
+        old_sig, new_sig = _signature(before), _signature(after)
+        if type(p).changes_signature or new_sig == old_sig:
+            return
+        if new_sig[:2] != old_sig[:2]:
+            what, old, new = "input", f"{before.signature()} {before.in_tree}", f"{after.signature()} {after.in_tree}"
+        elif new_sig[2] != old_sig[2]:
+            what, old, new = "output structure", str(before.out_tree), str(after.out_tree)
+        else:
+            what, old, new = "output", _out_signature(before), _out_signature(after)
+        raise PassError(f"{self._where(index)} changed the program's {what} signature from {old} to {new}; a pass "
+                        f"must keep the signature the model was traced with (or declare changes_signature = True)")
+
+    def _check_weights(self, program: Program, previous: Program | None, index: int, suffix: str) -> None:
+        """NaN/Inf in the weights this stage added or replaced (all of them for the input)."""
+        changed = {path: w for path, w in program.weights.items()
+                   if previous is None or previous.weights.get(path) is not w}
+        try:
+            numerics.check_finite_weights(changed, "the input program" + suffix if index == 0 else
+                                          f"the program after {self._where(index)}{suffix}")
+        except NonFiniteError as e:
+            raise NonFiniteStageError(str(e)) from None
+
+    def _check_outputs(self, outputs: list[Leaves], batches: list[tuple[str, Batch]], index: int,
+                       suffix: str) -> None:
+        """Stop at the first stage whose outputs hold NaN/Inf, naming it."""
+        for leaves, (label, _) in zip(outputs, batches):
+            bad = [(name or "output", n) for name, a in leaves if (n := numerics.count_nonfinite(a))]
+            if not bad:
+                continue
+            where = f"output {numerics.describe(bad)} on {label}"
+            if index == 0:
+                raise NonFiniteStageError(
+                    f"the traced program{suffix} already produces NaN/Inf before any pass ran: {where}; the model "
+                    f"or its example inputs are broken (check the weights, e.g. reload the checkpoint)")
+            raise NonFiniteStageError(
+                f"NaN/Inf outputs first appear after {self._where(index)}{suffix}: {where}; every earlier stage "
+                f"was finite, so this pass introduced them")
+
+    def _check_exact(self, p: Pass, index: int, before: list[Leaves], after: list[Leaves],
+                     batches: list[tuple[str, Batch]], suffix: str) -> float:
+        worst = 0.0
+        for b, a, (label, _) in zip(before, after, batches):
+            dev, problem = _compare(b, a, type(p).tolerance)
+            if problem:
+                raise PassError(f"exactness check of pass {p}: outputs differ by up to {dev:.3g} on {label}{suffix}: "
+                                f"{problem} ({self._where(index)}); fix the pass, declare it lossy (exact = False), "
+                                f"or declare tolerance = Tolerance(rtol, atol, reason)")
+            worst = max(worst, dev)
+        return worst
 
     def _check_needs(self, p: Pass, program: Program, index: int) -> None:
         if p.needs_stacked_experts and any(expert_layout.is_split(w) for w in program.weights.values()):
@@ -356,7 +697,8 @@ class PassManager:
         (self.dump_dir / f"{stem}.txt").write_text(str(stage.program))
         inspection.render_dot(inspection.moe_graph_dot(stage.program, stage.name), self.dump_dir / f"{stem}.dot")
         meta = {"index": index, "pass": stage.name, "label": label, "seconds": stage.seconds,
-                "exact": stage.exact, "max_deviation": stage.max_deviation, "stats": stage.stats}
+                "exact": stage.exact, "max_deviation": stage.max_deviation, "checked_batches": stage.checked_batches,
+                "stats": stage.stats}
         (self.dump_dir / f"{stem}.json").write_text(json.dumps(meta, indent=2, default=str))
 
 

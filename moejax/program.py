@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from moejax import expert_layout, rewrite
+from moejax import expert_layout, numerics, rewrite, weight_formats
 
 __all__ = ["Program", "trace", "InputSignatureError", "path_to_str"]
 
@@ -49,7 +49,7 @@ def _fmt_aval(a) -> str:
     return f"{jnp.dtype(a.dtype).name}[{','.join(map(str, a.shape))}]"
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # identity equality: programs key jit caches
+@dataclasses.dataclass(frozen=True, eq=False)  # identity equality: each trace is its own program
 class Program:
     """A traced MoE program: jaxpr + bound weights + input signature + metadata.
 
@@ -87,7 +87,10 @@ class Program:
         return out
 
     def replace(self, **changes: Any) -> "Program":
-        return dataclasses.replace(self, **changes)
+        new = dataclasses.replace(self, **changes)
+        if "jaxpr" not in changes and "_jitted_eval" in self.__dict__:  # same jaxpr: keep the compiled function
+            new.__dict__["_jitted_eval"] = self.__dict__["_jitted_eval"]
+        return new
 
     # ---- running ----------------------------------------------------------
     def check_inputs(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
@@ -111,8 +114,18 @@ class Program:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self.check_inputs(args, kwargs)
-        outs = _jitted_eval(self.jaxpr)(self.weight_leaves, inputs)
+        outs = self._jitted_eval(self.weight_leaves, inputs)
         return jax.tree_util.tree_unflatten(self.out_tree, outs)
+
+    # Compiled functions live on the instance (not in a module-level cache), so deleting
+    # a program frees its jaxpr, its weights and its executables.
+    @functools.cached_property
+    def _jitted_eval(self) -> Callable[..., Any]:
+        return _jitted_eval(self.jaxpr)
+
+    @functools.cached_property
+    def _tapped_fns(self) -> dict[Any, Callable[..., Any]]:
+        return {}
 
     def as_function(self) -> Callable[..., Any]:
         """A pure function ``f(weight_leaves, *input_leaves) -> output leaves``."""
@@ -150,6 +163,16 @@ class Program:
 
         return restore_program(directory)
 
+    def export(self, directory: str, platforms: Sequence[str] = ("cpu",)) -> str:
+        """Export for serving without moejax (``jax.export`` StableHLO + safetensors weights + JSON signature).
+
+        Read it back with :func:`moejax.serialization.load_exported`; see
+        :func:`moejax.serialization.export_program`.
+        """
+        from moejax.serialization import export_program
+
+        return str(export_program(self, directory, platforms=platforms))
+
     # ---- rewriting --------------------------------------------------------
     def rewrite(self, rules: Mapping[str, rewrite.Rule] | None = None, *, weights: Mapping[str, Any] | None = None,
                 drop_weights: Sequence[str] = (), metadata: Mapping[str, Any] | None = None) -> "Program":
@@ -162,13 +185,21 @@ class Program:
     def run_with_taps(self, rules: Mapping[str, rewrite.Rule], *args: Any, **kwargs: Any):
         """Run once with tapping ``rules``; returns (outputs, taps dict of arrays)."""
         inputs = self.check_inputs(args, kwargs)
-        fn = _tapped_fn(self, tuple(sorted(rules.items(), key=lambda kv: kv[0])))
+        key = tuple(sorted(rules.items(), key=lambda kv: kv[0]))
+        fn = self._tapped_fns.get(key)
+        if fn is None:
+            if len(self._tapped_fns) >= _MAX_TAPPED_FNS:  # rules made afresh per call never hit: stay bounded
+                del self._tapped_fns[next(iter(self._tapped_fns))]
+            fn = self._tapped_fns[key] = _tapped_fn(self.jaxpr, dict(key))
         outs, taps = fn(self.weight_leaves, inputs)
         return jax.tree_util.tree_unflatten(self.out_tree, outs), taps
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_eval(closed: jcore.ClosedJaxpr):
+_MAX_TAPPED_FNS = 8  # compiled tapping functions kept per program
+
+
+def _jitted_eval(closed: jcore.ClosedJaxpr) -> Callable[..., Any]:
+    """``jit`` of evaluating ``closed`` on (weight leaves, input leaves); cached per Program instance."""
     @jax.jit
     def run(weights, inputs):
         return jcore.jaxpr_as_fun(closed)(*weights, *inputs)
@@ -176,13 +207,11 @@ def _jitted_eval(closed: jcore.ClosedJaxpr):
     return run
 
 
-@functools.lru_cache(maxsize=16)
-def _tapped_fn(program: Program, rules_items):
-    rules = dict(rules_items)
-
+def _tapped_fn(closed: jcore.ClosedJaxpr, rules: dict[str, rewrite.Rule]) -> Callable[..., Any]:
+    """``jit`` of re-tracing ``closed`` with tapping ``rules``; cached per Program instance and rules."""
     @jax.jit
     def run(weights, inputs):
-        return rewrite.retrace(program.jaxpr, rules, list(weights) + list(inputs))
+        return rewrite.retrace(closed, rules, list(weights) + list(inputs))
 
     return run
 
@@ -211,8 +240,8 @@ def retrace_program(program: Program, rules: Mapping[str, rewrite.Rule], *,
             n_old = len(jax.tree_util.tree_leaves(old))
             old_split = expert_layout.is_split(old)
             if not isinstance(val, _Dropped) and expert_layout.is_split(val) != old_split:  # a layout change
-                args.extend(expert_layout.RelaidLeaf(val, old_split, i) for i in range(n_old))
-            elif n_old == 1 and not hasattr(old, "dequantize"):  # a plain array, or what replaces it
+                args.extend(rewrite.RelaidLeaf(val, old_split, i) for i in range(n_old))
+            elif n_old == 1 and not weight_formats.is_structured(old):  # a plain array, or what replaces it
                 args.append(val)
             else:  # an already-structured weight: the old jaxpr takes its leaves
                 leaves = jax.tree_util.tree_leaves(val)
@@ -231,13 +260,13 @@ def retrace_program(program: Program, rules: Mapping[str, rewrite.Rule], *,
     return program.replace(jaxpr=closed, weights=new_weights)
 
 
-class _Dropped:
+class _Dropped(rewrite.Placeholder):
     """Stands in for a dropped weight; any use is an error naming it."""
 
     def __init__(self, path: str):
         self.path = path
 
-    def dequantize(self, dtype=None):
+    def resolve(self) -> Any:
         raise ValueError(f"weight {self.path!r} was dropped by this pass but the program still uses it")
 
 
@@ -306,12 +335,17 @@ def trace(model: Any, *example_args: Any, params: Any = None, **example_kwargs: 
     ``model`` is a Flax NNX module, a Linen module (with ``params=variables``) or
     a pure function ``fn(params, *args)`` (with ``params=...``). Keyword inputs
     (e.g. ``cache=...``, ``cache_index=...``) become free inputs too.
+
+    Raises:
+      moejax.numerics.NonFiniteError: a float weight holds NaN/Inf (named by path).
     """
     flat, rebuild = _split_model(model, params)
     paths = [path_to_str(p) for p, _ in flat]
     if len(set(paths)) != len(paths):
         paths = [f"{p}#{i}" for i, p in enumerate(paths)]
     leaves = [jnp.asarray(x) for _, x in flat]
+    # A NaN/Inf weight spreads silently through every later pass (quantize makes it finite garbage): stop here.
+    numerics.check_finite_weights(dict(zip(paths, leaves)), "the traced model")
     in_leaves_with_path, in_tree = jax.tree_util.tree_flatten_with_path((tuple(example_args), dict(example_kwargs)))
     input_names = tuple(_input_name(p) for p, _ in in_leaves_with_path)
     in_leaves = [jnp.asarray(x) for _, x in in_leaves_with_path]

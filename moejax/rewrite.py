@@ -11,16 +11,19 @@ Higher-order primitives that contain dialect ops (``jit``, ``scan``,
 APIs around a recursive interpretation of their bodies, so rules reach into
 stacked layers and checkpointed blocks, and values of new *kinds* (e.g. a
 quantized weight pytree in place of a float array) flow through scans and jits
-unchanged. A structured value reaching an equation no rule claims is
-materialised (``value.dequantize(dtype)``), which keeps the program correct.
+unchanged. A structured weight (:mod:`moejax.weight_formats`) reaching an
+equation no rule claims is materialised (dequantized), which keeps the program
+correct; binding ``moe_expert_ffn`` again keeps structured weights
+(:func:`bind_expert_ffn`), so its implementations see the stored format.
 
 Rules may also record *taps* (extra named outputs for analysis); taps made
 inside a scan body come out stacked along the scan axis.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
-import functools
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,9 +31,11 @@ import jax
 from jax.extend import core as jcore
 
 from moejax import dialect, expert_layout
+from moejax import weight_formats as wf
 
 __all__ = ["EqnSite", "Replace", "RuleContext", "iter_eqns", "dialect_sites", "retrace", "inline_dialect_rule",
-           "sub_jaxprs"]
+           "sub_jaxprs", "materialize", "Placeholder", "RelaidLeaf", "regroup", "bind_expert_ffn",
+           "rebind_expert_ffn"]
 
 
 # --------------------------------------------------------------------------
@@ -81,9 +86,21 @@ def dialect_sites(jaxpr, op: str | None = None) -> list[EqnSite]:
             if dialect.is_dialect_primitive(s.eqn.primitive) and (op is None or s.eqn.primitive.name == op)]
 
 
-@functools.lru_cache(maxsize=4096)
+# Weakly keyed: the answer lives as long as the jaxpr does and never keeps one alive.
+_CONTAINS_DIALECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _contains_dialect(jaxpr) -> bool:
-    return any(dialect.is_dialect_primitive(s.eqn.primitive) for s in iter_eqns(jaxpr))
+    """Whether ``jaxpr`` holds a ``moe_*`` op at any depth (memoised per jaxpr object)."""
+    try:
+        return _CONTAINS_DIALECT[jaxpr]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable: compute each time
+        return any(dialect.is_dialect_primitive(s.eqn.primitive) for s in iter_eqns(jaxpr))
+    found = any(dialect.is_dialect_primitive(s.eqn.primitive) for s in iter_eqns(jaxpr))
+    _CONTAINS_DIALECT[jaxpr] = found
+    return found
 
 
 # --------------------------------------------------------------------------
@@ -125,7 +142,13 @@ class RuleContext:
         return [e for e in self.jaxpr.eqns if any(v is var for v in e.invars)]
 
     def bind(self, *invals, **param_changes) -> Any:
-        """Bind the equation's primitive on ``invals`` (default: the originals)."""
+        """Bind the equation's primitive on ``invals`` (default: the originals).
+
+        Operands are materialised, except the expert op's weights: it is
+        re-bound through :func:`bind_expert_ffn`, which keeps structured weights.
+        """
+        if self.eqn.primitive is dialect.expert_ffn_p:
+            return bind_expert_ffn(self.eqn.params, list(invals or self.invals), **param_changes)
         params = {**self.eqn.params, **param_changes}
         args = [materialize(v, var) for v, var in zip(invals or self.invals, self.eqn.invars)]
         return self.eqn.primitive.bind(*args, **params)
@@ -140,16 +163,63 @@ class RuleContext:
 Rule = Callable[[RuleContext], Any]
 
 
+class Placeholder(abc.ABC):
+    """A retrace-time stand-in for one jaxpr operand that is not a weight (see :class:`RelaidLeaf`).
+
+    Any equation that is not rewritten to understand it reads :meth:`resolve`.
+    """
+
+    @abc.abstractmethod
+    def resolve(self) -> Any:
+        """The operand this placeholder stands for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaidLeaf(Placeholder):
+    """Leaf ``index`` of an expert weight whose layout a pass changed (see :func:`regroup`).
+
+    A program traced before the change reads the old layout's leaves; while it
+    is re-traced, each of them stands for the new ``value`` (a pytree, so it
+    passes through ``jit``, ``checkpoint`` and ``cond`` bodies). Rules that
+    understand the new layout recover it with :func:`regroup`; any other use
+    reads the old leaf, recomputed from the new value (a copy, same numbers).
+    """
+
+    value: Any
+    old_split: bool = dataclasses.field(metadata=dict(static=True))
+    index: int = dataclasses.field(metadata=dict(static=True))
+
+    def resolve(self) -> jax.Array:
+        return jax.tree_util.tree_leaves(expert_layout.with_layout_of(self.value, self.old_split))[self.index]
+
+
+jax.tree_util.register_dataclass(RelaidLeaf, data_fields=["value"], meta_fields=["old_split", "index"])
+
+
+def regroup(weights: Any) -> tuple[Any, ...]:
+    """Replace each weight whose leaves are the :class:`RelaidLeaf` proxies of one old weight by the new value."""
+    def fix(w):
+        leaves = jax.tree_util.tree_leaves(w, is_leaf=lambda x: isinstance(x, RelaidLeaf))
+        if leaves and all(isinstance(x, RelaidLeaf) for x in leaves) and \
+                [x.index for x in leaves] == list(range(len(leaves))):
+            return leaves[0].value
+        return w
+    return tuple(fix(w) for w in weights)
+
+
 def materialize(value: Any, var: Any = None) -> Any:
-    """A plain array for ``value``: structured weights are dequantized."""
-    if hasattr(value, "dequantize"):
+    """A plain array for ``value``: structured weights are dequantized (to ``var``'s dtype), placeholders resolved."""
+    if isinstance(value, Placeholder):
+        return value.resolve()
+    if wf.is_structured(value):
         dtype = var.aval.dtype if var is not None and hasattr(var, "aval") else None
-        return value.dequantize(dtype)
+        return wf.dequantize(value, dtype)
     return value
 
 
 def _is_structured(v: Any) -> bool:
-    return hasattr(v, "dequantize")
+    """A value the plain jaxpr cannot take as is: a structured weight or a placeholder."""
+    return wf.is_structured(v) or isinstance(v, Placeholder)
 
 
 def retrace(closed_jaxpr, rules: Mapping[str, Rule], args: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -345,13 +415,23 @@ def inline_dialect_rule(ctx: RuleContext) -> Any:
     return ctx.eqn.primitive.implementation(*args, **ctx.eqn.params)
 
 
-def rebind_expert_ffn(ctx: RuleContext, **param_changes: Any) -> Any:
-    """Bind ``moe_expert_ffn`` again on the equation's operands, with changed params.
+def bind_expert_ffn(params: dict[str, Any], invals: Sequence[Any], **param_changes: Any) -> Any:
+    """Bind ``moe_expert_ffn`` on an equation's operands, keeping structured weights.
 
-    Structured weights (quantized, or stored per expert after a layout change)
-    are rebuilt from the operands, so the new equation flattens them afresh.
+    ``invals`` are the equation's operands (grouped rows, group sizes, then the
+    weight leaves, any of which may already be a structured weight that
+    replaced a plain one, or :class:`RelaidLeaf` proxies of a re-laid weight).
+    The weights are rebuilt from them and bound through
+    :func:`moejax.dialect.moe_expert_ffn`, so the new equation flattens them
+    afresh and its ``weight_format`` names their format. ``weights_tree`` and
+    ``weight_format`` follow from the weights; other params may be changed.
     """
-    weights = jax.tree_util.tree_unflatten(ctx.params["weights_tree"], ctx.invals[2:])
-    params = {k: ctx.params[k] for k in ("activation", "impl", "name")}
-    params.update(param_changes)
-    return dialect.moe_expert_ffn(ctx.invals[0], ctx.invals[1], expert_layout.regroup(weights), **params)
+    weights = jax.tree_util.tree_unflatten(params["weights_tree"], list(invals[2:]))
+    derived = ("weights_tree", "weight_format")
+    new_params = {k: v for k, v in {**params, **param_changes}.items() if k not in derived}
+    return dialect.moe_expert_ffn(invals[0], invals[1], regroup(weights), **new_params)
+
+
+def rebind_expert_ffn(ctx: RuleContext, **param_changes: Any) -> Any:
+    """Bind ``moe_expert_ffn`` again on the equation's operands, with changed params (see :func:`bind_expert_ffn`)."""
+    return bind_expert_ffn(ctx.params, ctx.invals, **param_changes)

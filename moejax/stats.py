@@ -7,44 +7,23 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.extend import core as jcore
 
-from moejax import dialect, rewrite
+from moejax import analysis, dataflow, dialect, rewrite
 
 __all__ = ["program_stats", "expert_weight_leaf_indices", "ffn_matrix_shapes", "expected_slots"]
 
 
-def _input_sources(jaxpr, sources: dict[Any, int], found: dict[int, set[int]], want) -> None:
-    """Map variables that carry a top-level input unchanged to that input's index."""
-    for eqn in jaxpr.eqns:
-        if want(eqn):
-            for pos, v in enumerate(eqn.invars):
-                if not isinstance(v, jcore.Literal) and v in sources:
-                    found.setdefault(id(eqn), set()).add((pos, sources[v]))
-        for _, sub in rewrite.sub_jaxprs(eqn):
-            offset = len(eqn.invars) - len(sub.invars)
-            if offset < 0 or eqn.primitive.name == "while":
-                continue
-            inner = {}
-            for sv, ov in zip(sub.invars, eqn.invars[offset:]):
-                if not isinstance(ov, jcore.Literal) and ov in sources:
-                    inner[sv] = sources[ov]
-            _input_sources(sub, inner, found, want)
-
-
-def _expert_weight_hits(program) -> dict[int, set[tuple[int, int]]]:
-    """id(moe_expert_ffn eqn) -> {(weight operand position, weight leaf index)} for leaves fed in unchanged."""
-    jaxpr = program.jaxpr.jaxpr
-    sources = {v: i for i, v in enumerate(jaxpr.invars[:program.num_weight_leaves])}
-    found: dict[int, set] = {}
-    _input_sources(jaxpr, sources, found, lambda e: e.primitive is dialect.expert_ffn_p)
+def _expert_weight_reads(program) -> list[tuple[str, set[tuple[int, int]]]]:
+    """Per ``moe_expert_ffn`` equation reading stored weights: (layer name, {(weight operand position, leaf index)})."""
+    reads = dataflow.weight_reads(program, lambda e: e.primitive is dialect.expert_ffn_p)
     # operands 0, 1 are the grouped rows and the group sizes; the rest are weights
-    return {eqn_id: {(pos - 2, src) for pos, src in hits if pos >= 2} for eqn_id, hits in found.items()}
+    out = [(r.name, {(pos - 2, src.input) for pos, src in r.sources(start=2)}) for r in reads]
+    return [(name, hits) for name, hits in out if hits]
 
 
 def expert_weight_leaf_indices(program) -> set[int]:
     """Indices of weight leaves that feed a ``moe_expert_ffn`` weight operand."""
-    return {src for hits in _expert_weight_hits(program).values() for _, src in hits}
+    return {src for _, hits in _expert_weight_reads(program) for _, src in hits}
 
 
 def expert_weight_sites(program) -> dict[str, tuple[str, int]]:
@@ -53,14 +32,11 @@ def expert_weight_sites(program) -> dict[str, tuple[str, int]]:
     The position is that of the weight's last leaf among the op's weight
     operands: it orders a layer's matrices (gate, up, down), it is not their index.
     """
-    names = {id(s.eqn): s.name for s in rewrite.dialect_sites(program.jaxpr, "moe_expert_ffn")}
-    leaf_to_path = []
-    for path, w in program.weights.items():
-        leaf_to_path.extend([path] * len(jax.tree_util.tree_leaves(w)))
+    owners = dataflow.leaf_owners(program)
     out: dict[str, tuple[str, int]] = {}
-    for eqn_id, hits in _expert_weight_hits(program).items():
-        for pos, src in hits:
-            out[leaf_to_path[src]] = (names.get(eqn_id, ""), pos)
+    for name, hits in _expert_weight_reads(program):
+        for pos, src in sorted(hits):
+            out[owners[src].path] = (name, pos)
     return dict(sorted(out.items()))
 
 
@@ -71,12 +47,13 @@ def ffn_matrix_shapes(eqn) -> list[tuple[int, ...]]:
     return [tuple(m.shape) for m in mats]
 
 
-def expected_slots(route_eqn, profile: dict[str, Any] | None) -> float:
+def expected_slots(route_eqn, profile: analysis.RoutingProfile | None) -> float:
     """Expected experts per token of a route op (measured when profiled)."""
     r: dialect.Routing = route_eqn.params["routing"]
     name = route_eqn.params.get("name", "")
-    if profile and name in profile and "mean_active" in profile[name]:
-        return float(profile[name]["mean_active"])
+    layer = profile.layers.get(name) if profile is not None else None
+    if layer is not None and layer.mean_active is not None:
+        return float(layer.mean_active)
     return float(r.slots)
 
 
@@ -88,7 +65,7 @@ def program_stats(program) -> dict[str, Any]:
     counts: collections.Counter = collections.Counter()
     impls: collections.Counter = collections.Counter()
     devices = 1
-    profile = program.metadata.get("routing_profile")
+    profile = analysis.read(program.metadata, analysis.RoutingProfile)
     routes = {}
     for site in rewrite.iter_eqns(program.jaxpr):
         name = site.eqn.primitive.name

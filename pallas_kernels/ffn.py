@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moejax import weight_formats
 from moejax.pallas_kernels.gmm import gmm, gmm_gated, rhs_spec
 from moejax.pallas_kernels.quant_format import QuantizedTensor
 from moejax.pallas_kernels.tile_math import GATED
@@ -37,14 +38,12 @@ def kernel_weight(w: Any, dtype: Any) -> Any:
     """The form of an expert weight the kernels consume.
 
     A :class:`QuantizedTensor` the kernel dequantizes stays quantized; other
-    quantized pytrees (anything with ``dequantize``) are dequantized to
+    structured weights (:mod:`moejax.weight_formats`) are dequantized to
     ``dtype``; float arrays are cast to ``dtype`` (as the reference does).
     """
     if isinstance(w, QuantizedTensor) and _kernel_can_take(w, w.shape[-2]):
         return w
-    if hasattr(w, "dequantize"):
-        return w.dequantize(dtype)
-    return jnp.asarray(w).astype(dtype)
+    return weight_formats.dequantize(w, dtype)
 
 
 def ffn_pallas(grouped: jax.Array, group_sizes: jax.Array, weights: Sequence[Any], *, activation: str,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from moejax.pallas_kernels.grouped import grouped_call, split_even_odd
 from moejax.pallas_kernels.quant_format import QuantizedTensor
+from moejax.weight_formats import is_structured
 from moejax.pallas_kernels.tile_math import EPILOGUES, GATED, RhsSpec
 from moejax.pallas_kernels.tiling import choose_tiling, resolve_backend
 
@@ -39,7 +40,7 @@ def rhs_spec(rhs: Rhs) -> tuple[RhsSpec, tuple[jax.Array, ...]]:
                              "dequantize it first or quantize with group_size=None")
         arrays = (rhs.q, rhs.scale) + (() if rhs.zero is None else (rhs.zero,))
         return RhsSpec(kind, rhs.group_size, rhs.zero is not None), arrays
-    if hasattr(rhs, "dequantize"):
+    if is_structured(rhs):
         raise TypeError(f"gmm: rhs {type(rhs).__name__} is not a moejax QuantizedTensor; call .dequantize(dtype) first")
     rhs = jnp.asarray(rhs)
     if not jnp.issubdtype(rhs.dtype, jnp.floating):

@@ -21,55 +21,48 @@ prune and merge passes share.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import numpy as np
 
-from moejax import dialect
+from moejax import analysis, dialect
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
 __all__ = ["DynamicGating", "refresh_profile", "mean_active_experts"]
 
-PROFILE_KEY = "routing_profile"
+PROFILE_KEY = analysis.RoutingProfile.key
 
 
 # --------------------------------------------------------------------------
 # Re-measuring routing after a pass changed it (shared with prune / merge).
 # --------------------------------------------------------------------------
-def refresh_profile(program: Program, ctx: PassContext, key: Any) -> dict[str, Any] | None:
-    """Re-measure the routing profile of ``program`` after a routing-changing pass.
+def refresh_profile(program: Program, ctx: PassContext, step: str) -> analysis.RoutingProfile | None:
+    """Re-measure the routing profile of ``program`` after a routing-changing pass (pipeline ``step``).
 
     Runs the profile pass's :func:`moejax.passes.profile.measure_routing` on the
     same calibration tokens the profile pass uses (``ctx.calibration``, else its
-    default text / example inputs). The result is stored in ``ctx.analysis[key]``
-    so that the decode program of the same ``optimize`` call, which cannot run
-    token batches, reuses it. Returns None when there is nothing to measure on.
+    default text / example inputs). The result is stored in ``ctx.analysis``
+    under ``step`` so that the decode program of the same ``optimize`` call,
+    which cannot run token batches, reuses it. Returns None when there is
+    nothing to measure on.
     """
     from moejax.passes.profile import ProfileRouting, measure_routing, token_input_shape
 
     try:
         token_input_shape(program)
     except PassError:  # a decode-step program: reuse what the prefill run measured
-        return ctx.analysis.get(key)
+        return ctx.analysis.get(analysis.RoutingProfile, step)
     try:
         batches, _ = ProfileRouting()._calibration(program, ctx)
     except PassError:
         return None
-    profile = measure_routing(program, batches)
-    ctx.analysis[key] = profile
-    ctx.analysis[PROFILE_KEY] = profile
-    return profile
+    return ctx.analysis.put(step, measure_routing(program, batches))
 
 
-def mean_active_experts(profile: dict[str, Any]) -> float:
+def mean_active_experts(profile: analysis.RoutingProfile | Mapping[str, Any]) -> float:
     """Token-weighted mean active experts per token over every profiled layer."""
-    num = den = 0.0
-    for entry in profile.values():
-        stack = np.asarray(entry["counts"]).shape[0]
-        num += entry["mean_active"] * entry["tokens"] * stack
-        den += entry["tokens"] * stack
-    return num / den if den else 0.0
+    return analysis.RoutingProfile.from_metadata(profile).mean_active()
 
 
 # --------------------------------------------------------------------------
@@ -161,9 +154,9 @@ class DynamicGating(Pass):
             return rc.bind(routing=routing)
 
         new = program.rewrite({dialect.route_p.name: rule})
-        profile = refresh_profile(new, ctx, ("gating", id(self)))
+        profile = refresh_profile(new, ctx, ctx.step(self))
         if profile is None:
             return new
         notes = dict(new.metadata.get("notes", {}))
-        notes[str(self)] = f"measured mean active experts per token: {mean_active_experts(profile):.3f}"
-        return new.replace(metadata={**new.metadata, PROFILE_KEY: profile, "notes": notes})
+        notes[str(self)] = f"measured mean active experts per token: {profile.mean_active():.3f}"
+        return new.replace(metadata={**analysis.write(new.metadata, profile), "notes": notes})

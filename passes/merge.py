@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import dialect
+from moejax import analysis, dialect
 from moejax.passes.prune import (MoELayer, _check_target, _with_profile, apply_expert_rewrite, check_float_experts,
                                  expert_outputs, find_moe_layers, layer_profile)
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
@@ -171,7 +171,8 @@ class MergeExperts(Pass):
     name: ClassVar[str] = "merge"
     exact: ClassVar[bool] = False
     needs_stacked_experts: ClassVar[bool] = True
-    needs: ClassVar[tuple[str, ...]] = ("routing_profile",)
+    needs: ClassVar[tuple[str, ...]] = (analysis.RoutingProfile.key,)
+    provides: ClassVar[tuple[str, ...]] = (analysis.MergePlan.key,)
 
     num_experts: int | None = None
     similarity: str = "output"
@@ -201,13 +202,13 @@ class MergeExperts(Pass):
             layer_profile(program, layer, self.name, self._needed_keys())
 
     # ---- clustering ----------------------------------------------------------
-    def distances(self, program: Program, layer: MoELayer, s: int, entry: dict[str, Any]) -> np.ndarray:
+    def distances(self, program: Program, layer: MoELayer, s: int, entry: analysis.LayerRouting) -> np.ndarray:
         """Cosine distances ``[E, E]`` between the current experts of stack row ``s``."""
         if self.similarity == "weight":
             feats = [np.asarray(program.weights[p][s] if layer.stacked else program.weights[p], np.float32)
                      for p in layer.experts]
             return cosine_distances(np.concatenate([f.reshape(f.shape[0], -1) for f in feats], axis=1))
-        x = np.asarray(entry["inputs"][s], np.float32)
+        x = np.asarray(entry.inputs[s], np.float32)
         if self.similarity == "output":
             return cosine_distances(expert_outputs(program, layer, s, x))
         router = np.asarray(program.weights[layer.router][s] if layer.stacked else program.weights[layer.router],
@@ -231,14 +232,16 @@ class MergeExperts(Pass):
     # ---- rewriting -------------------------------------------------------------
     def run(self, program: Program, ctx: PassContext) -> Program:
         layers = find_moe_layers(program, self.name)
-        plans = ctx.analysis.setdefault(("merge-plan", id(self)), {})  # the decode program reuses the clusters
+        step = ctx.step(self)
+        shared = ctx.analysis.get(analysis.MergePlan, step)  # made by the first program of this optimize call
+        plans = {name: (shared.layers.get(name) if shared is not None else None)
+                 or analysis.MergePlan.clusters_of(self.clusters(program, layer)) for name, layer in layers.items()}
+        plan = ctx.analysis.put(step, analysis.MergePlan(self.similarity, self.num_experts, plans))
         new_weights: dict[str, Any] = {}
         routings, counts, notes = {}, {}, {}
         for name, layer in layers.items():
-            if name not in plans:
-                plans[name] = self.clusters(program, layer)
-            rows = plans[name]
-            freq = np.asarray(layer_profile(program, layer, self.name, ("frequency",))["frequency"], np.float64)
+            rows = [[list(c) for c in row] for row in plans[name]]
+            freq = np.asarray(layer_profile(program, layer, self.name, ("frequency",)).frequency, np.float64)
             if layer.stacked:
                 rows, perms, expert_map = self._canonical(layer, rows)
                 new_weights[layer.router] = jnp.asarray(
@@ -259,7 +262,7 @@ class MergeExperts(Pass):
             counts[name] = self.num_experts
             notes[name] = rows if layer.stacked else rows[0]
         new = apply_expert_rewrite(program, layers, new_weights, routings, counts)
-        return _with_profile(new, ctx, ("merge", id(self)), str(self), f"clusters per layer: {notes}")
+        return _with_profile(new, ctx, step, str(self), f"clusters per layer: {notes}", plan)
 
     def _canonical(self, layer: MoELayer, rows: list[list[list[int]]]):
         """Order each stacked layer's clusters by size so one static expert_map serves every layer.

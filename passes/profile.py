@@ -3,12 +3,14 @@
 The pass runs the program on calibration token batches with taps on
 ``moe_route`` (hidden states, combine weights, expert ids), ``moe_dispatch``
 (row order) and ``moe_expert_ffn`` (group sizes, expert outputs), then reduces
-them on the host into the routing profile described in
-``/tmp/prompts/profile_spec.md``::
+them on the host into a :class:`moejax.analysis.RoutingProfile`, one
+:class:`~moejax.analysis.LayerRouting` per layer name::
 
-    program.metadata["routing_profile"][layer_name] = {
-        "counts" [S,E], "frequency" [S,E], "mass" [S,E], "coactivation" [S,E,E],
-        "output_mean" [S,E,d], "inputs" [S,n,d], "tokens": int, "mean_active": float}
+    profile = analysis.read(program.metadata, RoutingProfile)
+    profile.layers[layer_name]: counts [S,E], frequency [S,E], mass [S,E], coactivation [S,E,E],
+                                output_mean [S,E,d], inputs [S,n,d], tokens: int, mean_active: float
+
+(the metadata holds its plain form, ``metadata["routing_profile"][layer_name]["counts"]``).
 
 ``S`` is the stack axis: 1 for an unrolled layer, the number of layers for a
 layer stacked under ``scan`` (name ``layers/*/mlp``).
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import dialect, rewrite
+from moejax import analysis, dialect, rewrite
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
@@ -174,7 +176,7 @@ class _Accumulator:
             self.inputs.append(np.asarray(take, np.float32))
             self.n_inputs += take.shape[1]
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> analysis.LayerRouting:
         counts = self.counts
         diag = np.arange(self.e)
         self.coact[:, diag, diag] = counts  # spec: diagonal = counts (even with repeated slots)
@@ -182,16 +184,16 @@ class _Accumulator:
         freq = counts / np.maximum(total, 1.0)
         out_mean = (self.out_sum / np.maximum(counts, 1.0)[..., None]).astype(np.float32)
         s_dim = counts.shape[0]
-        return {
-            "counts": counts,
-            "frequency": freq,
-            "mass": self.mass,
-            "coactivation": self.coact,
-            "output_mean": out_mean,
-            "inputs": np.concatenate(self.inputs, axis=1) if self.inputs else np.zeros((s_dim, 0, self.d), np.float32),
-            "tokens": int(self.tokens),
-            "mean_active": float(self.active / max(self.tokens * s_dim, 1)),
-        }
+        return analysis.LayerRouting(
+            counts=counts,
+            frequency=freq,
+            mass=self.mass,
+            coactivation=self.coact,
+            output_mean=out_mean,
+            inputs=np.concatenate(self.inputs, axis=1) if self.inputs else np.zeros((s_dim, 0, self.d), np.float32),
+            tokens=int(self.tokens),
+            mean_active=float(self.active / max(self.tokens * s_dim, 1)),
+        )
 
 
 def _stacked(a: Any, base_ndim: int) -> np.ndarray:
@@ -201,7 +203,7 @@ def _stacked(a: Any, base_ndim: int) -> np.ndarray:
     return a.reshape((int(np.prod(lead, dtype=int)),) + a.shape[a.ndim - base_ndim:])
 
 
-def measure_routing(program: Program, batches: Sequence[Any]) -> dict[str, dict[str, Any]]:
+def measure_routing(program: Program, batches: Sequence[Any]) -> analysis.RoutingProfile:
     """The routing profile of ``program`` on token ``batches`` (see the module doc).
 
     ``batches`` are int token arrays of any ``[b, s]`` shape; they are cut and
@@ -227,18 +229,18 @@ def measure_routing(program: Program, batches: Sequence[Any]) -> dict[str, dict[
                 raise PassError(f"profile: layer {name!r} routes {x.shape[1]} rows per call but the input has "
                                 f"{valid.shape[0]} tokens; profile expects one routed row per token")
             acc.add(x, g("w", 2), g("ids", 2), g("order", 1), g("sizes", 1), g("out", 2), valid)
-    return {name: acc.result() for name, acc in accs.items()}
+    return analysis.RoutingProfile({name: acc.result() for name, acc in accs.items()})
 
 
-def profile_matches(program: Program, profile: dict[str, Any]) -> bool:
+def profile_matches(program: Program, profile: analysis.RoutingProfile) -> bool:
     """Whether ``profile`` describes the MoE layers of ``program`` (names and expert counts)."""
     try:
         specs = _layer_specs(program)
     except PassError:
         return False
-    if set(specs) != set(profile):
+    if set(specs) != set(profile.layers):
         return False
-    return all(np.shape(profile[n]["counts"])[1] == int(s["moe_dispatch"].params["num_experts"])
+    return all(profile.layers[n].num_experts == int(s["moe_dispatch"].params["num_experts"])
                for n, s in specs.items())
 
 
@@ -256,8 +258,8 @@ class ProfileRouting(Pass):
     (default: the program's sequence length) and are run ``batch`` at a time
     (must equal the program's batch: a program is traced for one input shape).
     The profile goes to ``program.metadata["routing_profile"]`` and to
-    ``ctx.analysis`` so that the decode program of the same optimize call
-    reuses it instead of re-measuring.
+    ``ctx.analysis`` under this pipeline step, so that the decode program of
+    the same optimize call reuses it instead of re-measuring.
     """
 
     name: ClassVar[str] = "profile"
@@ -300,27 +302,22 @@ class ProfileRouting(Pass):
         return [np.asarray(ctx.example_args[0])], "example_args"
 
     def run(self, program: Program, ctx: PassContext) -> Program:
-        # Decode (or any later) program of the same optimize call: reuse the i-th profile measured by the
-        # prefill run, where i counts profile passes on this context (pipelines may profile twice).
-        history: list = ctx.analysis.setdefault("routing_profile_history", [])
-        calls: dict = ctx.analysis.setdefault("_profile_calls", {})
-        i = calls.get(id(ctx), 0)
-        calls[id(ctx)] = i + 1
-        if i < len(history) and profile_matches(program, history[i][0]):
-            profile, source = history[i]
-        else:
+        # The decode (or any later) program of the same optimize call reuses the profile this step
+        # measured on the first program; a pipeline that profiles twice has two steps.
+        step = ctx.step(self)
+        profile = ctx.analysis.get(analysis.RoutingProfile, step)
+        if profile is None or not profile_matches(program, profile):
             batches, source = self._calibration(program, ctx)
-            profile = measure_routing(program, batches)
-            history.append((profile, source))
-        ctx.analysis["routing_profile"] = profile
-        return program.replace(metadata={**program.metadata, "routing_profile": profile,
-                                         "routing_profile_source": source})
+            profile = ctx.analysis.put(step, dataclasses.replace(measure_routing(program, batches), source=source))
+        return program.replace(metadata={**analysis.write(program.metadata, profile),
+                                         "routing_profile_source": profile.source})
 
 
 # --------------------------------------------------------------------------
 # Picture.
 # --------------------------------------------------------------------------
-def save_load_heatmap(profile: dict[str, Any], path_png: str | Path, title: str = "expert load") -> Path:
+def save_load_heatmap(profile: analysis.RoutingProfile | dict[str, Any], path_png: str | Path,
+                      title: str = "expert load") -> Path:
     """Write a heatmap PNG of expert load (fraction of routing slots), one row per (stacked) layer."""
     import matplotlib
 
@@ -330,6 +327,7 @@ def save_load_heatmap(profile: dict[str, Any], path_png: str | Path, title: str 
     if not profile:
         raise ValueError("save_load_heatmap: empty routing profile")
     rows, labels = [], []
+    # entry["frequency"] reads a LayerRouting and the metadata's plain dict alike
     width = max(np.shape(p["frequency"])[1] for p in profile.values())
     for name, p in profile.items():
         freq = np.asarray(p["frequency"])

@@ -30,9 +30,9 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
 
-from moejax import dialect, rewrite
+from moejax import analysis, dataflow, dialect
+from moejax import weight_formats as wf
 from moejax.passes.gating import PROFILE_KEY, refresh_profile
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
@@ -69,40 +69,6 @@ class MoELayer:
         return int(np.shape(program.weights[self.router])[0]) if self.stacked else 1
 
 
-def _leaf_paths(program: Program) -> list[tuple[str, bool]]:
-    """Per jaxpr weight input: (weight path, whether that weight is a structured pytree)."""
-    out = []
-    for path, w in program.weights.items():
-        n = len(jax.tree_util.tree_leaves(w))
-        out.extend([(path, hasattr(w, "dequantize") or n > 1)] * n)
-    return out
-
-
-def _flow(jaxpr, env: dict, hits: list) -> None:
-    """Follow program weights (unchanged values) into nested bodies; record dialect-op operands.
-
-    ``env`` maps a variable to (weight leaf index, number of scan axes sliced off).
-    """
-    for eqn in jaxpr.eqns:
-        if dialect.is_dialect_primitive(eqn.primitive):
-            hits.append((eqn, [None if isinstance(v, jcore.Literal) else env.get(v) for v in eqn.invars]))
-        if eqn.primitive.name == "while":
-            continue
-        for _, sub in rewrite.sub_jaxprs(eqn):
-            offset = len(eqn.invars) - len(sub.invars)
-            if offset < 0:
-                continue
-            n_unsliced = (eqn.params["num_consts"] + eqn.params["num_carry"]) if eqn.primitive.name == "scan" \
-                else len(sub.invars)
-            inner = {}
-            for i, (sv, ov) in enumerate(zip(sub.invars, eqn.invars[offset:])):
-                if isinstance(ov, jcore.Literal) or ov not in env:
-                    continue
-                leaf, depth = env[ov]
-                inner[sv] = (leaf, depth + (1 if i >= n_unsliced else 0))
-            _flow(sub, inner, hits)
-
-
 def find_moe_layers(program: Program, who: str) -> dict[str, MoELayer]:
     """Every MoE layer of ``program`` with the weight paths feeding its router and experts.
 
@@ -110,13 +76,10 @@ def find_moe_layers(program: Program, who: str) -> dict[str, MoELayer]:
     layer's weights are not program weights passed unchanged (e.g. computed
     inside the program) or are sliced by nested scans.
     """
-    jaxpr = program.jaxpr.jaxpr
-    leaves = _leaf_paths(program)
-    env = {v: (i, 0) for i, v in enumerate(jaxpr.invars[:len(leaves)])}
-    hits: list = []
-    _flow(jaxpr, env, hits)
+    leaves = dataflow.leaf_owners(program)
     by_name: dict[str, dict[str, Any]] = {}
-    for eqn, srcs in hits:
+    for read in dataflow.weight_reads(program, lambda e: dialect.is_dialect_primitive(e.primitive)):
+        eqn, srcs = read.eqn, read.operands
         entry = by_name.setdefault(eqn.params.get("name", ""), {})
         op = eqn.primitive.name
         if op in entry and entry[op][1] != srcs:
@@ -139,21 +102,21 @@ def find_moe_layers(program: Program, who: str) -> dict[str, MoELayer]:
             if src is None:
                 raise PassError(f"{who}: the {what} of layer {name!r} is computed inside the program, not a program "
                                 f"weight passed unchanged; {who} can only edit stored weights (run it earlier)")
-            depths.add(src[1])
+            depths.add(src.sliced_axes)
         if len(depths) != 1 or max(depths) > 1:
             raise PassError(f"{who}: the weights of layer {name!r} are sliced by {sorted(depths)} nested scans; "
                             f"{who} supports unrolled layers or one scan over stacked layers")
         expert_paths = []
         for _, src in operands[len(rsrc) - 1:]:
-            path = leaves[src[0]][0]
+            path = leaves[src.input].path
             if path not in expert_paths:
                 expert_paths.append(path)
-        router_path, router_structured = leaves[rsrc[1][0]]
-        if router_structured:
+        router_path = leaves[rsrc[1].input].path
+        if leaves[rsrc[1].input].structured:
             raise PassError(f"{who}: the router weight of layer {name!r} ({router_path}) is a structured "
                             f"(quantized or merged) value; {who} needs a plain float router")
         layers[name] = MoELayer(
-            name=name, router=router_path, bias=leaves[rsrc[2][0]][0] if len(rsrc) > 2 else None,
+            name=name, router=router_path, bias=leaves[rsrc[2].input].path if len(rsrc) > 2 else None,
             experts=tuple(expert_paths), stacked=depths.pop() == 1, routing=route.params["routing"],
             num_experts=int(dispatch.params["num_experts"]), num_router=int(route.invars[1].aval.shape[-1]),
             activation=ffn.params["activation"], weight_format=ffn.params["weight_format"])
@@ -165,7 +128,7 @@ def find_moe_layers(program: Program, who: str) -> dict[str, MoELayer]:
 def check_float_experts(program: Program, layers: dict[str, MoELayer], who: str) -> None:
     """Reject quantized expert weights: merging or pruning must come before quantization."""
     for layer in layers.values():
-        quantized = [p for p in layer.experts if hasattr(program.weights[p], "dequantize")]
+        quantized = [p for p in layer.experts if wf.is_structured(program.weights[p])]
         if layer.weight_format != "float" or quantized:
             fmt = layer.weight_format if layer.weight_format != "float" else program.weights[quantized[0]].format
             raise PassError(f"{who}: layer {layer.name!r} has quantized expert weights ({fmt}); {who} averages or "
@@ -173,20 +136,20 @@ def check_float_experts(program: Program, layers: dict[str, MoELayer], who: str)
                             f"e.g. 'profile,{who}(...),quantize(...)'")
 
 
-def layer_profile(program: Program, layer: MoELayer, who: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """The routing-profile entry of ``layer``, checked to describe the current experts."""
-    profile = program.metadata.get(PROFILE_KEY, {})
-    entry = profile.get(layer.name)
+def layer_profile(program: Program, layer: MoELayer, who: str, keys: Sequence[str]) -> analysis.LayerRouting:
+    """The routing-profile entry of ``layer``, checked to describe the current experts and to hold ``keys``."""
+    profile = analysis.read(program.metadata, analysis.RoutingProfile)
+    entry = profile.layers.get(layer.name) if profile is not None else None
     if entry is None:
         raise PassError(f"{who}: the routing profile has no entry for layer {layer.name!r}; run 'profile' "
                         f"right before {who}")
     stack = layer.stack_size(program)
-    counts = np.asarray(entry["counts"])
+    counts = entry.counts
     if counts.shape != (stack, layer.num_experts):
         raise PassError(f"{who}: the routing profile of layer {layer.name!r} describes {counts.shape[-1]} experts "
                         f"x {counts.shape[0]} stacked layers but the program has {layer.num_experts} x {stack} "
                         f"(stale profile); run 'profile' again right before {who}")
-    missing = [k for k in keys if k not in entry]
+    missing = [k for k in keys if getattr(entry, k) is None]
     if missing:
         raise PassError(f"{who}: the routing profile of layer {layer.name!r} lacks {missing}; run 'profile' "
                         f"right before {who}")
@@ -204,13 +167,7 @@ def _row(program: Program, path: str, layer: MoELayer, s: int) -> np.ndarray:
 def expert_outputs(program: Program, layer: MoELayer, s: int, x: np.ndarray) -> np.ndarray:
     """Output of every expert of stack row ``s`` on tokens ``x [n, d]``: ``[E, n, d]`` float32."""
     mats = [jnp.asarray(_row(program, p, layer, s)) for p in layer.experts]
-    act = dialect.activation_fn(layer.activation)
-    xj = jnp.asarray(x, jnp.float32)
-    if layer.activation in dialect.GATED_ACTIVATIONS:
-        h = act(jnp.einsum("nd,edf->enf", xj, mats[0]), jnp.einsum("nd,edf->enf", xj, mats[1]))
-    else:
-        h = act(jnp.einsum("nd,edf->enf", xj, mats[0]))
-    return np.asarray(jnp.einsum("enf,efd->end", h, mats[-1]))
+    return np.asarray(dialect.expert_ffn_math(jnp.asarray(x, jnp.float32), mats, layer.activation))
 
 
 _route_jit = jax.jit(dialect.route_reference, static_argnames=("routing", "name", "impl"))
@@ -296,11 +253,13 @@ def _check_target(layer: MoELayer, target: int, who: str) -> None:
                         f"removing experts would break its expert groups. {who} supports n_group=1 only")
 
 
-def _with_profile(new: Program, ctx: PassContext, key: Any, note_key: str, note: str) -> Program:
-    profile = refresh_profile(new, ctx, key)
-    meta = dict(new.metadata)
+def _with_profile(new: Program, ctx: PassContext, step: str, note_key: str, note: str,
+                  plan: analysis.AnalysisResult) -> Program:
+    """``new`` with ``plan`` and the re-measured profile in its metadata, and a note."""
+    profile = refresh_profile(new, ctx, step)
+    meta = analysis.write(new.metadata, plan)
     if profile is not None:
-        meta[PROFILE_KEY] = profile
+        meta = analysis.write(meta, profile)
     else:  # the old profile describes experts that no longer exist
         meta.pop(PROFILE_KEY, None)
     notes = dict(meta.get("notes", {}))
@@ -331,6 +290,7 @@ class PruneExperts(Pass):
     exact: ClassVar[bool] = False
     needs_stacked_experts: ClassVar[bool] = True
     needs: ClassVar[tuple[str, ...]] = (PROFILE_KEY,)
+    provides: ClassVar[tuple[str, ...]] = (analysis.PrunePlan.key,)
 
     num_experts: int | None = None
     method: str = "frequency"
@@ -360,7 +320,8 @@ class PruneExperts(Pass):
                 raise PassError(f"prune: layer {layer.name!r} is stacked under scan and already merged "
                                 "(expert_map); pruning merged experts differently per layer needs a per-layer "
                                 "expert_map. Prune before merging, or unroll the layers (scan_layers=False)")
-            layer_profile(program, layer, self.name, ("inputs",) if self.method == "reconstruction" else ())
+            needed = {"frequency": (), "mass": ("mass",), "reconstruction": ("inputs",)}[self.method]
+            layer_profile(program, layer, self.name, needed)
 
     def plan(self, program: Program, layer: MoELayer) -> tuple[list[list[int]], list[float | None]]:
         """Kept expert ids per stack row (sorted) and, for ``reconstruction``, the relative error."""
@@ -368,24 +329,30 @@ class PruneExperts(Pass):
         keeps, errors = [], []
         for s in range(layer.stack_size(program)):
             if self.method == "reconstruction":
-                x = np.asarray(entry["inputs"][s], np.float32)
+                x = np.asarray(entry.inputs[s], np.float32)
                 keep, err = prune_plan_reconstruction(program, layer, s, x, self.num_experts, self.exhaustive_limit)
             else:
-                score = np.asarray(entry["counts" if self.method == "frequency" else "mass"][s], np.float64)
+                score = np.asarray((entry.counts if self.method == "frequency" else entry.mass)[s], np.float64)
                 keep, err = list(np.argsort(-score, kind="stable")[:self.num_experts]), None
             keeps.append(sorted(int(k) for k in keep))
             errors.append(err)
         return keeps, errors
 
+    def _layer_plan(self, program: Program, layer: MoELayer) -> analysis.LayerPrune:
+        keeps, errors = self.plan(program, layer)
+        return analysis.LayerPrune(tuple(tuple(k) for k in keeps), tuple(errors))
+
     def run(self, program: Program, ctx: PassContext) -> Program:
         layers = find_moe_layers(program, self.name)
-        plans = ctx.analysis.setdefault(("prune-plan", id(self)), {})  # the decode program reuses the choice
+        step = ctx.step(self)
+        shared = ctx.analysis.get(analysis.PrunePlan, step)  # made by the first program of this optimize call
+        plans = {name: (shared.layers.get(name) if shared is not None else None)
+                 or self._layer_plan(program, layer) for name, layer in layers.items()}
+        plan = ctx.analysis.put(step, analysis.PrunePlan(self.method, self.num_experts, plans))
         new_weights: dict[str, Any] = {}
         routings, counts, kept_note = {}, {}, {}
         for name, layer in layers.items():
-            if name not in plans:
-                plans[name] = self.plan(program, layer)
-            keeps, errors = plans[name]
+            keeps, errors = [list(k) for k in plans[name].kept], list(plans[name].relative_error)
             rows = [(keep, _subset_routing(layer.routing, layer.num_router, keep)[0]) for keep in keeps]
             routings[name] = _subset_routing(layer.routing, layer.num_router, keeps[0])[1]
             counts[name] = self.num_experts
@@ -405,4 +372,4 @@ class PruneExperts(Pass):
             if errors[0] is not None:
                 kept_note[name] = {"kept": kept_note[name], "relative_error": errors}
         new = apply_expert_rewrite(program, layers, new_weights, routings, counts)
-        return _with_profile(new, ctx, ("prune", id(self)), str(self), f"kept experts per layer: {kept_note}")
+        return _with_profile(new, ctx, step, str(self), f"kept experts per layer: {kept_note}", plan)

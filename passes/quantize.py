@@ -1,22 +1,20 @@
 """``quantize``: weight-only quantization of expert weights (lossy; survey section 3.2.2).
 
-Storage formats (all dequantize as ``(q - zero) * scale`` in f32, groups of
-``group_size`` rows along the contraction axis ``k`` = axis -2, one scale per
-group and output column):
+Storage formats (defined in the core, :mod:`moejax.weight_formats`; all
+dequantize as ``(q - zero) * scale`` in f32, groups of ``group_size`` rows
+along the contraction axis ``k`` = axis -2, one scale per group and output
+column):
 
 * ``int8`` (per output channel by default) and ``int4-g<G>`` (two nibbles per
-  byte): :class:`moejax.pallas_kernels.quant_format.QuantizedTensor`, the
-  project's shared format, used as is.
-* ``int3-g<G>`` / ``int2-g<G>``: :class:`LowBitTensor` (this module), because
-  the shared format stores only 4 and 8 bits. Codes are stored as ``bits``
-  bit-planes, each packed 8 rows per byte along ``k`` (``q`` is ``uint8
-  [..., bits * k / 8, n]``), so int3 really costs 3/8 byte per weight.
-* Mixed precision (``mixed=true``): :class:`MixedExpertTensor`, one quantized
-  part per bit-width holding that width's experts stacked ``[..., E_b, k, n]``
-  plus ``perm int32 [..., E]`` (expert ``e`` is row ``perm[e]`` of the parts
-  concatenated in their order). ``perm`` is a leaf, so layers stacked under
-  ``scan`` can give different experts different widths, provided every layer
-  has the same number of experts per width (the allocator guarantees that).
+  byte): :class:`~moejax.weight_formats.QuantizedTensor`, the format the
+  Pallas kernels read.
+* ``int3-g<G>`` / ``int2-g<G>``: :class:`~moejax.weight_formats.LowBitTensor`,
+  bit-plane packed, so int3 really costs 3/8 byte per weight.
+* Mixed precision (``mixed=true``): :class:`~moejax.weight_formats.MixedExpertTensor`,
+  one quantized part per bit-width holding that width's experts stacked
+  ``[..., E_b, k, n]`` plus ``perm int32 [..., E]``. Every stacked layer gets
+  the same number of experts per width (the allocator guarantees that), so
+  stacked layers stay scannable.
 
 Every stored value is a pytree whose leaves carry only leading axes, so
 ``jax.lax.scan`` slicing stacked layers keeps it valid. The ``moe_expert_ffn``
@@ -37,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import dialect, rewrite, stats
+from moejax import analysis, dialect, rewrite
+from moejax import weight_formats as wf
 from moejax.stats import expert_weight_sites
-from moejax.pallas_kernels import quant_format as qf
+# The storage formats live in the core; re-exported here for existing imports.
+from moejax.weight_formats import LowBitTensor, MixedExpertTensor, pack_bitplanes, unpack_bitplanes
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
@@ -53,144 +53,12 @@ _SHARED_RE = re.compile(r"(^|/)(shared|mlp)/(gate_proj|up_proj|down_proj)/kernel
 
 
 # --------------------------------------------------------------------------
-# 2- and 3-bit storage (the shared format has 4 and 8 only).
-# --------------------------------------------------------------------------
-def pack_bitplanes(u: jax.Array, bits: int) -> jax.Array:
-    """Unsigned codes ``[..., k, n]`` (< 2**bits) -> ``uint8 [..., bits * k // 8, n]`` bit-planes.
-
-    Plane ``j`` holds bit ``j`` of every code; byte ``i`` of a plane holds rows
-    ``8i .. 8i+7`` (row ``8i + r`` in bit ``r``). ``k`` must be a multiple of 8.
-    """
-    k = u.shape[-2]
-    if k % 8:
-        raise ValueError(f"pack_bitplanes: contraction dim {k} must be a multiple of 8 for {bits}-bit packing")
-    u = jnp.asarray(u).astype(jnp.uint8)
-    rows = u.reshape(*u.shape[:-2], k // 8, 8, u.shape[-1])
-    shifts = jnp.arange(8, dtype=jnp.uint8)[:, None]
-    planes = [jnp.sum(((rows >> j) & 1) << shifts, axis=-2, dtype=jnp.uint8) for j in range(bits)]
-    return jnp.concatenate(planes, axis=-2)
-
-
-def unpack_bitplanes(p: jax.Array, bits: int) -> jax.Array:
-    """Inverse of :func:`pack_bitplanes`: ``uint8`` codes ``[..., k, n]``."""
-    kb = p.shape[-2] // bits
-    planes = p.reshape(*p.shape[:-2], bits, kb, p.shape[-1])
-    shifts = jnp.arange(8, dtype=jnp.uint8)[:, None]
-    bits_rows = (planes[..., :, :, None, :] >> shifts) & 1  # [..., bits, k/8, 8, n]
-    weights = (jnp.uint8(1) << jnp.arange(bits, dtype=jnp.uint8)).reshape((bits, 1, 1, 1))
-    codes = jnp.sum(bits_rows * weights, axis=-4, dtype=jnp.uint8)
-    return codes.reshape(*p.shape[:-2], kb * 8, p.shape[-1])
-
-
-@dataclasses.dataclass(frozen=True)
-class LowBitTensor:
-    """A 2- or 3-bit quantized weight: bit-plane packed codes, per-group scale (and zero).
-
-    Symmetric codes are offset binary (zero ``2**(bits-1)``, codes in
-    ``[1, 2**bits - 1]``); asymmetric codes use all ``2**bits`` levels with a
-    float zero per group. Same meaning of ``scale``/``zero`` shapes and
-    ``group_size`` as :class:`~moejax.pallas_kernels.quant_format.QuantizedTensor`.
-    """
-
-    q: Any
-    scale: Any
-    zero: Any = None
-    bits: int = dataclasses.field(default=2, metadata=dict(static=True))
-    group_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
-    symmetric: bool = dataclasses.field(default=False, metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        s = list(np.shape(self.q))
-        s[-2] = s[-2] // self.bits * 8
-        return tuple(s)
-
-    @property
-    def format(self) -> str:
-        return qf.format_name(self.bits, self.group_size, self.symmetric)
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self)
-
-    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
-        codes = unpack_bitplanes(self.q, self.bits)
-        k = codes.shape[-2]
-        s = jnp.repeat(self.scale, k // self.scale.shape[-2], axis=-2, total_repeat_length=k)
-        z = float(2 ** (self.bits - 1)) if self.zero is None else jnp.repeat(
-            self.zero, k // self.zero.shape[-2], axis=-2, total_repeat_length=k)
-        return qf.dequant_values(codes, s, z, dtype)
-
-    def __repr__(self) -> str:
-        return f"LowBitTensor({self.format})"
-
-
-jax.tree_util.register_dataclass(LowBitTensor, data_fields=["q", "scale", "zero"],
-                                 meta_fields=["bits", "group_size", "symmetric"])
-
-
-@dataclasses.dataclass(frozen=True)
-class MixedExpertTensor:
-    """Stacked expert weights ``[..., E, k, n]`` with a bit-width per expert (see module doc)."""
-
-    parts: tuple[Any, ...]
-    perm: Any
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        s = list(self.parts[0].shape)
-        s[-3] = int(np.shape(self.perm)[-1])
-        return tuple(s)
-
-    @property
-    def format(self) -> str:
-        return "mixed(" + ",".join(f"{p.format}x{p.shape[-3]}" for p in self.parts) + ")"
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self)
-
-    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
-        cat = jnp.concatenate([p.dequantize(dtype) for p in self.parts], axis=-3)
-        return jnp.take_along_axis(cat, self.perm[..., None, None], axis=-3)
-
-    def __repr__(self) -> str:
-        return f"MixedExpertTensor({self.format})"
-
-
-jax.tree_util.register_dataclass(MixedExpertTensor, data_fields=["parts", "perm"], meta_fields=[])
-
-
-def _nbytes(tree: Any) -> int:
-    return int(sum(np.prod(np.shape(x)) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
-
-
-# --------------------------------------------------------------------------
 # Quantizing one tensor.
 # --------------------------------------------------------------------------
-def _lowbit_arrays(w: jax.Array, bits: int, gs: int, symmetric: bool):
-    """Codes, scale, zero for 2/3 bits with the shared format's rounding rules."""
-    k = w.shape[-2]
-    g = w.astype(jnp.float32).reshape(*w.shape[:-2], k // gs, gs, w.shape[-1])
-    if symmetric:
-        half = 2.0 ** (bits - 1) - 1
-        amax = jnp.max(jnp.abs(g), axis=-2)
-        scale = jnp.where(amax > 0, amax / half, 1.0)
-        zero, zero_v = None, 2.0 ** (bits - 1)
-    else:
-        lo, hi = jnp.min(g, axis=-2), jnp.max(g, axis=-2)
-        scale = jnp.where(hi > lo, (hi - lo) / (2 ** bits - 1), 1.0)
-        zero = -lo / scale
-        zero_v = zero[..., None, :]
-    codes = jnp.clip(jnp.round(g / scale[..., None, :] + zero_v), 0, 2 ** bits - 1)
-    return codes.reshape(w.shape).astype(jnp.uint8), scale, zero
-
-
 def _quantize_plain(w: jax.Array, bits: int, gs: int | None, symmetric: bool) -> Any:
-    if bits in qf.SUPPORTED_BITS:
-        return qf.quantize(w, bits=bits, group_size=gs, symmetric=symmetric)
-    codes, scale, zero = _lowbit_arrays(w, bits, gs or w.shape[-2], symmetric)
-    return LowBitTensor(pack_bitplanes(codes, bits), scale, zero, bits=bits, group_size=gs, symmetric=symmetric)
+    if bits in wf.SUPPORTED_BITS:
+        return wf.quantize(w, bits=bits, group_size=gs, symmetric=symmetric)
+    return wf.quantize_lowbit(w, bits, gs, symmetric)
 
 
 def _group_err(w: jax.Array, dq: jax.Array, gs: int) -> jax.Array:
@@ -359,7 +227,7 @@ def _mixed_tensor(w: jax.Array, bits_se: np.ndarray, group_size: int, symmetric_
 def _requantize_rule(ctx: rewrite.RuleContext):
     """Re-bind the expert op on the quantized pytrees so its params name the format."""
     leaves = ctx.invals[2:]
-    if not any(hasattr(v, "dequantize") for v in leaves):
+    if not any(wf.is_structured(v) for v in leaves):
         return None
     return rewrite.rebind_expert_ffn(ctx)
 
@@ -433,7 +301,7 @@ class QuantizeExperts(Pass):
         widths = sorted({self._uniform_bits()} if not self.mixed else {b for b in STORAGE_BITS if b < 8})
         for path, (layer, _) in sites.items():
             w = program.weights[path]
-            if hasattr(w, "dequantize"):
+            if wf.is_structured(w):
                 raise PassError(f"pass {self}: expert weight {path} of layer {layer!r} is already quantized "
                                 f"({w.format}); quantize once, from float weights")
             k = w.shape[-2]
@@ -447,11 +315,11 @@ class QuantizeExperts(Pass):
                     raise PassError(f"pass {self}: {b}-bit packing needs the contraction dim of {path} "
                                     f"{list(w.shape)} to be a multiple of 8, got {k}; use bits >= 4")
             if self.mixed:
-                prof = program.metadata["routing_profile"].get(layer)
-                if prof is None:
+                prof = analysis.read(program.metadata, analysis.RoutingProfile).layers.get(layer)
+                if prof is None or prof.mass is None or prof.frequency is None:
                     raise PassError(f"pass {self}: the routing profile has no entry for layer {layer!r}; run "
                                     f"profile right before quantize (after passes that change experts)")
-                s_dim, e = np.shape(prof["counts"])
+                s_dim, e = prof.counts.shape
                 if int(np.prod(w.shape[:-3])) != s_dim or w.shape[-3] != e:
                     raise PassError(f"pass {self}: profile of layer {layer!r} has {s_dim}x{e} (stack x experts) "
                                     f"but weight {path} is {list(w.shape)}; re-run profile after changing experts")
@@ -461,17 +329,26 @@ class QuantizeExperts(Pass):
         sites = expert_weight_sites(program)
         new: dict[str, Any] = {}
         notes: dict[str, Any] = {}
+        allocation = None
         if self.mixed:
             by_layer: dict[str, list[str]] = {}
             for path, (layer, _) in sites.items():
                 by_layer.setdefault(layer, []).append(path)
-            inputs = {layer: self._allocation_inputs(program, layer, paths) for layer, paths in by_layer.items()}
-            alloc = allocate_bits_global(inputs, float(self.bits))
+            step = ctx.step(self)
+            allocation = ctx.analysis.get(analysis.BitAllocation, step)  # the first program's choice
+            if allocation is None or set(allocation.layers) != set(by_layer):
+                inputs = {layer: self._allocation_inputs(program, layer, paths) for layer, paths in by_layer.items()}
+                allocation = ctx.analysis.put(step, analysis.BitAllocation(
+                    float(self.bits), allocate_bits_global(inputs, float(self.bits))))
             for layer, paths in by_layer.items():
-                notes[layer] = alloc[layer]
+                bits = allocation.layers[layer]
+                notes[layer] = bits
                 for path in paths:
-                    new[path] = _mixed_tensor(program.weights[path], alloc[layer], self.group_size or 128,
-                                              self._symmetric, self.clip_search)
+                    w = program.weights[path]
+                    new[path] = ctx.derived_weight(  # shared by the programs of one optimize call
+                        f"quantize-mixed-{step}-{layer}", w,
+                        lambda w=w, bits=bits: _mixed_tensor(w, bits, self.group_size or 128, self._symmetric,
+                                                             self.clip_search))
         else:
             b = self._uniform_bits()
             for path in sites:
@@ -482,14 +359,15 @@ class QuantizeExperts(Pass):
         if self.include_shared:
             b = self._uniform_bits()
             for path, w in program.weights.items():
-                if _SHARED_RE.search(path) and path not in new and not hasattr(w, "dequantize"):
+                if _SHARED_RE.search(path) and path not in new and not wf.is_structured(w):
                     gs = self._group(b)
                     if gs is not None and w.shape[-2] % gs:
                         raise PassError(f"pass {self}: group_size={gs} does not divide the contraction dim "
                                         f"{w.shape[-2]} of shared/dense FFN weight {path} {list(w.shape)}")
                     new[path] = quantize_weight(w, b, gs, self._symmetric(b), self.clip_search)
         meta = {"quantization": {"pass": str(self), "formats": {p: v.format for p, v in new.items()}}}
-        if notes:
+        if allocation is not None:
+            meta = analysis.write(meta, allocation)
             meta["quantization"]["expert_bits"] = notes
         return program.rewrite({dialect.expert_ffn_p.name: _requantize_rule}, weights=new, metadata=meta)
 
@@ -502,9 +380,9 @@ class QuantizeExperts(Pass):
         at ``b``: the expected squared error the choice adds to the layer output.
         Without a token sample it falls back to the relative weight error.
         """
-        prof = program.metadata["routing_profile"][layer]
-        mass = np.asarray(prof["mass"], np.float64)
-        freq = np.asarray(prof["frequency"], np.float64)
+        prof = analysis.read(program.metadata, analysis.RoutingProfile).layers[layer]
+        mass = np.asarray(prof.mass, np.float64)
+        freq = np.asarray(prof.frequency, np.float64)
         tot = mass.sum(1, keepdims=True)
         imp = np.where(tot > 0, mass / np.maximum(tot, 1e-30), freq) + 1e-6  # unused experts: error still ranks
         s_dim, e = imp.shape
@@ -515,7 +393,7 @@ class QuantizeExperts(Pass):
         per_expert = int(sum(m.shape[-2] * m.shape[-1] for m in mats))
         activation = next(s.eqn.params["activation"] for s in rewrite.dialect_sites(program.jaxpr, "moe_expert_ffn")
                           if s.name == layer)
-        x = jnp.asarray(prof.get("inputs", np.zeros((s_dim, 0, 1))), jnp.float32)  # [S, n, d]
+        x = jnp.asarray(prof.inputs if prof.inputs is not None else np.zeros((s_dim, 0, 1)), jnp.float32)  # [S,n,d]
         use_outputs = x.shape[1] > 0 and len(mats) == len(by_pos) and x.shape[-1] == mats[0].shape[-2]
         ref = _expert_outputs(x, mats, activation) if use_outputs else None
         err = np.zeros((s_dim, e, len(choices)))
@@ -536,9 +414,4 @@ class QuantizeExperts(Pass):
 @functools.partial(jax.jit, static_argnums=(2,))
 def _expert_outputs(x: jax.Array, mats: list[jax.Array], activation: str) -> jax.Array:
     """Every expert on every sample token: ``x [S,n,d]``, mats ``[S,E,k,n]`` -> ``[S,E,n,d]``."""
-    act = dialect.activation_fn(activation)
-    if activation in dialect.GATED_ACTIVATIONS:
-        h = act(jnp.einsum("snd,sedf->senf", x, mats[0]), jnp.einsum("snd,sedf->senf", x, mats[1]))
-    else:
-        h = act(jnp.einsum("snd,sedf->senf", x, mats[0]))
-    return jnp.einsum("senf,sefd->send", h, mats[-1])
+    return dialect.expert_ffn_math(x, mats, activation)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import dialect
+from moejax import dialect, weight_formats
 from moejax.blocked_ffn import (capacity_ladder, choose_strategy, ffn_blocked, ffn_capacity,
                                 ffn_expert_loop)
 from moejax.dialect import dispatch_reference, ffn_ragged, ffn_reference
@@ -200,23 +200,24 @@ def test_vmap(strategy):
     _assert_close(got, want, jnp.float32)
 
 
-@dataclasses.dataclass
-class _Int8Weight:
-    """A minimal quantized tensor pytree: int8 values and a per-column scale."""
+@weight_formats.register_format
+@dataclasses.dataclass(frozen=True)
+class _Int8Weight(weight_formats.ExpertWeight):
+    """A minimal format defined outside the core: int8 values and a per-column scale."""
 
     q: jax.Array
     scale: jax.Array
-    format: str = "int8"
 
     @property
     def shape(self):
-        return self.q.shape
+        return tuple(self.q.shape)
 
-    def dequantize(self, dtype):
+    @property
+    def format(self):
+        return "int8"
+
+    def dequantize(self, dtype=jnp.float32):
         return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
-
-
-jax.tree_util.register_dataclass(_Int8Weight, data_fields=["q", "scale"], meta_fields=["format"])
 
 
 def _quantize(w):

@@ -11,6 +11,7 @@ from flax import nnx
 import moejax
 from moejax import dialect, stats
 from moejax.models import MoEDecoder, tiny_mixtral
+from moejax.analysis import RoutingProfile
 from moejax.passes.gating import DynamicGating, mean_active_experts
 from moejax.passes.profile import ProfileRouting
 from moejax.pipeline import PassContext, PassError, PassManager, parse_pipeline
@@ -100,7 +101,7 @@ def test_gating_rewrites_route_and_drops_slots_before_the_expert_op(unrolled):
     assert "measured mean active experts per token" in gated.metadata["notes"]["gating(top_p=0.5)"]
     assert abs(mean_active_experts(profile) - np.mean(list(active.values()))) < 1e-9
     # stored for the decode program of the same optimize call
-    assert any(isinstance(k, tuple) and k[0] == "gating" for k in ctx.analysis)
+    assert ctx.analysis.get(RoutingProfile, "gating(top_p=0.5)#0") is not None
 
 
 def test_gating_on_scanned_layers_through_the_pass_manager():

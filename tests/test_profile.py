@@ -9,6 +9,7 @@ from flax import nnx
 
 import moejax
 from moejax import dialect
+from moejax.analysis import RoutingProfile
 from moejax.models import MoEDecoder, tiny_mixtral
 from moejax.passes import profile as prof
 from moejax.pipeline import PassContext, PassError
@@ -79,7 +80,7 @@ def test_scanned_layers_give_stacked_profile_and_decode_reuses_it():
     np.testing.assert_allclose(p["frequency"].sum(1), 1.0)
     np.testing.assert_array_equal(np.diagonal(p["coactivation"], axis1=1, axis2=2), p["counts"])
     assert not np.allclose(p["counts"][0], p["counts"][1])  # the two layers route differently
-    assert ctx.analysis["routing_profile"] is out.metadata["routing_profile"]
+    assert ctx.analysis.get(RoutingProfile, "profile#0").to_metadata() is out.metadata["routing_profile"]
     # A second context sharing the analysis (the decode program) reuses the profile without running.
     d_ctx = PassContext(example_args=(tokens,), calibration=None, analysis=ctx.analysis)
     again = prof.ProfileRouting().run(program, d_ctx)

@@ -1,4 +1,4 @@
-"""Program tracing, calling, printing, rewriting, taps and persistence."""
+"""Program tracing, calling, printing, rewriting and taps (persistence: test_serialization.py)."""
 import dataclasses
 
 import jax
@@ -9,7 +9,6 @@ from flax import linen, nnx
 
 import moejax
 from moejax import dialect, rewrite
-from moejax.serialization import ProgramFormatError, load_weights
 
 
 def test_trace_shows_moe_ops_for_every_layer(tiny_model, tokens):
@@ -149,39 +148,3 @@ def test_inline_dialect_leaves_plain_jax(tiny_model, tokens):
     low = moejax.inline_dialect(prog)
     assert "moe_" not in str(low.jaxpr)
     np.testing.assert_allclose(low(tokens), prog(tokens), atol=1e-6)
-
-
-def test_save_restore_round_trip(tiny_model, tokens, tmp_path):
-    prog = moejax.trace(tiny_model, tokens).replace(metadata={"note": np.arange(3)})
-    prog.save(tmp_path / "p")
-    back = moejax.Program.restore(tmp_path / "p")
-    for a, b in zip(prog.weight_leaves, back.weight_leaves):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(back(tokens), prog(tokens))
-    assert "moe_route" in str(back) and list(back.metadata["note"]) == [0, 1, 2]
-    with pytest.raises(FileExistsError):
-        prog.save(tmp_path / "p")
-
-
-def test_restore_errors(tiny_model, tokens, tmp_path):
-    with pytest.raises(ProgramFormatError, match="manifest.json missing"):
-        moejax.Program.restore(tmp_path)
-    prog = moejax.trace(tiny_model, tokens)
-    prog.save(tmp_path / "p")
-    other = moejax.trace(moejax.models.MoEDecoder(moejax.models.tiny_mixtral(d_model=16, n_heads=2, n_kv_heads=1),
-                                                  rngs=__import__("flax").nnx.Rngs(1)), tokens)
-    with pytest.raises(ProgramFormatError, match="do not fit this program"):
-        load_weights(other, tmp_path / "p")
-    (tmp_path / "p" / "structure.pkl").write_bytes(b"garbage")
-    with pytest.raises(ProgramFormatError, match="corrupt"):
-        moejax.Program.restore(tmp_path / "p")
-
-
-def test_restricted_unpickler_rejects_foreign_classes(tmp_path, tiny_model, tokens):
-    import pickle
-
-    prog = moejax.trace(tiny_model, tokens)
-    prog.save(tmp_path / "p")
-    (tmp_path / "p" / "structure.pkl").write_bytes(pickle.dumps({"x": __import__("os").getcwd}))
-    with pytest.raises(ProgramFormatError, match="may not contain"):
-        moejax.Program.restore(tmp_path / "p")

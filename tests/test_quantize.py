@@ -48,7 +48,7 @@ def test_quantize_weight_error_bound_and_bytes(bits, gs, sym):
     scale = np.repeat(np.asarray(t.scale), 32 // t.scale.shape[-2], axis=-2)
     assert np.all(np.abs(np.asarray(dq) - np.asarray(w)) <= scale / 2 + 1e-6)
     assert t.shape == (2, 32, 6)
-    assert qz._nbytes(t) * 8 < w.size * (bits + 2) + 64 * t.scale.size  # codes really take `bits` bits each
+    assert t.nbytes * 8 < w.size * (bits + 2) + 64 * t.scale.size  # codes really take `bits` bits each
     assert np.prod(t.q.shape) == w.size * bits // 8
 
 
