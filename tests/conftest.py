@@ -1,7 +1,15 @@
 """Shared test fixtures: tiny models in both layer forms, on CPU."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests trace the same tiny models, and every Program jits afresh: a persistent
+# compilation cache (keyed by the compiled HLO, so never stale) lets identical programs
+# compile once. One directory per xdist worker; subprocess workers inherit it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"moejax-test-jax-cache-{os.getuid()}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402

@@ -198,7 +198,7 @@ def test_save_restore_round_trip(tiny_model, tokens, tmp_path):
 
 
 PIPELINES = [  # (pipeline, scanned layers): the structured formats, both layouts, each layer form
-    ("profile,gating(skip_ratio=0.3),quantize(bits=3,group_size=16),select-impl(layout=per-expert)", False),
+    ("gating(skip_ratio=0.3),quantize(bits=3,group_size=16),select-impl(layout=per-expert)", False),
     ("profile,quantize(bits=3.5,mixed=true,group_size=16),select-impl", True),
 ]
 
@@ -315,13 +315,11 @@ def test_missing_weights_are_caught(saved):
     _edit_manifest(d, lambda m: m["weights"].pop())
     assert "lacks weight" in _restore_error(d)
     (d / "manifest.json").write_text(original)
-    import shutil
     shutil.rmtree(d / "weights")
     assert "weights" in _restore_error(d)
 
 
 def test_weights_from_another_save_fail_their_checksum(model, tokens, tmp_path):
-    import shutil
     a = moejax.trace(model, tokens)
     b = a.replace(weights={p: w * 2 for p, w in a.weights.items()})
     a.save(tmp_path / "a")
