@@ -398,6 +398,12 @@ class ExpertParallel(Pass):
         except (TypeError, ValueError) as e:
             raise PassError(str(e)) from None
         n = int(mesh.shape[self.axis])
+        for path, w in program.weights.items():
+            # Its parts stack a different subset of experts per width: no one expert axis to shard.
+            if isinstance(w, wf.MixedExpertTensor):
+                raise PassError(f"ep: expert weight {path} is stored with a width per expert ({w.format}), which "
+                                f"cannot be split along one expert axis; run ep before quantize(mixed=true), or "
+                                f"quantize with one width (mixed=false)")
         for info in moe_layers(program).values():
             if info.num_experts % n and not self.replicate_hot:
                 raise PassError(

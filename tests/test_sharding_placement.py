@@ -108,3 +108,12 @@ def test_ragged_exchange_needs_gpu_or_tpu():
         p.resolve_exchange("cpu")
     assert ExpertParallel().resolve_exchange("tpu") == "ragged"
     assert ExpertParallel().resolve_exchange("cpu") == "dense"
+
+
+def test_mixed_precision_experts_are_refused_with_the_fix():
+    model = MoEDecoder(tiny_mixtral(), rngs=nnx.Rngs(0))
+    tokens = (np.arange(14, dtype=np.int32).reshape(2, 7) * 5) % 64
+    mixed = moejax.optimize(model, (tokens,), "profile,quantize(bits=3.5,mixed=true,group_size=16)",
+                            calibration=[tokens], check_exact=False).program
+    with pytest.raises(PassError, match=r"width per expert \(mixed\(.*run ep before quantize\(mixed=true\)"):
+        ExpertParallel(mesh=abstract_expert_mesh(2)).check(mixed, moejax.PassContext())
