@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import dialect
+from moejax import dialect, numerics
 from moejax.models.decoder import MoEConfig, MoEDecoder
 
 __all__ = [
@@ -148,7 +148,7 @@ def load_checkpoint(folder: Path | str, *, scan_layers: bool = False) -> MoEDeco
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, config.json "
                                   f"implies {shape}; the checkpoint and config do not belong together")
-        if not np.all(np.isfinite(tensors[name])):
+        if numerics.count_nonfinite(tensors[name]):  # handles bfloat16, which np.isfinite rejects
             raise CheckpointError(f"tensor {name!r} contains NaN or inf; the checkpoint is corrupt")
     if jax.tree_util.tree_leaves(rest):
         raise CheckpointError(f"MoEDecoder({cfg.family}) holds non-parameter state; this loader cannot restore it")

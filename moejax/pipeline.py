@@ -454,6 +454,8 @@ def _output_name(name: str) -> str:
 def _compare(before: Leaves, after: Leaves, tolerance: Tolerance | None) -> tuple[float, str | None]:
     """(largest absolute deviation, description of the first violation or None)."""
     worst = 0.0
+    if len(before) != len(after):
+        return worst, f"the number of outputs changed from {len(before)} to {len(after)}"
     for (name, a), (_, b) in zip(before, after):
         if a.shape != b.shape or a.dtype != b.dtype:
             return worst, f"{_output_name(name)} changed type from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
@@ -461,17 +463,18 @@ def _compare(before: Leaves, after: Leaves, tolerance: Tolerance | None) -> tupl
             if not np.array_equal(a, b):
                 return worst, f"integer {_output_name(name)} changed"
             continue
+        if a.size == 0:
+            continue
+        bit_equal = np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()  # -0.0 != 0.0 too
         # bfloat16/float16 widen to float32 exactly; float64 stays
         wide = np.float64 if a.dtype == np.float64 else np.float32
         a, b = a.astype(wide), b.astype(wide)
-        if a.size == 0:
-            continue
         dev = float(np.max(np.abs(a - b)))
         worst = max(worst, dev)
         if tolerance is None:
-            if not np.array_equal(a, b):
+            if not bit_equal:
                 return worst, f"{_output_name(name)} is not bit-equal (required unless a tolerance is declared)"
-        elif dev > tolerance.atol + tolerance.rtol * float(np.max(np.abs(a))):
+        elif not dev <= tolerance.atol + tolerance.rtol * float(np.max(np.abs(a))):  # NaN deviation fails too
             return worst, f"{_output_name(name)} exceeds the declared tolerance {tolerance} ({tolerance.reason})"
     return worst, None
 

@@ -163,23 +163,10 @@ class _UnavailableFunction:
 # The allow-list (derived by instrumenting saves of real programs; see tests/test_serialization.py).
 # --------------------------------------------------------------------------
 def _format_classes() -> list[type]:
-    """Weight-format classes: the registry of moejax.weight_formats, else the classes known before it."""
-    import importlib
+    """Weight-format classes: every class registered with :func:`moejax.weight_formats.register_format`."""
+    from moejax import expert_layout, weight_formats  # noqa: F401 - expert_layout registers PerExpertWeights
 
-    classes: list[type] = []
-    for mod, names in (("moejax.pallas_kernels.quant_format", ("QuantizedTensor",)),
-                       ("moejax.passes.quantize", ("LowBitTensor", "MixedExpertTensor")),
-                       ("moejax.expert_layout", ("PerExpertWeights",))):
-        try:
-            m = importlib.import_module(mod)  # importing also registers formats defined there
-        except ImportError:
-            continue
-        classes += [getattr(m, n) for n in names if isinstance(getattr(m, n, None), type)]
-    try:
-        from moejax import weight_formats
-    except ImportError:
-        return classes
-    return classes + list(weight_formats.registered_formats().values())
+    return list(weight_formats.registered_formats().values())
 
 
 def _jax_param_classes() -> list[type]:
@@ -467,7 +454,27 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
     dispatch[pickle.OBJ[0]] = lambda self: self._refuse_opcode("OBJ")
 
 
+# Primitives whose function-valued params are derivative rules only: forward evaluation never calls them.
+_DERIVATIVE_RULE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def _check_no_host_functions(program: Program) -> None:
+    """Refuse programs whose forward pass calls a Python function (``pure_callback`` ...): it cannot be stored."""
+    from moejax import rewrite  # local: rewrite imports the dialect, which serialization does not otherwise need
+
+    allowed = allow_list().objects()
+    for site in rewrite.iter_eqns(program.jaxpr):
+        if site.eqn.primitive.name in _DERIVATIVE_RULE_PRIMITIVES:
+            continue
+        for key, val in site.eqn.params.items():
+            if isinstance(val, _FUNCTION_TYPES) and id(val) not in allowed:
+                raise ProgramFormatError(f"cannot save this program: {site} calls the Python function {key}="
+                                         f"{getattr(val, '__qualname__', type(val).__name__)}, which a saved program "
+                                         "cannot hold; remove the callback from the model before saving")
+
+
 def _dump_structure(program: Program) -> bytes:
+    _check_no_host_functions(program)
     structure = {
         "jaxpr": program.jaxpr,
         "weight_paths": list(program.weights),
@@ -541,6 +548,9 @@ def _check_jaxpr(program: Program, where: Path) -> None:
     if len(jaxpr.invars) != n_w + n_in or program.in_tree.num_leaves != n_in:
         raise ProgramFormatError(f"{where}: the jaxpr takes {len(jaxpr.invars)} inputs but the structure has {n_w} "
                                  f"weight leaves and {n_in} inputs; save the program again")
+    if program.out_tree.num_leaves != len(jaxpr.outvars) or len(program.input_names) not in (0, n_in):
+        raise ProgramFormatError(f"{where}: the output tree or input names do not fit the jaxpr's "
+                                 f"{len(jaxpr.outvars)} outputs and {n_in} inputs; save the program again")
     for path, leaf, var in zip(program.weight_leaf_paths(), leaves, jaxpr.invars):
         if (tuple(leaf.shape), np.dtype(leaf.dtype)) != (tuple(var.aval.shape), np.dtype(var.aval.dtype)):
             raise ProgramFormatError(f"{where}: weight {path!r} is {_fmt(leaf.shape, leaf.dtype)} but the jaxpr reads "

@@ -276,3 +276,14 @@ def test_exactness_of_pass_objects_and_computed_declarations():
 
     assert exactness_label(Computed) == "lossy"
     assert not is_exact(Computed()) and is_exact(Computed(lossy=False))
+
+
+def test_output_comparison_counts_outputs_and_fails_nan_within_a_tolerance():
+    one, two = (np.ones(3, np.float32),), (np.ones(3, np.float32), np.ones(3, np.float32))
+    with pytest.raises(PassError, match="number of outputs changed from 1 to 2"):
+        pipeline.check_outputs_close(one, two, "x")
+    nan = (np.array([1.0, np.nan, 1.0], np.float32),)
+    with pytest.raises(PassError, match="exceeds the declared tolerance"):
+        pipeline.check_outputs_close(one, nan, "x", Tolerance(1e-3, 1e-3, "test"))
+    with pytest.raises(PassError, match="not bit-equal"):
+        pipeline.check_outputs_close((np.zeros(2, np.float32),), (-np.zeros(2, np.float32),), "x")

@@ -356,6 +356,24 @@ def test_structure_edits_are_caught_before_running(saved, tokens):
     assert "type-check" in _restore_error(d)
 
 
+def test_edited_output_tree_fails_at_restore_not_at_call(saved):
+    prog, d = saved
+    edited = prog.replace(out_tree=jax.tree_util.tree_structure((0, 0)))
+    (d / "structure.pkl").write_bytes(serialization._dump_structure(edited))
+    assert "output tree" in _restore_error(d)
+
+
+def test_programs_calling_python_functions_are_refused_at_save(tmp_path):
+    def fn(p, x):
+        y = jax.pure_callback(lambda a: np.asarray(a) * 2, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+        return y @ p
+
+    prog = moejax.trace(fn, jnp.ones((2, 4)), params=jnp.ones((4, 3)))
+    with pytest.raises(ProgramFormatError, match="_FlatCallback|calls the Python function"):
+        prog.save(tmp_path / "p")
+    assert not (tmp_path / "p" / "structure.pkl").exists()
+
+
 def test_restore_and_load_weights_errors(model, tokens, tmp_path):
     assert "manifest.json missing" in _restore_error(tmp_path)
     prog = moejax.trace(model, tokens)
