@@ -45,7 +45,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
 
-from moejax import weight_formats
+from moejax import numerics, weight_formats
 
 __all__ = [
     "Routing",
@@ -469,10 +469,6 @@ def _fmt(aval: Any) -> str:
     return f"{jnp.dtype(aval.dtype).name}{_fmt_shape(aval.shape)}"
 
 
-def _is_float(aval: Any) -> bool:
-    return jnp.issubdtype(aval.dtype, jnp.floating)
-
-
 def _is_int(aval: Any) -> bool:
     return jnp.issubdtype(aval.dtype, jnp.integer)
 
@@ -488,11 +484,11 @@ def _route_abstract(x, w_router, *bias, routing: Routing, name: str = "", impl: 
 
     if x.ndim != 2 or w_router.ndim != 2 or x.shape[1] != w_router.shape[0]:
         fail(f"x {_fmt(x)} and router weight {_fmt(w_router)} must be [T,d] and [d,E]")
-    if not (_is_float(x) and _is_float(w_router)):
+    if not (numerics.is_float(x) and numerics.is_float(w_router)):
         fail(f"x {_fmt(x)} and router weight {_fmt(w_router)} must be floating point")
     if len(bias) > 1:
         fail(f"takes at most one selection bias, got {len(bias)}")
-    if bias and (bias[0].shape != (w_router.shape[1],) or not _is_float(bias[0])):
+    if bias and (bias[0].shape != (w_router.shape[1],) or not numerics.is_float(bias[0])):
         fail(f"selection bias {_fmt(bias[0])} must be float [E={w_router.shape[1]}]")
     t = x.shape[0]
     return [_sd((t, routing.slots), jnp.float32), _sd((t, routing.slots), jnp.int32)]
@@ -618,7 +614,7 @@ def _ffn_abstract(grouped, group_sizes, *leaves, activation, weights_tree, impl=
         fail(f"activation {activation!r} not in {ACTIVATIONS}")
     if grouped.ndim != 2 or group_sizes.ndim != 1:
         fail(f"grouped {_fmt(grouped)} must be [N,d], group sizes {_fmt(group_sizes)} [E]")
-    if not _is_float(grouped):
+    if not numerics.is_float(grouped):
         fail(f"grouped rows {_fmt(grouped)} must be floating point")
     if not _is_int(group_sizes):
         fail(f"group sizes {_fmt(group_sizes)} must have an integer dtype")
@@ -674,7 +670,7 @@ def _combine_abstract(out, order, weights, *, name: str = ""):
              f"for combine weights {_fmt(weights)}")
     if not _is_int(order):
         fail(f"order {_fmt(order)} must have an integer dtype")
-    if not (_is_float(out) and _is_float(weights)):
+    if not (numerics.is_float(out) and numerics.is_float(weights)):
         fail(f"out {_fmt(out)} and combine weights {_fmt(weights)} must be floating point")
     return _sd((t, out.shape[1]), out.dtype)
 
