@@ -57,7 +57,7 @@ def load_model(spec: str):
 def _stage_rows(opt, text: bytes | None, prompt, args) -> list[dict[str, Any]]:
     import numpy as np
 
-    from moejax import evaluation
+    from moejax import evaluation, offload
 
     rows = []
     for i, stage in enumerate(opt.stages):
@@ -74,6 +74,7 @@ def _stage_rows(opt, text: bytes | None, prompt, args) -> list[dict[str, Any]]:
             "max_deviation": stage.max_deviation,
         }
         _log(f"  evaluating stage {i} ({stage.name}) ...")
+        offload.reset_counters(view)
         if text is not None:
             res = evaluation.evaluate(view, text, eval_bytes=args.eval_bytes, seq_len=args.seq_len,
                                       batch=args.batch, decode_tokens=args.decode_tokens,
@@ -85,6 +86,7 @@ def _stage_rows(opt, text: bytes | None, prompt, args) -> list[dict[str, Any]]:
                 evaluation.jitted_calls(view), np.asarray(prompt), args.decode_tokens, args.batch, 3)
             row.update(prefill_tokens_per_s=prompt.size / t_prefill,
                        decode_tokens_per_s=args.batch * args.decode_tokens / t_decode)
+        row.update(offload.report_fields(view))  # the decode steps' cache hits, prefetch and bytes moved
         rows.append(row)
     return rows
 
@@ -99,6 +101,13 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
     body = [[r["pass"], f(r["expert_bytes"] / 1e6, ".3f"), f(r["total_bytes"] / 1e6, ".3f"),
              f(r["active_expert_flops_per_token"] / 1e9, ".5f"), f(r["bits_per_byte"], ".4f"),
              f(r["prefill_tokens_per_s"], ".0f"), f(r["decode_tokens_per_s"], ".1f")] for r in rows]
+    if any("expert_cache_hit_rate" in r for r in rows):  # an offload stage: its decode-step figures
+        head += ["resident MB", "hit rate", "prefetch recall", "MB moved/tok"]
+        for r, line in zip(rows, body):
+            moved = r.get("bytes_moved_per_token")
+            line += [f(r.get("resident_expert_bytes") and r["resident_expert_bytes"] / 1e6, ".3f"),
+                     f(r.get("expert_cache_hit_rate"), ".3f"), f(r.get("prefetch_recall"), ".3f"),
+                     f(moved and moved / 1e6, ".3f")]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths))]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in body]

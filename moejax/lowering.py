@@ -10,7 +10,11 @@ __all__ = ["inline_dialect"]
 def inline_dialect(program: Program) -> Program:
     """A program without dialect ops: each op is replaced by its selected implementation.
 
-    The result is an ordinary jaxpr every JAX transformation understands.
+    The result is an ordinary jaxpr every JAX transformation understands. A
+    program that runs through its own runtime (``delivers_itself``, e.g. an
+    offloaded program, whose parts compile the ops' implementations) is returned as is.
     """
+    if getattr(program, "delivers_itself", False):
+        return program
     rules = {p.name: rewrite.inline_dialect_rule for p in dialect.DIALECT_PRIMITIVES}
     return program.rewrite(rules)

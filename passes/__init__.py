@@ -7,13 +7,15 @@
 ``prune``      expert pruning by frequency, mass or reconstruction (lossy)
 ``merge``      expert merging by clustering (lossy)
 ``quantize``   weight-only int8 / int4 / mixed-precision experts (lossy)
+``offload``    experts in a slow tier, resident cache, prefetch (exact)
 =============  ===========================================================
 """
 from moejax.passes.gating import DynamicGating
 from moejax.passes.merge import MergeExperts
+from moejax.passes.offload import Offload
 from moejax.passes.profile import ProfileRouting
 from moejax.passes.prune import PruneExperts
 from moejax.passes.quantize import QuantizeExperts
 from moejax.passes.select_impl import SelectImpl
 
-__all__ = ["SelectImpl", "ProfileRouting", "DynamicGating", "PruneExperts", "MergeExperts", "QuantizeExperts"]
+__all__ = ["SelectImpl", "ProfileRouting", "DynamicGating", "PruneExperts", "MergeExperts", "QuantizeExperts", "Offload"]
