@@ -70,6 +70,7 @@ class ExpertCache:
         self._clock = 0
         self.counters = CacheCounters()
         self.cursor: tuple[int, int] = (0, 1)  # (site running now, number of sites): for next-use
+        self.pinned: set[Key] = set()  # never evicted
 
     @property
     def used(self) -> int:
@@ -108,7 +109,7 @@ class ExpertCache:
         """
         if key in self.sizes:
             return []
-        protected = set(protected)
+        protected = set(protected) | self.pinned
         free = self.capacity - self.used
         if nbytes > free:
             candidates = sorted((k for k in self.sizes if k not in protected), key=self._rank)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -156,6 +157,15 @@ class OffloadRuntime:
         # reads (demand and prefetch) run on a few threads: pread releases the GIL, disks like queue depth
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="moejax-read")
 
+    def pin(self, keys: list[tuple[int, int]]) -> None:
+        """Load ``keys`` now and keep them resident for good (never evicted); they count in the budget."""
+        for key in keys:
+            if self.cache.admit(key, self.store.expert_nbytes(key[0]), protected=self.cache.pinned) is None:
+                raise ValueError(f"pinned experts do not fit the resident budget of {self.cache.capacity} bytes "
+                                 f"(expert {key[1]} of layer {key[0]} does not); pin fewer or raise resident")
+            self.cache.pinned.add(key)
+            self.resident[key] = self.store.read(*key)
+
     def _prediction_routing(self, routing: dialect.Routing) -> dialect.Routing:
         """The next layer's routing, with static top-k of ``prefetch_k`` experts if set (more recall, more reads)."""
         if not self.prefetch_k:
@@ -184,21 +194,24 @@ class OffloadRuntime:
             self.resident[key] = future.result()
         return self.resident[key]
 
-    def _fetch(self, site: int, experts: list[int], counters: OffloadCounters) -> list[Any]:
+    def _fetch(self, site: int, experts: list[int], counters: OffloadCounters,
+               then: Callable[[], None] = lambda: None) -> list[Any]:
         """Device values of ``experts`` of ``site``: cached, prefetched, or read now (evicting per policy).
 
-        Misses are read in parallel (a disk serves several outstanding reads faster than one).
+        Misses are submitted first and read in parallel (a disk serves several outstanding
+        reads faster than one); ``then`` (the next layer's prefetch) is started after them,
+        so predictions never queue ahead of what this layer needs.
         """
         keys = [(site, e) for e in experts]
-        values: dict[tuple[int, int], Any] = {}
         reads = {}
         for key in keys:
             if self.cache.lookup(key, site):
                 counters._add(counters.hits, site)
-                values[key] = self._value(key)
             else:
                 counters._add(counters.misses, site)
                 reads[key] = self._pool.submit(self.store.read, *key)
+        then()
+        values = {key: self._value(key) for key in keys if key not in reads}
         for key, future in reads.items():
             values[key] = future.result()
             counters.bytes_moved += self.store.expert_nbytes(site)
@@ -260,11 +273,13 @@ class OffloadRuntime:
                 counters.predicted += len(predicted[k])
                 counters.predicted_used += len(predicted[k] & set(used))
                 counters.used_with_prediction += len(used)
-            if guess is not None:  # start the next layer's reads first: they overlap this layer's
+            prefetch = lambda: None  # noqa: E731
+            if guess is not None:  # the next layer's reads overlap this layer's compute
                 predicted[k + 1] = {int(e) for e in np.ravel(guess) if e >= 0}
-                self._start_prefetch(k + 1, predicted[k + 1], [(k, e) for e in used], counters)
+                prefetch = functools.partial(self._start_prefetch, k + 1, predicted[k + 1],
+                                             [(k, e) for e in used], counters)
             expert_args = self._expert_args(site, env[site.grouped], sizes, used,
-                                            self._fetch(k, used, counters))
+                                            self._fetch(k, used, counters, then=prefetch))
             for v in part.release_after[k]:
                 env.pop(v, None)
         return [_read(env, v) for v in part.outvars]

@@ -336,7 +336,8 @@ def make_pass(cls: type["Pass"], **kwargs: Any) -> "Pass":
                             f"{', '.join(valid) or '(none)'}")
     for key, val in kwargs.items():
         default = valid[key].default
-        if default is not dataclasses.MISSING and default is not None and val is not None:
+        accepts_text = "str" in str(valid[key].type)  # e.g. ``float | str``: a number or a spelled size
+        if default is not dataclasses.MISSING and default is not None and val is not None and not accepts_text:
             if isinstance(default, bool) and not isinstance(val, bool):
                 raise PassError(f"pass {cls.name}: option {key} must be true or false, got {val!r}")
             if isinstance(default, (int, float)) and not isinstance(default, bool) and (

@@ -50,6 +50,10 @@ class Offload(Pass):
         routing-profile load; needs ``profile`` earlier in the pipeline).
       prefetch: predict the next layer's experts with its router on the current
         layer's input and load them on a background thread meanwhile.
+      prefetch_k: experts predicted per token (0: as many as the router selects);
+        more raise recall and cost reads.
+      pin: keep the ``pin`` most loaded experts of the routing profile (over all
+        layers) resident for good; needs ``profile`` earlier.
       tier: ``disk`` (a safetensors file read with O_DIRECT), ``host`` (pinned
         host memory), or ``auto``: host on GPU/TPU, disk on CPU.
       dir: folder for the disk tier's file (default: a fresh temporary folder,
@@ -65,10 +69,11 @@ class Offload(Pass):
     tolerance: ClassVar[Tolerance | None] = Tolerance(1e-5, 1e-7, "the program runs as separately compiled parts; "
                                                       "XLA may vectorize the ops next to a cut differently")
     provides: ClassVar[tuple[str, ...]] = ("offload",)
-    resident: Any = 0.25
+    resident: float | str = 0.25
     policy: str = "lru"
     prefetch: bool = True
     prefetch_k: int = 0
+    pin: int = 0
     tier: str = "auto"
     dir: str | None = None
 
@@ -79,6 +84,8 @@ class Offload(Pass):
             raise ValueError(f"tier={self.tier!r} is not one of {', '.join(TIERS)}, auto")
         if isinstance(self.resident, (int, float)) and not isinstance(self.resident, bool) and self.resident < 0:
             raise ValueError(f"resident must be >= 0, got {self.resident}")
+        if self.prefetch_k < 0 or self.pin < 0:
+            raise ValueError(f"prefetch_k and pin must be >= 0, got prefetch_k={self.prefetch_k}, pin={self.pin}")
 
     def check(self, program: Program, ctx: PassContext) -> None:
         if isinstance(program, OffloadedProgram):
@@ -90,9 +97,10 @@ class Offload(Pass):
             if _holds_mixed(program.weights[path]):
                 raise PassError(f"offload: {path} holds mixed-precision experts; offloading needs one format per "
                                 f"layer: use quantize(bits=N) without mixed, or offload before quantize(mixed=true)")
-        if self.policy == "profile" and analysis.read(program.metadata, analysis.RoutingProfile) is None:
-            raise PassError("offload: policy=profile needs a routing profile; add profile before offload, "
-                            "e.g. 'profile,offload(policy=profile)'")
+        if (self.policy == "profile" or self.pin) and analysis.read(program.metadata, analysis.RoutingProfile) is None:
+            what = "policy=profile" if self.policy == "profile" else "pin"
+            raise PassError(f"offload: {what} needs a routing profile; add profile before offload, "
+                            f"e.g. 'profile,offload({what if what != 'pin' else 'pin=4'})'")
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         try:
@@ -119,8 +127,15 @@ class Offload(Pass):
         tier = self.tier if self.tier != "auto" else ("disk" if ctx.platform == "cpu" else "host")
         store = DiskExpertStore(sites, self.dir) if tier == "disk" else HostExpertStore(sites)
         capacity = resident_bytes(self.resident, store.total_bytes)
-        profile = _profile_loads(program, part) if self.policy == "profile" else None
-        return OffloadRuntime(store, capacity, self.policy, self.prefetch, profile, self.prefetch_k)
+        profile = _profile_loads(program, part) if self.policy == "profile" or self.pin else None
+        runtime = OffloadRuntime(store, capacity, self.policy, self.prefetch, profile, self.prefetch_k)
+        if self.pin:  # the most loaded experts of the profile, across layers
+            hottest = sorted(profile, key=lambda key: -profile[key])[: self.pin]
+            try:
+                runtime.pin(hottest)
+            except ValueError as e:
+                raise PassError(f"offload: {e}") from None
+        return runtime
 
 
 def _holds_mixed(w: Any) -> bool:

@@ -23,3 +23,13 @@ def test_moe_layer_benchmark_runs_and_checks_exactness(tmp_path):
         assert rows[(t, "moejax_stacked")]["max_abs_err_vs_dense_all"] < 1e-4
         assert rows[(t, "ragged")]["max_abs_err_vs_dense_all"] < 1e-4
     assert rows[(1, "moejax")]["x_mem_bound"] > 0 and rows[(64, "moejax")]["x_mem_bound"] is None
+
+
+def test_offload_benchmark_runs_and_checks_exactness(capsys):
+    import offload as offload_benchmark
+
+    # --smoke: a tiny random model; the script stops if an offload row decodes other logits
+    assert offload_benchmark.main(["--smoke", "--tokens", "2", "--large-tokens", "3", "--repeats", "1",
+                                   "--budgets", "0.25"]) == 0
+    table = capsys.readouterr().out
+    assert "naive" in table and "cache 0.25 next-use + prefetch top-3" in table

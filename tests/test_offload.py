@@ -86,9 +86,11 @@ def test_offload_is_bit_exact(unrolled, reference, options):
 def test_offload_profile_policy_and_scanned_layers():
     model = _model(scan_layers=True)
     ref = _decode(_optimize(model, "select-impl,offload(resident=1.0,prefetch=false)", check_exact=False), model)
-    opt = _optimize(model, "profile,select-impl,offload(resident=0.25,policy=profile)", calibration=[_tokens(32, 5)],
-                    check_exact=False)
+    opt = _optimize(model, "profile,select-impl,offload(resident=0.25,policy=profile,pin=2)",
+                    calibration=[_tokens(32, 5)], check_exact=False)
     assert np.array_equal(_decode(opt, model), ref)
+    runtime = offload.offloaded_programs(opt)[0].runtime
+    assert len(runtime.cache.pinned) == 2 and runtime.cache.pinned <= set(runtime.resident)
     assert len(offload.report_fields(opt)["hit_rate_per_layer"]) == 3  # one per unrolled layer
 
 
@@ -236,6 +238,8 @@ def test_resident_budget_spellings():
     ("offload(tier=ssd)", "tier='ssd' is not one of"),
     ("offload(resident=-1)", "resident must be >= 0"),
     ("offload(policy=profile)", "policy=profile needs a routing profile; add profile before offload"),
+    ("offload(pin=2)", "pin needs a routing profile"),
+    ("profile,offload(resident=1KB,pin=2)", "pinned experts do not fit the resident budget"),
     ("offload,offload", "already offloaded"),
     ("offload,select-impl", "offload as the last pass"),
     ("profile,quantize(bits=4,mixed=true,group_size=16),offload", "mixed-precision"),
@@ -243,3 +247,17 @@ def test_resident_budget_spellings():
 def test_offload_errors(unrolled, spec, match):
     with pytest.raises(PassError, match=match):
         moejax.optimize(unrolled, (_tokens(PROMPT),), spec, calibration=[_tokens(32, 5)], check_exact=False)
+
+
+def test_cli_table_shows_the_offload_fields():
+    from moejax import cli
+
+    rows = [{"pass": "select-impl", "expert_bytes": 8e6, "total_bytes": 9e6, "active_expert_flops_per_token": 1e6,
+             "bits_per_byte": 1.6, "prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 50.0},
+            {"pass": "offload", "expert_bytes": 8e6, "total_bytes": 9e6, "active_expert_flops_per_token": 1e6,
+             "bits_per_byte": 1.6, "prefill_tokens_per_s": 90.0, "decode_tokens_per_s": 40.0,
+             "resident_expert_bytes": 2e6, "expert_cache_hit_rate": 0.625, "prefetch_recall": 0.8,
+             "bytes_moved_per_token": 1.5e6}]
+    table = cli._fmt_table(rows)
+    assert "hit rate" in table and "prefetch recall" in table and "MB moved/tok" in table
+    assert "0.625" in table and "1.500" in table and "2.000" in table
