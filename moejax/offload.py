@@ -257,32 +257,36 @@ class OffloadRuntime:
             env.update(zip(part.segments[k].outputs, seg_out))
             if k == len(part.sites):
                 break
-            site = part.sites[k]
-            nxt = part.sites[k + 1] if k + 1 < len(part.sites) else None
-            guess = None
-            if self.prefetch and nxt is not None and nxt.router is not None and site.router is not None:
-                # the next layer's router on this layer's router input
-                guess = _predict(env[site.router.x], *nxt.router.weights,
-                                 routing=self._prediction_routing(nxt.router.routing))
-            self.cache.cursor = (k, len(part.sites))
-            sizes, guess = jax.device_get((env[site.group_sizes], guess))  # one host round trip per layer
-            used = [int(e) for e in np.flatnonzero(sizes)]
-            if k == 0 and site.router is not None:
-                counters.tokens += int(site.router.x.aval.shape[0])
-            if k in predicted:
-                counters.predicted += len(predicted[k])
-                counters.predicted_used += len(predicted[k] & set(used))
-                counters.used_with_prediction += len(used)
-            prefetch = lambda: None  # noqa: E731
-            if guess is not None:  # the next layer's reads overlap this layer's compute
-                predicted[k + 1] = {int(e) for e in np.ravel(guess) if e >= 0}
-                prefetch = functools.partial(self._start_prefetch, k + 1, predicted[k + 1],
-                                             [(k, e) for e in used], counters)
-            expert_args = self._expert_args(site, env[site.grouped], sizes, used,
-                                            self._fetch(k, used, counters, then=prefetch))
+            expert_args = self._layer(part, k, env, predicted, counters)
             for v in part.release_after[k]:
                 env.pop(v, None)
         return [_read(env, v) for v in part.outvars]
+
+    def _layer(self, part: Partition, k: int, env: dict[Any, Any], predicted: dict[int, set[int]],
+               counters: OffloadCounters) -> tuple[Any, ...]:
+        """Between segment ``k`` and expert op ``k``: route, predict the next layer, bring experts in."""
+        site = part.sites[k]
+        nxt = part.sites[k + 1] if k + 1 < len(part.sites) else None
+        guess = None
+        if self.prefetch and nxt is not None and nxt.router is not None and site.router is not None:
+            # the next layer's router on this layer's router input
+            guess = _predict(env[site.router.x], *nxt.router.weights,
+                             routing=self._prediction_routing(nxt.router.routing))
+        self.cache.cursor = (k, len(part.sites))
+        sizes, guess = jax.device_get((env[site.group_sizes], guess))  # one host round trip per layer
+        used = [int(e) for e in np.flatnonzero(sizes)]
+        if k == 0 and site.router is not None:
+            counters.tokens += int(site.router.x.aval.shape[0])
+        if k in predicted:
+            counters.predicted += len(predicted[k])
+            counters.predicted_used += len(predicted[k] & set(used))
+            counters.used_with_prediction += len(used)
+        prefetch = lambda: None  # noqa: E731
+        if guess is not None:  # the next layer's reads overlap this layer's compute
+            predicted[k + 1] = {int(e) for e in np.ravel(guess) if e >= 0}
+            prefetch = functools.partial(self._start_prefetch, k + 1, predicted[k + 1], [(k, e) for e in used],
+                                         counters)
+        return self._expert_args(site, env[site.grouped], sizes, used, self._fetch(k, used, counters, prefetch))
 
     def _expert_args(self, site: ExpertSite, grouped, sizes: np.ndarray, used: list[int], values: list[Any]):
         """Arguments of the compact expert op: the routed experts in expert order, padded with empty groups."""

@@ -208,18 +208,22 @@ def partition(program: Program) -> Partition:
     site_eqns = [(i, e) for i, e in enumerate(jaxpr.eqns) if e.primitive is dialect.expert_ffn_p]
     if not site_eqns:
         raise ValueError("the program has no moe_expert_ffn op: there are no experts to offload")
-    sites: list[ExpertSite] = []
+    routes = [_router_of(eqn, producers) for _, eqn in site_eqns]
     for n, (_, eqn) in enumerate(site_eqns):
-        leaves = eqn.invars[2:]
-        if not all(isinstance(v, jcore.Literal) or v in weight_only for v in leaves):
+        if not all(isinstance(v, jcore.Literal) or v in weight_only for v in eqn.invars[2:]):
             raise ValueError(f"expert op {eqn.params.get('name', n)!r}: its weights are computed from the inputs, "
                              f"not stored; only stored expert weights can be offloaded")
-        weights = jax.tree_util.tree_unflatten(eqn.params["weights_tree"], _evaluate(jaxpr, weight_env, leaves))
-        route = _router_of(eqn, producers)
-        router = None
-        if route is not None and all(isinstance(v, jcore.Literal) or v in weight_only for v in route.invars[1:]):
-            router = Router(route.invars[0], tuple(_evaluate(jaxpr, weight_env, route.invars[1:])),
-                            route.params["routing"])
+    routes = [r if r is not None and all(isinstance(v, jcore.Literal) or v in weight_only for v in r.invars[1:])
+              else None for r in routes]
+    # every expert and router weight in one evaluation (a scanned model slices its stacked weights here)
+    wanted = [v for _, eqn in site_eqns for v in eqn.invars[2:]] + [v for r in routes if r for v in r.invars[1:]]
+    values = iter(_evaluate(jaxpr, weight_env, wanted))
+    expert_values = [[next(values) for _ in eqn.invars[2:]] for _, eqn in site_eqns]
+    sites: list[ExpertSite] = []
+    for n, ((_, eqn), route) in enumerate(zip(site_eqns, routes)):
+        weights = jax.tree_util.tree_unflatten(eqn.params["weights_tree"], expert_values[n])
+        router = None if route is None else Router(route.invars[0], tuple(next(values) for _ in route.invars[1:]),
+                                                   route.params["routing"])
         sites.append(ExpertSite(n, eqn, tuple(rewrite.regroup(weights)), router))
 
     # Segment k: the equations after expert op k-1 and before expert op k (the last: after all).
