@@ -34,7 +34,6 @@ import jax
 import numpy as np
 
 from moejax import weight_formats as wf
-from moejax.models.safetensors_io import SafetensorsFile, save_file
 
 __all__ = ["ExpertStore", "DiskExpertStore", "HostExpertStore", "TIERS", "split_site_experts"]
 
@@ -117,6 +116,8 @@ class DiskExpertStore(ExpertStore):
 
     def __init__(self, sites: Sequence[Sequence[tuple[Any, ...]]], directory: str | None = None,
                  direct: bool = True):
+        from moejax.models.safetensors_io import SafetensorsFile, save_file  # models import the core, not back
+
         super().__init__(sites)
         owned = directory is None
         folder = Path(tempfile.mkdtemp(prefix="moejax-offload-") if owned else directory)
