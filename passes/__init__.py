@@ -18,4 +18,5 @@ from moejax.passes.prune import PruneExperts
 from moejax.passes.quantize import QuantizeExperts
 from moejax.passes.select_impl import SelectImpl
 
-__all__ = ["SelectImpl", "ProfileRouting", "DynamicGating", "PruneExperts", "MergeExperts", "QuantizeExperts", "Offload"]
+__all__ = ["SelectImpl", "ProfileRouting", "DynamicGating", "PruneExperts", "MergeExperts", "QuantizeExperts",
+           "Offload"]
