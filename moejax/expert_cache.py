@@ -19,36 +19,19 @@ Policies choose the victim among evictable entries:
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Hashable, Iterable, Mapping
-from typing import Any
 
-__all__ = ["POLICIES", "ExpertCache", "CacheCounters"]
+__all__ = ["POLICIES", "ExpertCache"]
 
 POLICIES = ("lru", "lfu", "profile", "next-use")
 
 Key = Hashable
 
 
-@dataclasses.dataclass
-class CacheCounters:
-    """Lookups per site: ``hits`` (resident or being prefetched), ``misses``; evictions overall."""
-
-    hits: dict[Any, int] = dataclasses.field(default_factory=dict)
-    misses: dict[Any, int] = dataclasses.field(default_factory=dict)
-    evictions: int = 0
-
-    def hit_rate(self, site: Any = None) -> float | None:
-        """Hits / lookups, for one site or all (None before any lookup)."""
-        h = self.hits.get(site, 0) if site is not None else sum(self.hits.values())
-        m = self.misses.get(site, 0) if site is not None else sum(self.misses.values())
-        return h / (h + m) if h + m else None
-
-
 class ExpertCache:
     """Bookkeeping of resident experts under a byte ``capacity``.
 
-    ``lookup(key)`` counts a hit or miss and refreshes recency and frequency;
+    ``lookup(key)`` answers hit or miss and refreshes recency and frequency;
     ``admit(key, nbytes, protected)`` makes room (evicting victims the policy
     picks, never a ``protected`` key) and returns the evicted keys, or ``None``
     when the entry cannot fit (then it is used once and not kept).
@@ -68,7 +51,6 @@ class ExpertCache:
         self._last_use: dict[Key, int] = {}
         self._uses: dict[Key, int] = {}
         self._clock = 0
-        self.counters = CacheCounters()
         self.cursor: tuple[int, int] = (0, 1)  # (site running now, number of sites): for next-use
         self.pinned: set[Key] = set()  # never evicted
 
@@ -79,15 +61,12 @@ class ExpertCache:
     def __contains__(self, key: Key) -> bool:
         return key in self.sizes
 
-    def lookup(self, key: Key, site: Any = None) -> bool:
-        """Whether ``key`` is resident; counts the lookup (per ``site``) and marks the use."""
+    def lookup(self, key: Key) -> bool:
+        """Whether ``key`` is resident; marks the use (recency and count). Callers count hits."""
         self._clock += 1
         self._last_use[key] = self._clock
         self._uses[key] = self._uses.get(key, 0) + 1
-        hit = key in self.sizes
-        bucket = self.counters.hits if hit else self.counters.misses
-        bucket[site] = bucket.get(site, 0) + 1
-        return hit
+        return key in self.sizes
 
     def _rank(self, key: Key) -> tuple:
         """Smaller ranks are evicted first."""
@@ -122,7 +101,6 @@ class ExpertCache:
                     break
                 free += self.sizes.pop(victim)
                 evicted.append(victim)
-            self.counters.evictions += len(evicted)
         else:
             evicted = []
         self.sizes[key] = int(nbytes)

@@ -101,9 +101,8 @@ def _compact_expert_op(site: ExpertSite) -> Any:
     def run(grouped, group_sizes, experts):
         weights = []
         for j, per_expert in enumerate(split):
-            values = tuple(x[j] for x in experts)
-            weights.append(expert_layout.PerExpertWeights(values) if per_expert
-                           else jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *values))
+            values = expert_layout.PerExpertWeights(tuple(x[j] for x in experts))
+            weights.append(values if per_expert else expert_layout.stack_experts(values))
         return dialect.moe_expert_ffn(grouped, group_sizes, tuple(weights), **kwargs)
 
     return run
@@ -143,6 +142,17 @@ def _predict(x, *router_weights, routing: dialect.Routing):
     return dialect.route_reference(x, *router_weights, routing=routing)[1]
 
 
+@functools.lru_cache(maxsize=256)  # once per layer routing, not per decode step
+def _prediction_routing(routing: dialect.Routing, prefetch_k: int) -> dialect.Routing:
+    """The next layer's routing, with static top-``prefetch_k`` if set (more recall, more reads).
+
+    Merged layers (an ``expert_map``) keep their own routing.
+    """
+    if not prefetch_k or routing.expert_map is not None:
+        return routing
+    return dataclasses.replace(routing, k=prefetch_k, gating="topk", max_k=None)
+
+
 class OffloadRuntime:
     """The slow tier, the resident cache and the prefetcher shared by the programs of one pipeline."""
 
@@ -165,13 +175,6 @@ class OffloadRuntime:
                                  f"(expert {key[1]} of layer {key[0]} does not); pin fewer or raise resident")
             self.cache.pinned.add(key)
             self.resident[key] = self.store.read(*key)
-
-    def _prediction_routing(self, routing: dialect.Routing) -> dialect.Routing:
-        """The next layer's routing, with static top-k of ``prefetch_k`` experts if set (more recall, more reads)."""
-        if not self.prefetch_k:
-            return routing
-        return dataclasses.replace(routing, k=self.prefetch_k, gating="topk", max_k=None, expert_map=None) \
-            if routing.expert_map is None else routing
 
     @property
     def capacity_bytes(self) -> int:
@@ -205,7 +208,7 @@ class OffloadRuntime:
         keys = [(site, e) for e in experts]
         reads = {}
         for key in keys:
-            if self.cache.lookup(key, site):
+            if self.cache.lookup(key):
                 counters._add(counters.hits, site)
             else:
                 counters._add(counters.misses, site)
@@ -271,7 +274,7 @@ class OffloadRuntime:
         if self.prefetch and nxt is not None and nxt.router is not None and site.router is not None:
             # the next layer's router on this layer's router input
             guess = _predict(env[site.router.x], *nxt.router.weights,
-                             routing=self._prediction_routing(nxt.router.routing))
+                             routing=_prediction_routing(nxt.router.routing, self.prefetch_k))
         self.cache.cursor = (k, len(part.sites))
         sizes, guess = jax.device_get((env[site.group_sizes], guess))  # one host round trip per layer
         used = [int(e) for e in np.flatnonzero(sizes)]

@@ -14,10 +14,10 @@ from moejax.pipeline import PassError
 # --------------------------------------------------------------------------
 # The cache's bookkeeping on traces with known answers.
 # --------------------------------------------------------------------------
-def _replay(cache: ExpertCache, trace: str, site=None) -> int:
+def _replay(cache: ExpertCache, trace: str) -> int:
     hits = 0
     for key in trace:
-        if cache.lookup(key, site):
+        if cache.lookup(key):
             hits += 1
         else:
             assert cache.admit(key, 1) is not None
@@ -43,7 +43,7 @@ def test_cache_known_answers():
     for _ in range(4):
         for site in range(3):
             cache.cursor = (site, 3)
-            if cache.lookup((site, 0), site):
+            if cache.lookup((site, 0)):
                 hits += 1
             else:
                 cache.admit((site, 0), 1, protected=[(site, 0)])
