@@ -76,6 +76,10 @@ class MoEConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.routing.k > self.n_experts:
             raise ValueError(f"routing.k={self.routing.k} exceeds n_experts={self.n_experts}")
+        if self.n_experts % self.routing.n_group or self.routing.topk_group > self.routing.n_group:
+            raise ValueError(f"group-limited routing: n_experts={self.n_experts} must split into "
+                             f"n_group={self.routing.n_group} groups, of which topk_group={self.routing.topk_group} "
+                             "are kept")
         if self.scan_layers and (self.first_dense_layers or self.dense_layers):
             raise ValueError("scan_layers needs identical layers; dense layers (first_dense_layers / dense_layers) "
                              "are not scannable: set scan_layers=False")

@@ -9,7 +9,9 @@ Files in ``models/default/`` (shipped as package data):
 * ``LICENSE-PSF.txt`` -- licence note for that text;
 * ``TRAINING.md`` -- how the checkpoint was trained (command, time, losses).
 
-``scripts/train_default.py`` reproduces the checkpoint.
+``scripts/train_default.py`` reproduces the checkpoint. A folder in this format
+(a copy of ``models/default/``, say) also loads through
+:func:`moejax.models.from_pretrained`, which recognises it with :func:`is_moejax_config`.
 """
 from __future__ import annotations
 
@@ -24,13 +26,19 @@ import numpy as np
 from flax import nnx
 
 from moejax import dialect, numerics
-from moejax.models.decoder import MoEConfig, MoEDecoder
+from moejax.models import validation
+from moejax.models.byte_level import mark_byte_level
+from moejax.models.decoder import ATTENTIONS, MoEConfig, MoEDecoder
+from moejax.models.layers import NORMS
+from moejax.models.safetensors_io import SafetensorsFile
+from moejax.models.validation import CheckpointError
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "CheckpointError",
     "config_to_dict",
     "config_from_dict",
+    "is_moejax_config",
     "flat_params",
     "save_checkpoint",
     "load_checkpoint",
@@ -39,10 +47,19 @@ __all__ = [
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 _FAMILY = "mixtral"
+_CONFIG_FIX = "fix the checkpoint's config.json (it holds moejax MoEConfig fields)"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, corrupt, or does not match its config."""
+# What each config.json field may hold: the annotations give the types, these overrides the ranges.
+_CONFIG_KINDS = validation.dataclass_kinds(MoEConfig, {
+    **dict.fromkeys(("n_shared_experts", "first_dense_layers", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim"), validation.NON_NEGATIVE_INT),
+    "n_layers": validation.LAYER_COUNT, "n_experts": validation.EXPERT_COUNT,
+    "norm_eps": validation.POSITIVE_NUMBER, "rope_theta": validation.POSITIVE_NUMBER,
+    "clip_qkv": validation.POSITIVE_NUMBER, "softmax_scale": validation.POSITIVE_NUMBER,
+    "activation": validation.one_of("swiglu", "geglu", "gelu", "relu", "silu"),  # dialect.activation_fn's
+    "norm": validation.one_of(*NORMS), "attention": validation.one_of(*ATTENTIONS),
+})
+_ROUTING_KINDS = validation.dataclass_kinds(dialect.Routing)
 
 
 def config_to_dict(cfg: MoEConfig) -> dict[str, Any]:
@@ -55,20 +72,40 @@ def config_to_dict(cfg: MoEConfig) -> dict[str, Any]:
     return d
 
 
+def is_moejax_config(d: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` dict is in this module's format rather than a Hugging Face config.
+
+    Hugging Face configs name their ``architectures``; ours never do, and always hold ``routing``.
+    """
+    return "routing" in d and "architectures" not in d
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with lists turned back into tuples (JSON has no tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
 def config_from_dict(d: dict[str, Any], *, scan_layers: bool = False) -> MoEConfig:
-    """Inverse of :func:`config_to_dict`; unknown keys raise :class:`CheckpointError`."""
-    d = dict(d)
-    fields = {f.name for f in dataclasses.fields(MoEConfig)}
-    unknown = sorted(set(d) - fields)
+    """Inverse of :func:`config_to_dict`; unknown, missing or ill-typed fields raise :class:`CheckpointError`."""
+    fields = [f for f in dataclasses.fields(MoEConfig) if f.name != "scan_layers"]
+    unknown = sorted(set(d) - {f.name for f in fields})
     if unknown:
         raise CheckpointError(f"config.json has unknown fields {unknown}; it was written by a different "
                               "moejax version or is not a moejax MoEConfig")
-    routing = dict(d.pop("routing"))
-    if routing.get("expert_map") is not None:
-        routing["expert_map"] = tuple(routing["expert_map"])
-    d["scan_layers"] = scan_layers
-    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON turned tuples into lists
-    return MoEConfig(routing=dialect.Routing(**routing), **d)
+    if missing := [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]:
+        raise CheckpointError(f"config.json lacks fields {missing}; {_CONFIG_FIX}")
+    validation.check_fields(d, _CONFIG_KINDS, file="config.json", fix=_CONFIG_FIX)
+    routing = d["routing"]
+    if unknown := sorted(set(routing) - set(_ROUTING_KINDS)):
+        raise CheckpointError(f"config.json: field 'routing' has unknown fields {unknown}; {_CONFIG_FIX}")
+    if "k" not in routing:
+        raise CheckpointError(f"config.json: field 'routing' lacks 'k' (experts per token); {_CONFIG_FIX}")
+    validation.check_fields(d, {f"routing.{k}": v for k, v in _ROUTING_KINDS.items()}, file="config.json",
+                            fix=_CONFIG_FIX)
+    try:
+        return MoEConfig(**{**_tuples(d), "routing": dialect.Routing(**_tuples(routing)), "scan_layers": scan_layers})
+    except ValueError as e:  # the cross-field checks of MoEConfig and Routing
+        raise CheckpointError(f"config.json: {e}; {_CONFIG_FIX}") from None
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -100,27 +137,19 @@ def save_checkpoint(model: MoEDecoder, folder: Path | str) -> None:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path} is missing; a moejax checkpoint folder needs config.json and "
                               "model.safetensors (run scripts/train_default.py to rebuild the default model)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the package") from None
+    return validation.read_json_object(path, fix="restore it from the package or from the folder it was copied from")
 
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+    """Every tensor of ``model.safetensors``, as views of the memory-mapped file (its header is validated)."""
     path = folder / "model.safetensors"
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path} is missing; run scripts/train_default.py or reinstall moejax")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e}); "
-                              "reinstall moejax or rerun scripts/train_default.py") from None
+    f = SafetensorsFile(str(path))
+    return {k: f.get(k) for k in f.keys()}
 
 
 def load_checkpoint(folder: Path | str, *, scan_layers: bool = False) -> MoEDecoder:
@@ -155,7 +184,7 @@ def load_checkpoint(folder: Path | str, *, scan_layers: bool = False) -> MoEDeco
     model = _materialise(cfg, lambda path: tensors[_path_name(path)])
     if scan_layers:
         model = to_scanned(model)
-    return model
+    return mark_byte_level(model, folder)
 
 
 def _materialise(cfg: MoEConfig, value_of) -> MoEDecoder:

@@ -5,6 +5,9 @@ family), translates it to a :class:`MoEConfig`, and maps every safetensors tenso
 onto the NNX model through a list of :class:`Rule` s (one per model parameter).
 Nothing is pickled and no remote code runs. :func:`save_pretrained_hf` writes a
 Mixtral-family model back as a Hugging Face ``MixtralForCausalLM`` checkpoint.
+Every field the translation reads is declared, with its type and range, in
+``_HF_FIELDS`` and checked before use, so a malformed ``config.json`` fails with
+one :class:`CheckpointError` line naming the field.
 
 Layout conventions: Hugging Face ``Linear`` weights are ``[out, in]``, ours are
 ``[in, out]``; per-expert tensors ``experts.{e}.*`` are stacked into ``[E, d, f]`` /
@@ -26,20 +29,66 @@ import numpy as np
 from flax import nnx
 
 from moejax import dialect, numerics
+from moejax.models import default_model
+from moejax.models.byte_level import mark_byte_level
 from moejax.models.decoder import MoEConfig, MoEDecoder
 from moejax.models.safetensors_io import Checkpoint, save_file
+from moejax.models.validation import (BOOL, EXPERT_COUNT, LAYER_COUNT, NON_NEGATIVE_INT, NON_NEGATIVE_INTS, NUMBER,
+                                      OBJECT, POSITIVE_INT, POSITIVE_NUMBER, STRING, STRINGS, CheckpointError, Kind,
+                                      check_fields, describe, one_of, read_json_object)
 
 __all__ = ["from_pretrained", "save_pretrained_hf", "export_tensors", "config_from_hf", "weight_rules",
            "SUPPORTED_ARCHITECTURES", "Rule", "CheckpointError"]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model its config describes."""
-
-
 # --------------------------------------------------------------------------
 # config.json -> MoEConfig
 # --------------------------------------------------------------------------
+_CONFIG_FIX = "fix the checkpoint's config.json"
+
+# Every config.json field the parsers below read, and what it may hold. Fields the
+# parsers read with ``hf[...]`` or use unguarded are not nullable; ``.get(...) or default``
+# ones are. Dotted names reach into DBRX's nested objects.
+_HF_FIELDS: dict[str, Kind] = {
+    "architectures": STRINGS.or_null(), "model_type": STRING.or_null(),
+    "dtype": one_of("float32", "float16", "bfloat16").or_null(),
+    "torch_dtype": one_of("float32", "float16", "bfloat16").or_null(),
+    # shared by most families
+    "vocab_size": POSITIVE_INT, "hidden_size": POSITIVE_INT, "num_hidden_layers": LAYER_COUNT,
+    "num_attention_heads": POSITIVE_INT, "num_key_value_heads": POSITIVE_INT.or_null(),
+    "head_dim": POSITIVE_INT.or_null(), "hidden_act": STRING, "activation_function": STRING,
+    "rms_norm_eps": POSITIVE_NUMBER, "tie_word_embeddings": BOOL.or_null(),
+    "rope_theta": POSITIVE_NUMBER, "rope_parameters": OBJECT.or_null(), "rope_scaling": OBJECT.or_null(),
+    "rope_parameters.rope_theta": POSITIVE_NUMBER, "rope_parameters.rope_type": STRING.or_null(),
+    "rope_scaling.rope_type": STRING.or_null(), "rope_scaling.type": STRING.or_null(),
+    "sliding_window": NON_NEGATIVE_INT.or_null(), "use_sliding_window": BOOL.or_null(),
+    "attention_bias": BOOL.or_null(), "mlp_bias": BOOL.or_null(), "qkv_bias": BOOL.or_null(),
+    "clip_qkv": POSITIVE_NUMBER.or_null(),
+    # experts and routing
+    "intermediate_size": POSITIVE_INT, "moe_intermediate_size": POSITIVE_INT,
+    "num_local_experts": EXPERT_COUNT, "num_experts": EXPERT_COUNT, "n_routed_experts": EXPERT_COUNT,
+    "num_experts_per_tok": POSITIVE_INT, "norm_topk_prob": BOOL.or_null(),
+    "shared_expert_intermediate_size": NON_NEGATIVE_INT.or_null(), "n_shared_experts": NON_NEGATIVE_INT.or_null(),
+    "decoder_sparse_step": POSITIVE_INT.or_null(), "mlp_only_layers": NON_NEGATIVE_INTS.or_null(),
+    "moe_layer_freq": POSITIVE_INT.or_null(), "first_k_dense_replace": NON_NEGATIVE_INT,
+    "routed_scaling_factor": POSITIVE_NUMBER, "n_group": POSITIVE_INT.or_null(), "topk_group": POSITIVE_INT.or_null(),
+    "topk_method": STRING.or_null(), "scoring_func": STRING,
+    # DeepSeek MLA
+    "q_lora_rank": POSITIVE_INT.or_null(), "kv_lora_rank": POSITIVE_INT, "qk_nope_head_dim": NON_NEGATIVE_INT,
+    "qk_rope_head_dim": POSITIVE_INT, "v_head_dim": POSITIVE_INT,
+    # JetMoE
+    "kv_channels": POSITIVE_INT,
+    # DBRX
+    "d_model": POSITIVE_INT, "n_layers": LAYER_COUNT, "n_heads": POSITIVE_INT,
+    "attn_config": OBJECT.or_null(), "attn_config.kv_n_heads": POSITIVE_INT,
+    "attn_config.clip_qkv": POSITIVE_NUMBER.or_null(), "attn_config.rope_theta": POSITIVE_NUMBER.or_null(),
+    "ffn_config": OBJECT.or_null(), "ffn_config.ffn_hidden_size": POSITIVE_INT,
+    "ffn_config.moe_num_experts": EXPERT_COUNT, "ffn_config.moe_top_k": POSITIVE_INT,
+    "ffn_config.moe_normalize_expert_weights": NUMBER.or_null(), "ffn_config.ffn_act_fn": OBJECT.or_null(),
+    "ffn_config.ffn_act_fn.name": STRING,
+}
+
+
 def _rope_theta(hf: dict, default: float = 10000.0) -> float:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
@@ -221,17 +270,35 @@ def _architecture(hf: dict) -> str:
     for a in archs:
         if a in _CONFIG_PARSERS:
             return a
+    if not archs and not hf.get("model_type"):
+        raise NotImplementedError("config.json names no architecture (no 'architectures' or 'model_type' field) and "
+                                  "is not a moejax MoEConfig; pass a Hugging Face checkpoint of one of "
+                                  f"{list(SUPPORTED_ARCHITECTURES)} or a copy of the bundled model's folder")
     raise NotImplementedError(
         f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
 
 
 def config_from_hf(hf: dict, **overrides: Any) -> MoEConfig:
-    """Translate a Hugging Face ``config.json`` dict into a :class:`MoEConfig`."""
+    """Translate a Hugging Face ``config.json`` dict into a :class:`MoEConfig`.
+
+    Raises:
+      CheckpointError: ``hf`` is not an object, a field has the wrong type or range
+        (see ``_HF_FIELDS``), a field the architecture needs is missing, or the
+        fields contradict each other.
+      NotImplementedError: the architecture or one of its options is not supported.
+    """
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"config.json must hold a JSON object, got {describe(hf)}; {_CONFIG_FIX}")
+    check_fields(hf, _HF_FIELDS, file="config.json", fix=_CONFIG_FIX)
     arch = _architecture(hf)
     try:
         cfg = _CONFIG_PARSERS[arch](hf)
     except KeyError as e:
-        raise ValueError(f"config.json lacks field {e.args[0]!r}, which {arch} needs") from None
+        raise CheckpointError(f"config.json lacks field {e.args[0]!r}, which {arch} needs; {_CONFIG_FIX}") from None
+    except CheckpointError:
+        raise
+    except ValueError as e:  # MoEConfig's and Routing's cross-field checks
+        raise CheckpointError(f"config.json: {e}; {_CONFIG_FIX}") from None
     return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -403,7 +470,7 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def _resolve_dtype(dtype: Any, hf: dict) -> Any:
+def _resolve_dtype(dtype: Any, hf: dict) -> Any:  # hf's dtype fields are checked by config_from_hf
     if dtype is not None:
         return jnp.dtype(dtype)
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
@@ -414,6 +481,11 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
                     **config_overrides: Any) -> MoEDecoder:
     """Load a Hugging Face MoE checkpoint folder as a :class:`MoEDecoder`.
 
+    A folder in the bundled default model's own format (``config.json`` of
+    :class:`MoEConfig` fields, see :mod:`moejax.models.default_model`) loads the way
+    the bundled model does. Either way the model records whether it is byte-level
+    (:func:`moejax.models.is_byte_level`).
+
     Args:
       path: folder with ``config.json`` and ``model.safetensors`` (or sharded
         ``*.safetensors`` plus ``model.safetensors.index.json``).
@@ -423,16 +495,22 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
       config_overrides: fields of :class:`MoEConfig` to change (e.g. ``routing=``).
 
     Raises:
+      FileNotFoundError: ``path`` has no ``config.json`` or no ``*.safetensors`` file.
       NotImplementedError: the architecture (or one of its options) is not supported.
-      CheckpointError: a tensor is missing, unexpected, or has the wrong shape.
+      CheckpointError: a file is corrupt or malformed (safetensors header, index,
+        config field), or a tensor is missing, unexpected, or has the wrong shape.
     """
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: from_pretrained needs a Hugging Face model folder")
-    with open(cfg_path) as f:
-        hf = json.load(f)
-    arch = _architecture(hf)
+    hf = read_json_object(cfg_path, fix=_CONFIG_FIX)
+    if default_model.is_moejax_config(hf):
+        if dtype is not None or config_overrides:
+            raise NotImplementedError(f"{path} is a moejax-format checkpoint (like the bundled default model); "
+                                      "it loads in float32 without config overrides: drop dtype= and overrides")
+        return default_model.load_checkpoint(path, scan_layers=scan_layers)
     cfg = config_from_hf(hf, **config_overrides)
+    arch = _architecture(hf)
     dtype = _resolve_dtype(dtype, hf)
     ckpt = Checkpoint(path)
     rules = weight_rules(cfg.replace(scan_layers=False), arch)
@@ -451,7 +529,7 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
         if tuple(arr.shape) != tuple(var.shape):
             raise CheckpointError(f"parameter {key}: built shape {arr.shape}, model expects {var.shape}")
         flat.append((p, var.replace(jnp.asarray(arr, dtype=var.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return mark_byte_level(nnx.merge(graphdef, nnx.from_flat_state(flat)), path)
 
 
 def _apply_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, dtype, strict: bool
