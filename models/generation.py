@@ -9,6 +9,7 @@ and state so its weights enter the jitted loop as arguments rather than constant
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -17,7 +18,7 @@ from flax import nnx
 
 from moejax.numerics import NonFiniteError
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["generate", "stream", "sample_next"]
 
 
 def sample_next(logits: jax.Array, key: jax.Array | None, temperature: float, top_p: float) -> jax.Array:
@@ -102,23 +103,7 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
       moejax.numerics.NonFiniteError: the model produced NaN/Inf logits (the tokens would be garbage).
     """
     prompt_ids = jnp.asarray(prompt_ids)
-    if prompt_ids.ndim != 2 or not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
-        raise ValueError(f"prompt_ids must be an int array [batch, seq], got {prompt_ids.dtype}{prompt_ids.shape}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature > 0 and key is None:
-        raise ValueError("sampling (temperature > 0) needs key=jax.random.key(seed)")
-    if not hasattr(model, "init_cache"):
-        raise TypeError(f"{type(model).__name__} has no init_cache(batch, max_len); generate needs a KV-cache model")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(vocab, int) and prompt_ids.size and int(jnp.max(prompt_ids)) >= vocab:
-        # an out-of-range id embeds as NaN (jnp.take fills): say so rather than blame the weights later
-        raise ValueError(f"prompt_ids hold id {int(jnp.max(prompt_ids))}, but the model's vocabulary has {vocab} "
-                         f"tokens; tokenize the prompt for this model")
+    _check_args(prompt_ids, max_new_tokens, temperature, top_p, key, model)
     b, s = prompt_ids.shape
     total = s + max_new_tokens
     max_len = max_len or total
@@ -141,6 +126,75 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
                              f"weights are likely corrupt (moejax.trace names NaN/Inf weights) or its activations "
                              f"overflow their dtype; no tokens are returned")
     return (tokens, logits) if return_logits else tokens
+
+
+def _check_args(prompt_ids: jax.Array, max_new_tokens: int, temperature: float, top_p: float,
+                key: jax.Array | None, model: Any) -> None:
+    if prompt_ids.ndim != 2 or not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
+        raise ValueError(f"prompt_ids must be an int array [batch, seq], got {prompt_ids.dtype}{prompt_ids.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs key=jax.random.key(seed)")
+    if not hasattr(model, "init_cache"):
+        raise TypeError(f"{type(model).__name__} has no init_cache(batch, max_len); generate needs a KV-cache model")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and prompt_ids.size and int(jnp.max(prompt_ids)) >= vocab:
+        # an out-of-range id embeds as NaN (jnp.take fills): say so rather than blame the weights later
+        raise ValueError(f"prompt_ids hold id {int(jnp.max(prompt_ids))}, but the model's vocabulary has {vocab} "
+                         f"tokens; tokenize the prompt for this model")
+
+
+def stream(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperature: float = 0.0,
+           top_p: float = 1.0, key: jax.Array | None = None, max_len: int | None = None) -> Iterator[jax.Array]:
+    """Like :func:`generate`, but yields each new token ``[B]`` as soon as it is decoded.
+
+    One jitted prefill, then one jitted decode step per token (for a command line that
+    shows text as it comes, or stops early); the tokens equal :func:`generate`'s for
+    greedy decoding. ``max_len`` defaults to ``S + max_new_tokens``.
+
+    Raises:
+      moejax.numerics.NonFiniteError: a step produced NaN/Inf logits (no further tokens are yielded).
+    """
+    prompt_ids = jnp.asarray(prompt_ids)
+    _check_args(prompt_ids, max_new_tokens, temperature, top_p, key, model)
+    b, s = prompt_ids.shape
+    max_len = max_len or s + max_new_tokens
+    if max_len < s + max_new_tokens:
+        raise ValueError(f"max_len={max_len} is shorter than prompt ({s}) + max_new_tokens ({max_new_tokens})")
+    if isinstance(model, nnx.Module):
+        graphdef, params = nnx.split(model)
+        call = _nnx_call(graphdef)
+    else:
+        params, call = None, _plain_call(model)
+    step = _jitted_step(call, float(temperature), float(top_p))
+    keys = jax.random.split(jax.random.key(0) if key is None else key, max_new_tokens)
+    tokens, cache = prompt_ids.astype(jnp.int32), model.init_cache(b, max_len)
+    for i in range(max_new_tokens):
+        position = jnp.asarray(0 if i == 0 else s + i - 1, jnp.int32)
+        nxt, cache, finite = step(params, tokens, cache, position, keys[i])
+        if not bool(finite):
+            raise NonFiniteError(f"generate: the model produced NaN/Inf logits at "
+                                 f"{'the prompt (prefill)' if i == 0 else f'decode step {i}'}; its weights are likely "
+                                 f"corrupt or its activations overflow their dtype")
+        yield nxt
+        tokens = nxt[:, None]
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_step(call, temperature: float, top_p: float):
+    """One call (prefill or decode step) plus sampling of the next token, jitted."""
+    @jax.jit
+    def step(params, tokens, cache, index, key):
+        logits, cache = call(params, tokens, cache, index)
+        last = logits[:, -1]
+        return sample_next(last, key, temperature, top_p), cache, jnp.all(jnp.isfinite(last))
+
+    return step
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,69 +1,141 @@
-"""The ``moejax`` command line: optimize, generate, passes, inspect."""
+"""The ``moejax`` command line: optimize, generate, passes, inspect.
+
+Every argument is checked before any model work; a mistake ends with one line
+``moejax: error: ...`` that names the fix and exit code 2. Ctrl-C ends with one
+line and exit code 130. A traceback is shown only for a bug in moejax, with a line
+that says so (exit code 70).
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import codecs
 import json
+import os
+import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "DEFAULT_PIPELINE"]
+__all__ = ["main", "build_parser", "DEFAULT_PIPELINE", "CLIError"]
 
 # The pipeline `moejax optimize` runs when --passes is not given: measure routing, skip
 # weak second experts, 4-bit experts, then the fastest expert implementation here.
 DEFAULT_PIPELINE = "profile,gating(skip_ratio=0.3),quantize(bits=4,group_size=64),select-impl"
+
+EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 2, 70, 130
+MAX_NEW_TOKENS = 1_000_000  # the KV cache is allocated up front: a typo of 10**9 should not try
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+# --------------------------------------------------------------------------
+# Argument types: each rejects a bad value with a message argparse prints as one line.
+# --------------------------------------------------------------------------
+def _int_in(low: int, high: float, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give {what}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is too {'small' if value < low else 'large'}; give {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool, what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {what}") from None
+        if not (value > low if low_open else value >= low) or not value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range; give {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+def _eval_bytes(text: str) -> int:
+    value = _int_in(0, float("inf"), "0 (skip quality) or at least 2 bytes")(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("1 byte has no next byte to predict; give 0 (skip quality) or at least 2")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (no usage block) and goes through main's error path."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CLIError(f"{message} (see `{self.prog} --help`)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moejax")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 # --------------------------------------------------------------------------
 # Loading models.
 # --------------------------------------------------------------------------
 def load_model(spec: str):
-    """``default`` -> the bundled model; otherwise a Hugging Face checkpoint folder."""
-    if spec == "default":
-        from moejax.models.default_model import CheckpointError, load_default_model
+    """``default`` -> the bundled model; otherwise a checkpoint folder (Hugging Face, or the bundled format)."""
+    from moejax import models
 
+    if spec == "default":
         try:
-            return load_default_model()
-        except CheckpointError as e:
+            return models.load_default_model()
+        except models.CheckpointError as e:
             raise CLIError(f"the bundled default model cannot be loaded ({e}); reinstall moejax") from e
     path = Path(spec)
     if not path.exists():
         raise CLIError(f"model path {spec!r} does not exist; pass --model default or a folder with config.json "
                        "and *.safetensors")
-    if not (path / "config.json").exists():
+    if not (path / "config.json").is_file():
         raise CLIError(f"{spec!r} has no config.json; pass a Hugging Face checkpoint folder (config.json + "
                        "*.safetensors) or --model default")
-    from moejax import models
-
     try:
         return models.from_pretrained(str(path))
     except (models.CheckpointError, NotImplementedError, ValueError, KeyError, FileNotFoundError) as e:
         raise CLIError(f"cannot load {spec!r}: {e}") from e
 
 
+def _check_model_path(spec: str) -> None:
+    """The cheap part of :func:`load_model`'s checks, done before anything slow."""
+    if spec != "default" and not (Path(spec) / "config.json").is_file():
+        load_model(spec)  # raises the one-line error
+
+
+def _progress(args) -> Any:
+    from moejax.progress import Progress
+
+    return Progress(enabled=not args.quiet)
+
+
 # --------------------------------------------------------------------------
 # optimize
 # --------------------------------------------------------------------------
-def _stage_rows(opt, text: bytes | None, prompt, args) -> list[dict[str, Any]]:
+def _stage_rows(opt, text: bytes | None, prompt, args, progress) -> list[dict[str, Any]]:
     import numpy as np
 
     from moejax import evaluation, offload
 
     rows = []
+    n = len(opt.stages)
     for i, stage in enumerate(opt.stages):
         view = opt.at_stage(i)
         row = {
             "pass": stage.name,
+            "exact": stage.exact,
             "expert_bytes": stage.stats["expert_bytes"],
             "total_bytes": stage.stats["total_bytes"],
             "active_expert_flops_per_token": stage.stats["active_expert_flops_per_token"],
@@ -73,21 +145,26 @@ def _stage_rows(opt, text: bytes | None, prompt, args) -> list[dict[str, Any]]:
             "pass_seconds": stage.seconds,
             "max_deviation": stage.max_deviation,
         }
-        _log(f"  evaluating stage {i} ({stage.name}) ...")
+        what = f"evaluating stage {i}/{n - 1} ({stage.name})"
+
+        def step(part: str) -> None:
+            progress.update(f"{what}: {part}", i, n)
+
         offload.reset_counters(view)
         if text is not None:
             res = evaluation.evaluate(view, text, eval_bytes=args.eval_bytes, seq_len=args.seq_len,
                                       batch=args.batch, decode_tokens=args.decode_tokens,
-                                      decode_batch=args.batch)
+                                      decode_batch=args.batch, progress=step)
             row.update(bits_per_byte=res.bits_per_byte, prefill_tokens_per_s=res.prefill_tokens_per_s,
                        decode_tokens_per_s=res.decode_tokens_per_s)
         else:  # no held-out text for this vocabulary: speed only, on the example prompt
-            t_prefill, t_decode = evaluation._prefill_and_decode(
-                evaluation.jitted_calls(view), np.asarray(prompt), args.decode_tokens, args.batch, 3)
+            t_prefill, t_decode = evaluation.prefill_and_decode_seconds(
+                evaluation.jitted_calls(view), np.asarray(prompt), args.decode_tokens, args.batch, 3, step)
             row.update(prefill_tokens_per_s=prompt.size / t_prefill,
                        decode_tokens_per_s=args.batch * args.decode_tokens / t_decode)
         row.update(offload.report_fields(view))  # the decode steps' cache hits, prefetch and bytes moved
         rows.append(row)
+    progress.update("evaluation done", n, n)
     return rows
 
 
@@ -109,59 +186,133 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
                      f(r.get("expert_cache_hit_rate"), ".3f"), f(r.get("prefetch_recall"), ".3f"),
                      f(moved and moved / 1e6, ".3f")]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in body]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in body]
     return "\n".join(lines)
+
+
+def _check_optimize_args(args) -> None:
+    """Everything about the arguments that can be known before loading a model."""
+    import moejax
+    from moejax import dump
+
+    moejax.parse_pipeline(args.passes)  # a bad spec fails here, with "did you mean"
+    _check_model_path(args.model)
+    if args.dump is not None:
+        dump.check_dump_target(args.dump, args.overwrite)
+    elif args.overwrite:
+        raise CLIError("--overwrite only applies to --dump DIR; give --dump or drop --overwrite")
+    if args.report is not None:
+        report = Path(args.report)
+        if report.is_dir():
+            raise CLIError(f"--report {args.report!r} is a folder; give a file name such as report.html")
+        if not report.parent.is_dir():
+            raise CLIError(f"--report: folder {str(report.parent)!r} does not exist; create it or write elsewhere")
 
 
 def cmd_optimize(args) -> int:
     import jax.numpy as jnp
 
     import moejax
-    from moejax import data
+    from moejax import data, models
 
-    passes = moejax.parse_pipeline(args.passes)  # fail fast on a bad spec, before loading anything
+    _check_optimize_args(args)
+    passes = moejax.parse_pipeline(args.passes)
     t0 = time.perf_counter()
-    model = load_model(args.model)
-    cfg = getattr(model, "config", None)
-    byte_level = cfg is not None and cfg.vocab_size >= 256 and args.model == "default"
-    text = data.heldout_bytes() if byte_level and args.eval_bytes > 0 else None
-    if text is None and args.eval_bytes > 0:
-        _log("note: bits per byte is measured for byte-level models only (the bundled default); skipped")
-    b, s = args.batch, args.seq_len
-    vocab = cfg.vocab_size if cfg is not None else 256
-    source = text if text is not None else bytes(range(256)) * (b * s // 256 + 1)
-    example = jnp.asarray(list(source[: b * s]), jnp.int32).reshape(b, s) % vocab
-    # The signatures evaluation calls: forward, prefill into a cache, one-token decode step.
-    cache = model.init_cache(b, s + args.decode_tokens)
-    decode_example = ((example[:, :1],), {"cache": cache, "cache_index": jnp.int32(s)})
-    prefill_example = ((example,), {"cache": cache, "cache_index": jnp.int32(0)})
-    _log(f"moejax optimize: model={args.model} passes={moejax.pipeline_to_str(passes) or '(none)'}")
-    opt = moejax.optimize(model, (example,), passes, decode_example=decode_example,
-                          extra_examples=[prefill_example], dump_dir=args.dump, verbose=lambda m: _log("  " + m))
-    _log(f"  pipeline done in {time.perf_counter() - t0:.1f}s")
+    with _progress(args) as progress:
+        progress.start(f"loading model {args.model!r}")
+        model = load_model(args.model)
+        cfg = getattr(model, "config", None)
+        byte_level = models.is_byte_level(model)
+        text = data.heldout_bytes() if byte_level and args.eval_bytes > 0 else None
+        if not byte_level and args.eval_bytes > 0:
+            progress.log("note: bits per byte needs a byte-level model (token ids are UTF-8 bytes); this model has "
+                         "a tokenizer, so quality is skipped and speed is measured on a synthetic prompt")
+        b, s = args.batch, args.seq_len
+        vocab = cfg.vocab_size if cfg is not None else 256
+        source = text if text is not None else bytes(range(256)) * (b * s // 256 + 1)
+        example = jnp.asarray(list(source[: b * s]), jnp.int32).reshape(b, s) % vocab
+        # The signatures evaluation calls: forward, prefill into a cache, one-token decode step.
+        cache = model.init_cache(b, s + args.decode_tokens)
+        decode_example = ((example[:, :1],), {"cache": cache, "cache_index": jnp.int32(s)})
+        prefill_example = ((example,), {"cache": cache, "cache_index": jnp.int32(0)})
+        progress.log(f"moejax optimize: model={args.model} passes={moejax.pipeline_to_str(passes) or '(none)'}; "
+                     f"signatures forward [{b},{s}], prefill [{b},{s}] into a cache, decode [{b},1]")
+        opt = moejax.optimize(model, (example,), passes, decode_example=decode_example,
+                              extra_examples={"prefill": prefill_example}, dump_dir=args.dump,
+                              overwrite_dump=args.overwrite, progress=progress.update)
+        progress.log(f"pipeline done in {time.perf_counter() - t0:.1f}s; evaluating {len(opt.stages)} stages")
+        t1 = time.perf_counter()
+        rows = _stage_rows(opt, text, example, args, progress)
+        progress.log(f"evaluation done in {time.perf_counter() - t1:.1f}s")
+        if args.report:
+            from moejax import report
+
+            progress.update("writing the report (measuring expert load)", 0, 1)
+            path = report.write_report(args.report, _report_data(opt, rows, args, example))
+            progress.log(f"report written to {path}")
     if args.dump:
-        _dump_extras(opt, Path(args.dump))
-    rows = _stage_rows(opt, text, example, args)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(_fmt_table(rows))
+        print(f"stages dumped to {args.dump} (moejax inspect {args.dump})", file=sys.stderr)
+    print(json.dumps(rows, indent=2) if args.json else _fmt_table(rows))
     return 0
 
 
-def _dump_extras(opt, directory: Path) -> None:
-    profile = opt.program.metadata.get("routing_profile")
-    if profile is None:
-        return
-    try:
-        from moejax.passes.profile import save_load_heatmap
-    except ImportError:
-        return
-    try:
-        save_load_heatmap(profile, directory / "expert_load.png")
-    except ImportError:
-        _log("note: matplotlib is not installed; expert load heatmap skipped")
+def _report_data(opt, rows: list[dict[str, Any]], args, example) -> dict[str, Any]:
+    """What :func:`moejax.report.write_report` draws: rows, diffs, structure and expert load per stage."""
+    import jax
+
+    from moejax import inspection
+    from moejax.passes.profile import measure_routing
+
+    structures = [inspection.structure(stage.program) for stage in opt.stages]
+    diffs = [{"from": i - 1, "to": i, "lines": inspection.semantic_diff(structures[i - 1], structures[i])}
+             for i in range(1, len(structures))]
+    def changes(diff: dict[str, Any], *fields: str) -> bool:
+        return any(line.split(": ", 1)[-1].startswith(fields) for line in diff["lines"])
+
+    routing_changed = [0] + [d["to"] for d in diffs if changes(d, "routing", "num experts", "layer")]
+    loads = []
+    for i in routing_changed:
+        try:
+            profile = measure_routing(opt.stages[i].program, [example])
+        except Exception as e:  # e.g. an offloaded or expert-parallel program the taps cannot reach
+            loads.append({"stage": i, "label": opt.stages[i].name, "layers": {}, "note": f"not measured: {e}"})
+            continue
+        layers = {}
+        for name, layer in profile.layers.items():
+            for s, counts in enumerate(layer.counts):
+                total = float(counts.sum()) or 1.0
+                layers[name.replace("*", str(s)) if layer.counts.shape[0] > 1 else name] = [
+                    float(c) / total for c in counts]
+        loads.append({"stage": i, "label": opt.stages[i].name, "layers": layers})
+    load_of = {entry["stage"]: entry["layers"] for entry in loads}
+    shown = sorted({0, len(structures) - 1} | {
+        d["to"] for d in diffs if changes(d, "num experts", "weight format", "expert bytes", "layer")})
+    structure = []
+    for i in shown:
+        measured = load_of.get(max((j for j in load_of if j <= i), default=0), {})
+        layers = []
+        for layer in structures[i]:
+            n_exp = max(int(layer.get("num_experts", 1)), 1)
+            for s in range(layer.get("stacked", 1)):
+                name = layer["name"].replace("*", str(s)) if layer.get("stacked", 1) > 1 else layer["name"]
+                load = measured.get(name)
+                per_expert = layer.get("expert_bytes", 0) / n_exp / max(layer.get("stacked", 1), 1)
+                layers.append({"name": name, "experts": [
+                    {"bytes": per_expert, "format": layer.get("weight_format", "?"),
+                     "load": load[e] if load and e < len(load) else None} for e in range(n_exp)]})
+        structure.append({"stage": i, "layers": layers})
+    return {
+        "title": "moejax optimize",
+        "model": args.model,
+        "pipeline": args.passes,
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} {jax.default_backend()}",
+        "stages": [{"index": i, **row} for i, row in enumerate(rows)],
+        "diffs": diffs,
+        "structure": structure,
+        "loads": loads,
+    }
 
 
 # --------------------------------------------------------------------------
@@ -171,21 +322,50 @@ def cmd_generate(args) -> int:
     import jax
     import jax.numpy as jnp
 
+    import moejax
     from moejax import models
 
-    model = load_model(args.model)
-    prompt = jnp.asarray([list(args.prompt.encode("utf-8"))], jnp.int32)
-    if prompt.shape[1] == 0:
+    if not args.prompt:
         raise CLIError("--prompt is empty; give some text to continue")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(vocab, int) and int(prompt.max()) >= vocab:
-        raise CLIError(f"the prompt holds byte {int(prompt.max())}, but the model's vocabulary has only {vocab} "
-                       f"tokens (generate feeds UTF-8 bytes as token ids); use a byte-level model such as "
-                       f"--model default, or a prompt of bytes below {vocab}")
-    out = models.generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          key=jax.random.PRNGKey(args.seed))
-    new = bytes(int(t) % 256 for t in out[0, prompt.shape[1]:])
-    sys.stdout.write(args.prompt + new.decode("utf-8", errors="replace") + "\n")
+    passes = moejax.parse_pipeline(args.passes) if args.passes else []
+    _check_model_path(args.model)
+    prompt = jnp.asarray([list(args.prompt.encode("utf-8"))], jnp.int32)
+    with _progress(args) as progress:
+        progress.start(f"loading model {args.model!r}")
+        model = load_model(args.model)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if isinstance(vocab, int) and int(prompt.max()) >= vocab:
+            raise CLIError(f"the prompt holds byte {int(prompt.max())}, but the model's vocabulary has only {vocab} "
+                           f"tokens (generate feeds UTF-8 bytes as token ids); use a byte-level model such as "
+                           f"--model default, or a prompt of bytes below {vocab}")
+        max_len = prompt.shape[1] + args.max_new_tokens
+        if passes:
+            cache = model.init_cache(1, max_len)
+            model = moejax.optimize(
+                model, (prompt,), passes, decode_example=((prompt[:, :1],), {"cache": cache, "cache_index": 0}),
+                extra_examples={"prefill": ((prompt,), {"cache": cache, "cache_index": 0})},
+                progress=progress.update)
+        progress.update("compiling prefill and decode", 0, args.max_new_tokens)
+        tokens = models.stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               key=jax.random.PRNGKey(args.seed), max_len=max_len)
+        first = next(tokens)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt + decoder.decode(bytes([int(first[0]) % 256])))
+    sys.stdout.flush()
+    count, t0, timed = 1, time.perf_counter(), 0
+    for token in tokens:  # the text itself shows progress: it is written as it is decoded
+        sys.stdout.write(decoder.decode(bytes([int(token[0]) % 256])))
+        sys.stdout.flush()
+        count += 1
+        if count == 2:  # the first decode step compiled: time the steady state from here
+            t0 = time.perf_counter()
+        else:
+            timed += 1
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    seconds = time.perf_counter() - t0
+    if not args.quiet:
+        speed = f", decode {timed / seconds:.0f} tok/s" if timed and seconds > 0 else ""
+        print(f"[{count} tokens{speed}]", file=sys.stderr)
     return 0
 
 
@@ -194,112 +374,195 @@ def cmd_generate(args) -> int:
 # --------------------------------------------------------------------------
 def cmd_passes(args) -> int:
     import moejax
+    from moejax.pass_options import format_pass_help
 
-    from moejax.pipeline import exactness_label
-
-    for name, cls in moejax.registered_passes().items():
-        kind = exactness_label(cls)  # reads class-level declarations (`exact` may be a property on ep)
-        needs = f", needs {', '.join(cls.needs)}" if cls.needs else ""
-        print(f"{name}  ({kind}{needs})")
-        doc = (cls.__doc__ or "").strip().splitlines()
-        if doc:
-            print(f"    {doc[0]}")
-        if cls.tolerance is not None and kind != "lossy":
-            t = cls.tolerance
-            print(f"    not bit-exact: |difference| <= {t.atol:g} + {t.rtol:g} * max|output| ({t.reason})")
-        for f in dataclasses.fields(cls):
-            if f.repr:
-                default = f.default if f.default is not dataclasses.MISSING else "(required)"
-                print(f"    {f.name} = {default!r}")
+    blocks = [format_pass_help(cls) for name, cls in moejax.registered_passes().items()
+              if args.name is None or name == args.name]
+    if not blocks:
+        names = ", ".join(moejax.registered_passes())
+        raise CLIError(f"no pass {args.name!r}; passes: {names}")
+    print("\n\n".join(blocks))
     return 0
+
+
+def _select_stage(stages: list[dict[str, Any]], key: str, signature: str) -> dict[str, Any]:
+    """A stage by index, by pass (full spelling or bare name when unique) or by file stem."""
+    for how in (lambda m: str(m["index"]) == key, lambda m: m["pass"] == key, lambda m: m["_stem"] == key,
+                lambda m: m["pass"].split("(")[0] == key):
+        match = [m for m in stages if how(m)]
+        if len(match) == 1:
+            return match[0]
+        if len(match) > 1:
+            raise CLIError(f"stage {key!r} is ambiguous in {signature}: "
+                           f"{', '.join(str(m['index']) for m in match)}; give its index")
+    listing = ", ".join(f"{m['index']} ({m['pass']})" for m in stages)
+    raise CLIError(f"no stage {key!r} in the {signature} signature; stages: {listing}")
 
 
 def cmd_inspect(args) -> int:
-    directory = Path(args.dir)
-    metas = sorted(directory.glob("*.json")) if directory.is_dir() else []
-    metas = [m for m in metas if m.stem[:2].isdigit()]
-    if not metas:
-        raise CLIError(f"{args.dir!r} holds no dumped stages; create one with `moejax optimize --dump DIR`")
-    stages = [(m, json.loads(m.read_text())) for m in metas]
+    from moejax import dump, inspection
+
+    contents = dump.read_dump(args.dir)
+    if not contents.signatures:
+        raise CLIError(f"{args.dir!r} holds no dumped stages yet; the run that started it wrote nothing")
+    if not contents.complete:
+        print(f"moejax: note: {args.dir} is an INCOMPLETE dump (no manifest: the run that wrote it was interrupted "
+              f"or failed); only the stages written before that are shown", file=sys.stderr)
+    signature = args.signature
+    if signature not in contents.signatures:
+        raise CLIError(f"no signature {signature!r} in {args.dir}; signatures: {', '.join(contents.signatures)}")
+    stages = contents.signatures[signature]
     if args.stage is not None:
-        match = [m for m, meta in stages if str(meta["index"]) == args.stage or meta["pass"] == args.stage
-                 or m.stem == args.stage]
-        if not match:
-            raise CLIError(f"no stage {args.stage!r}; stages: {', '.join(m.stem for m, _ in stages)}")
-        print(match[0].with_suffix(".txt").read_text())
+        meta = _select_stage(stages, args.stage, signature)
+        print(contents.stage_text(signature, stages.index(meta)))
         return 0
     if args.diff:
-        import difflib
+        a, b = (_select_stage(stages, key, signature) for key in args.diff)
+        title = f"{signature}: stage {a['index']} ({a['pass']}) -> stage {b['index']} ({b['pass']})"
+        if args.text:
+            import difflib
 
-        a, b = (directory / f"{s}.txt" for s in args.diff)
-        for p in (a, b):
-            if not p.exists():
-                raise CLIError(f"no stage file {p.name}; stages: {', '.join(m.stem for m, _ in stages)}")
-        sys.stdout.writelines(difflib.unified_diff(a.read_text().splitlines(True), b.read_text().splitlines(True),
-                                                   fromfile=a.stem, tofile=b.stem))
+            sys.stdout.writelines(difflib.unified_diff(
+                contents.stage_text(signature, stages.index(a)).splitlines(True),
+                contents.stage_text(signature, stages.index(b)).splitlines(True),
+                fromfile=f"{a['index']}_{a['pass']}", tofile=f"{b['index']}_{b['pass']}"))
+            return 0
+        lines = inspection.semantic_diff(a["structure"], b["structure"])
+        print(title)
+        print("\n".join(f"  {line}" for line in lines) if lines else "  no structural change (ops, routing, "
+              "expert counts, weight formats and shapes are the same; --text shows the program text diff)")
         return 0
-    print(f"{'file':32} {'pass':34} {'expert MB':>9} {'total MB':>9} {'GFLOP/tok':>10} {'max dev':>8}  ops")
-    for m, meta in stages:
+    _print_stage_table(contents, signature)
+    return 0
+
+
+def _print_stage_table(contents, signature: str) -> None:
+    stages = contents.signatures[signature]
+    state = "complete" if contents.complete else "INCOMPLETE"
+    print(f"{contents.directory}: {state} dump; signature {signature} {stages[0].get('inputs', '')}")
+    print(f"{'#':>2}  {'pass':34} {'expert MB':>9} {'total MB':>9} {'GFLOP/tok':>10} {'max dev':>8}  ops")
+    for meta in stages:
         st = meta["stats"]
         dev = "-" if meta["max_deviation"] is None else f"{meta['max_deviation']:.1e}"
         ops = " ".join(f"{k[4:]}:{v}" for k, v in st["op_counts"].items())
-        print(f"{m.stem:32} {meta['pass']:34} {st['expert_bytes'] / 1e6:9.3f} {st['total_bytes'] / 1e6:9.3f} "
+        print(f"{meta['index']:>2}  {meta['pass']:34} {st['expert_bytes'] / 1e6:9.3f} {st['total_bytes'] / 1e6:9.3f} "
               f"{st['active_expert_flops_per_token'] / 1e9:10.5f} {dev:>8}  {ops}")
-    return 0
+    others = [name for name in contents.signatures if name != signature]
+    if others:
+        print(f"other traced signatures (same pipeline): {', '.join(others)}; show one with --signature NAME")
 
 
 # --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moejax", description="Compiler passes for Mixture-of-Experts inference in JAX.")
-    sub = p.add_subparsers(dest="command", required=True)
+    """The argument parser (every value checked as it is parsed)."""
+    positive = _int_in(1, float("inf"), "an integer >= 1")
+    p = _Parser(prog="moejax", description="Compiler passes for Mixture-of-Experts inference in JAX.")
+    p.add_argument("--version", action="version", version=f"moejax {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    o = sub.add_parser("optimize", help="run a pass pipeline on a model and measure every stage")
-    o.add_argument("--model", default="default", help="'default' (bundled model) or a Hugging Face checkpoint folder")
-    o.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"pipeline string (default: {DEFAULT_PIPELINE!r})")
-    o.add_argument("--eval-bytes", type=int, default=16384, help="held-out bytes for bits per byte (0 to skip)")
-    o.add_argument("--batch", type=int, default=4, help="sequences per batch for tracing and timing")
-    o.add_argument("--seq-len", type=int, default=256, help="tokens per sequence for prefill")
-    o.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded when timing decode")
-    o.add_argument("--dump", default=None, help="write every stage's program (text, graph, stats) to this folder")
+    o = sub.add_parser("optimize", help="run a pass pipeline on a model and measure every stage",
+                       description="Trace a model (forward, prefill and decode signatures), run a pass pipeline on "
+                                   "it, and measure every stage: bytes, FLOPs, held-out bits per byte, speed.")
+    o.add_argument("--model", default="default",
+                   help="'default' (the bundled model) or a checkpoint folder (config.json + *.safetensors)")
+    o.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"pipeline string (default: {DEFAULT_PIPELINE!r}); "
+                   "`moejax passes` lists the passes and their options")
+    o.add_argument("--eval-bytes", type=_eval_bytes, default=16384,
+                   help="held-out bytes scored for bits per byte (0 skips quality; default 16384)")
+    o.add_argument("--batch", type=positive, default=4, help="sequences per batch for tracing and timing (default 4)")
+    o.add_argument("--seq-len", type=positive, default=256, help="tokens per sequence for prefill (default 256)")
+    o.add_argument("--decode-tokens", type=positive, default=32, help="tokens decoded when timing decode (default 32)")
+    o.add_argument("--dump", default=None, metavar="DIR",
+                   help="write every stage's program (text, structure, stats) to DIR, which must be empty or new")
+    o.add_argument("--overwrite", action="store_true", help="replace an earlier moejax dump in --dump DIR")
+    o.add_argument("--report", default=None, metavar="FILE.html",
+                   help="write a self-contained HTML report (tables, diffs, expert-load heatmaps, structure)")
     o.add_argument("--json", action="store_true", help="print the table as JSON")
+    o.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     o.set_defaults(func=cmd_optimize)
 
-    g = sub.add_parser("generate", help="continue a prompt with KV-cache decoding")
-    g.add_argument("--model", default="default")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("generate", help="continue a prompt with KV-cache decoding",
+                       description="Continue a prompt (UTF-8 bytes as token ids) with the bundled model or a "
+                                   "byte-level checkpoint, optionally optimized first; text is printed as it comes.")
+    g.add_argument("--model", default="default", help="'default' (the bundled model) or a checkpoint folder")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS:,}]"), default=64,
+                   help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=_float_in(0.0, 1e6, False, "a number >= 0 (0 is greedy)"), default=0.0,
+                   help="sampling temperature; 0 (default) for greedy decoding")
+    g.add_argument("--top-p", type=_float_in(0.0, 1.0, True, "a number in (0, 1]"), default=1.0,
+                   help="nucleus sampling mass in (0, 1] (with --temperature > 0; default 1)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    g.add_argument("--passes", default=None, help="optimize the model with this pipeline before generating "
+                   f"(e.g. {DEFAULT_PIPELINE!r})")
+    g.add_argument("--quiet", action="store_true", help="no progress or speed lines on stderr")
     g.set_defaults(func=cmd_generate)
 
-    ps = sub.add_parser("passes", help="list registered passes with their options")
+    ps = sub.add_parser("passes", help="list the passes with every option's type, default and range")
+    ps.add_argument("name", nargs="?", default=None, help="show only this pass")
     ps.set_defaults(func=cmd_passes)
 
-    i = sub.add_parser("inspect", help="show the stages of a pipeline dumped with --dump")
+    i = sub.add_parser("inspect", help="show the stages of a pipeline dumped with --dump",
+                       description="Show a dump written by `moejax optimize --dump DIR`: the stage table, one "
+                                   "stage's program, or what changed between two stages.")
     i.add_argument("dir")
-    i.add_argument("--stage", default=None, help="print one stage's program (index, pass or file stem)")
-    i.add_argument("--diff", nargs=2, metavar=("A", "B"), default=None, help="diff two stage files (stems)")
+    i.add_argument("--signature", default="forward",
+                   help="which traced program: forward (default), prefill or decode")
+    i.add_argument("--stage", default=None, help="print one stage's program: its index, pass name or file stem")
+    i.add_argument("--diff", nargs=2, metavar=("A", "B"), default=None,
+                   help="what changed from stage A to stage B (index or pass name), per layer")
+    i.add_argument("--text", action="store_true", help="with --diff: the line diff of the program text instead")
     i.set_defaults(func=cmd_inspect)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except CLIError as e:
-        print(f"moejax: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a pipeline/model error the user can act on
-        from moejax.numerics import NonFiniteError
-        from moejax.pipeline import PassError
-        from moejax.program import InputSignatureError
+def _check_combinations(args) -> None:
+    """Options that are valid alone but not together."""
+    if getattr(args, "text", False) and not getattr(args, "diff", None):
+        raise CLIError("--text only applies to --diff A B; add --diff or drop --text")
 
-        if isinstance(e, (PassError, InputSignatureError, NonFiniteError)):
-            print(f"moejax: error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted, 70 bug)."""
+    from moejax.dump import DumpError
+    from moejax.models import CheckpointError
+    from moejax.numerics import NonFiniteError
+    from moejax.pipeline import PassError
+    from moejax.program import InputSignatureError
+
+    try:
+        args = build_parser().parse_args(argv)
+        _check_combinations(args)
+        return args.func(args)
+    except (CLIError, PassError, InputSignatureError, NonFiniteError, DumpError, CheckpointError) as e:
+        print(f"moejax: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("moejax: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `moejax inspect DIR | head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        print(f"moejax: internal error: {type(e).__name__}: {_one_line(e)}. This is a bug in moejax; please report "
+              f"it with the traceback above", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so Python's exit-time flush does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout: nothing to flush at exit
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,6 +37,7 @@ __all__ = [
     "expert_load",
     "weight_bytes",
     "jitted_calls",
+    "prefill_and_decode_seconds",
 ]
 
 VOCAB = 256
@@ -191,8 +192,9 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _prefill_and_decode(calls: _Calls, prompt: np.ndarray, decode_tokens: int, decode_batch: int,
-                        repeats: int) -> tuple[float, float]:
+def prefill_and_decode_seconds(calls: _Calls, prompt: np.ndarray, decode_tokens: int, decode_batch: int,
+                               repeats: int, progress: Callable[[str], None] = lambda _: None) -> tuple[float, float]:
+    """Median seconds of one prefill of ``prompt`` ``[B, S]`` and of ``decode_tokens`` greedy decode steps."""
     b, s = prompt.shape
     max_len = s + decode_tokens
     tokens = jnp.asarray(prompt)
@@ -201,6 +203,7 @@ def _prefill_and_decode(calls: _Calls, prompt: np.ndarray, decode_tokens: int, d
     def prefill():
         return calls.step(tokens, calls.init_cache(b, max_len), zero)
 
+    progress(f"timing prefill ({b} x {s} tokens, {repeats} repeats)")
     t_prefill = _median_time(prefill, repeats)
     # Decode starts from a prefilled cache (of decode_batch sequences) and feeds back argmax tokens.
     d_logits, d_cache = calls.step(tokens[:decode_batch], calls.init_cache(decode_batch, max_len), zero)
@@ -215,12 +218,14 @@ def _prefill_and_decode(calls: _Calls, prompt: np.ndarray, decode_tokens: int, d
             tok = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
         return tok
 
+    progress(f"timing decode ({decode_batch} x {decode_tokens} tokens, {repeats} repeats)")
     t_decode = _median_time(decode, repeats)
     return t_prefill, t_decode
 
 
 def evaluate(model: Any, text: bytes | str, *, eval_bytes: int | None = 65536, seq_len: int = 256,
-             batch: int = 8, decode_tokens: int = 32, decode_batch: int = 1, repeats: int = 5) -> EvalResult:
+             batch: int = 8, decode_tokens: int = 32, decode_batch: int = 1, repeats: int = 5,
+             progress: Callable[[str], None] | None = None) -> EvalResult:
     """Bits per byte on ``text`` plus prefill/decode throughput and weight bytes.
 
     Args:
@@ -234,18 +239,21 @@ def evaluate(model: Any, text: bytes | str, *, eval_bytes: int | None = 65536, s
       decode_tokens, decode_batch: timed greedy decoding of ``decode_tokens`` steps
         for ``decode_batch`` sequences after a ``seq_len`` prompt.
       repeats: timed runs; the median is reported (after one warm-up run).
+      progress: called with a short description as each part (scoring, prefill, decode) starts.
     """
     data = _as_bytes(text)[:eval_bytes]
     _check_text(data, seq_len, batch)
     if repeats < 1 or decode_tokens < 1 or not 1 <= decode_batch <= batch:
         raise ValueError(f"need repeats >= 1, decode_tokens >= 1 and 1 <= decode_batch <= batch; got "
                          f"repeats={repeats}, decode_tokens={decode_tokens}, decode_batch={decode_batch}")
+    report = progress or (lambda _: None)
     calls = jitted_calls(model)
+    report(f"scoring {len(data):,} held-out bytes")
     bpb = bits_per_byte(model, data, seq_len=seq_len, batch=batch, calls=calls)
     arr = np.frombuffer(data, np.uint8).astype(np.int32)
     reps = -(-(batch * seq_len) // len(arr))
     prompt = np.tile(arr, reps)[: batch * seq_len].reshape(batch, seq_len)
-    t_prefill, t_decode = _prefill_and_decode(calls, prompt, decode_tokens, decode_batch, repeats)
+    t_prefill, t_decode = prefill_and_decode_seconds(calls, prompt, decode_tokens, decode_batch, repeats, report)
     return EvalResult(
         bits_per_byte=bpb,
         prefill_tokens_per_s=batch * seq_len / t_prefill,

@@ -1,19 +1,27 @@
-"""Inspection: program text, diffs between stages, and a Graphviz view of MoE structure."""
+"""Inspection: program text, the MoE structure of a program, and diffs between stages.
+
+:func:`structure` describes each MoE layer (routing, experts, expert weight format,
+shapes and bytes, implementation) as plain JSON; :func:`semantic_diff` says, per
+layer, what changed between two such descriptions. :func:`diff_programs` is the
+line diff of the program text, for when the jaxpr itself is the question.
+"""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import difflib
 import shutil
 import subprocess
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from moejax import expert_layout, rewrite, weight_formats
+from moejax import dialect, expert_layout, rewrite, weight_formats
 
-__all__ = ["program_text", "diff_programs", "moe_graph_dot", "render_dot"]
+__all__ = ["program_text", "diff_programs", "structure", "semantic_diff", "moe_graph_dot", "render_dot"]
 
 
 def _fmt(x: Any) -> str:
@@ -45,6 +53,95 @@ def diff_programs(a, b, a_name: str = "before", b_name: str = "after", context: 
     return "".join(difflib.unified_diff(program_text(a).splitlines(keepends=True),
                                         program_text(b).splitlines(keepends=True),
                                         fromfile=a_name, tofile=b_name, n=context))
+
+
+def _routing_text(routing: Any) -> str:
+    """``k=2 softmax`` plus every Routing field that differs from its default."""
+    parts = [f"k={routing.k}", routing.score]
+    for f in dataclasses.fields(routing):
+        if f.name in ("k", "score"):
+            continue
+        value = getattr(routing, f.name)
+        if f.default is not dataclasses.MISSING and value != f.default:
+            parts.append(f"{f.name}={value}")
+    return " ".join(parts)
+
+
+def _shapes(avals: Sequence[Any]) -> str:
+    """Distinct ``dtype[shape]`` of ``avals`` with their counts, in first-seen order."""
+    counts = collections.Counter(_fmt(a) for a in avals)
+    return ", ".join(k if n == 1 else f"{n} x {k}" for k, n in counts.items())
+
+
+def structure(program) -> list[dict[str, Any]]:
+    """Every MoE layer of ``program`` as JSON-able facts, in program order.
+
+    Each entry: ``name``, ``stacked`` (layers under one ``scan``), ``routing``,
+    ``num_experts``, ``activation``, ``weight_format``, ``impl``, ``expert_weights``
+    (distinct leaf types and shapes), ``expert_bytes`` (all experts of the entry) and
+    ``other_ops`` (the number of non-MoE equations in the program, on the first entry only).
+    """
+    layers: dict[str, dict[str, Any]] = {}
+    for site in rewrite.dialect_sites(program.jaxpr):
+        name = site.name or "/".join(map(str, site.path)) or "moe"
+        entry = layers.setdefault(name, {"name": name, "stacked": int(site.trip_count)})
+        eqn, op = site.eqn, site.eqn.primitive.name
+        if op == "moe_route":
+            entry["routing"] = _routing_text(eqn.params["routing"])
+            entry["route_impl"] = eqn.params.get("impl", "reference")
+        elif op == "moe_dispatch":
+            entry["num_experts"] = int(eqn.params["num_experts"])
+        elif op == "moe_expert_ffn":
+            weights = [v.aval for v in eqn.invars[2:]]
+            entry.update(activation=eqn.params["activation"], weight_format=eqn.params["weight_format"],
+                         impl=eqn.params["impl"], expert_weights=_shapes(weights),
+                         expert_bytes=int(sum(a.size * a.dtype.itemsize for a in weights)) * int(site.trip_count))
+    out = list(layers.values())
+    if out:
+        out[0]["other_ops"] = sum(1 for s in rewrite.iter_eqns(program.jaxpr)
+                                  if not dialect.is_dialect_primitive(s.eqn.primitive))
+    return out
+
+
+_DIFF_FIELDS = ("stacked", "routing", "route_impl", "num_experts", "activation", "weight_format", "impl",
+                "expert_weights", "expert_bytes", "other_ops")
+
+
+def semantic_diff(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> list[str]:
+    """What changed between two :func:`structure` descriptions: ``LAYERS: FIELD OLD -> NEW`` lines.
+
+    A change shared by several layers is one line that names them. Renamed jaxpr
+    variables and re-ordered equations do not show; an empty list means no structural
+    change (weights may still differ in value, e.g. after recalibration).
+    """
+    a = {layer["name"]: layer for layer in before}
+    b = {layer["name"]: layer for layer in after}
+    changes: dict[str, list[str]] = {}  # change text -> the layers it applies to, in program order
+    for name in a:
+        if name not in b:
+            changes.setdefault("layer removed", []).append(name)
+    for name in b:
+        if name not in a:
+            changes.setdefault("layer added", []).append(name)
+            continue
+        for field in _DIFF_FIELDS:
+            old, new = a[name].get(field), b[name].get(field)
+            if old == new:
+                continue
+            if field == "expert_bytes" and old and new:
+                text = f"expert bytes {old:,} -> {new:,} ({new / old:.3g}x)"
+            else:
+                text = f"{field.replace('_', ' ')} {old} -> {new}"
+            changes.setdefault(text, []).append(name)
+    return [f"{_layers_text(names)}: {text}" for text, names in changes.items()]
+
+
+def _layers_text(names: Sequence[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    if len(names) == 2:
+        return f"2 layers ({names[0]}, {names[1]})"
+    return f"{len(names)} layers ({names[0]} ... {names[-1]})"
 
 
 def _param_summary(eqn) -> str:

@@ -16,5 +16,9 @@ def inline_dialect(program: Program) -> Program:
     """
     if getattr(program, "delivers_itself", False):
         return program
-    rules = {p.name: rewrite.inline_dialect_rule for p in dialect.DIALECT_PRIMITIVES}
-    return program.rewrite(rules)
+    # Memoised on the program: the pipeline's checks, every stage's evaluation and the delivered
+    # model then run one Program object, so each signature compiles once per stage.
+    if "_inlined" not in program.__dict__:
+        rules = {p.name: rewrite.inline_dialect_rule for p in dialect.DIALECT_PRIMITIVES}
+        program.__dict__["_inlined"] = program.rewrite(rules)
+    return program.__dict__["_inlined"]

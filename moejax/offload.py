@@ -361,8 +361,7 @@ def report_fields(model: Any, program: Program | None = None) -> dict[str, Any]:
     if not programs:
         return {}
     if program is None:
-        index = getattr(model, "_decode_index", None)
-        program = model._final[index] if index is not None else programs[0]
+        program = model.delivered("decode") if "decode" in getattr(model, "signatures", ()) else programs[0]
     fields = {"resident_expert_bytes": program.runtime.capacity_bytes}
     fields.update(program.counters.as_dict())
     return fields

@@ -1,21 +1,17 @@
 """``moejax.optimize``: trace a model, run a pass pipeline, hand back a jitted model."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
 from moejax import lowering
 from moejax.analysis import AnalysisStore
-from moejax.pipeline import Pass, PassContext, PassManager, Stage, Tolerance, check_programs_match
+from moejax.pipeline import Pass, PassContext, PassManager, Stage
 from moejax.program import InputSignatureError, Program, trace
 
-__all__ = ["optimize", "OptimizedModel", "INLINE_TOLERANCE"]
-
-# How far the delivered (inlined) program may differ from the last stage. None: bit-exact —
-# inlining substitutes each dialect op by the very implementation it runs, so XLA sees the same ops.
-INLINE_TOLERANCE: Tolerance | None = None
+__all__ = ["optimize", "OptimizedModel"]
 
 
 class OptimizedModel:
@@ -28,11 +24,12 @@ class OptimizedModel:
     programs are plain jitted JAX (no dialect ops left).
     """
 
-    def __init__(self, model: Any, entries: list[list[Stage]], passes: list[Pass], decode_index: int | None = None):
+    def __init__(self, model: Any, entries: list[list[Stage]], passes: list[Pass],
+                 signatures: Sequence[str] = ("forward",)):
         self.model = model
         self.entries = entries
         self.passes = passes
-        self._decode_index = decode_index
+        self.signatures = list(signatures)  # one name per entry: "forward", "decode", "prefill", ...
         self._final = [lowering.inline_dialect(stages[-1].program) for stages in entries]
 
     @property
@@ -41,7 +38,18 @@ class OptimizedModel:
 
     @property
     def decode_stages(self) -> list[Stage]:
-        return self.entries[self._decode_index] if self._decode_index is not None else []
+        return self.stages_of("decode") if "decode" in self.signatures else []
+
+    def stages_of(self, signature: str) -> list[Stage]:
+        """The stages of one traced signature (``forward``, ``decode``, or an ``extra_examples`` name)."""
+        if signature not in self.signatures:
+            raise KeyError(f"no signature {signature!r}; traced: {', '.join(self.signatures)}")
+        return self.entries[self.signatures.index(signature)]
+
+    def delivered(self, signature: str) -> Program:
+        """The delivered (inlined) program of one signature."""
+        self.stages_of(signature)  # the error for an unknown name
+        return self._final[self.signatures.index(signature)]
 
     def at_stage(self, index: int) -> "OptimizedModel":
         """The model as it was after stage ``index`` (0 = as traced), for every signature."""
@@ -49,7 +57,7 @@ class OptimizedModel:
             raise IndexError(f"stage {index} out of range; this pipeline has {len(self.stages)} stages")
         index %= len(self.stages)
         return OptimizedModel(self.model, [stages[: index + 1] for stages in self.entries], self.passes[:index],
-                              self._decode_index)
+                              self.signatures)
 
     @property
     def program(self) -> Program:
@@ -114,9 +122,11 @@ class OptimizedModel:
 def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pass | str] = (), *,
              example_kwargs: dict[str, Any] | None = None, params: Any = None,
              decode_example: tuple[Sequence[Any], dict[str, Any]] | None = None,
-             extra_examples: Sequence[tuple[Sequence[Any], dict[str, Any]]] = (),
-             calibration: Sequence[Any] | None = None, dump_dir: str | None = None,
+             extra_examples: Sequence[tuple[Sequence[Any], dict[str, Any]]]
+             | Mapping[str, tuple[Sequence[Any], dict[str, Any]]] = (),
+             calibration: Sequence[Any] | None = None, dump_dir: str | None = None, overwrite_dump: bool = False,
              check_exact: bool = True, verbose: Callable[[str], None] | None = None,
+             progress: Callable[[str, int, int], None] | None = None,
              platform: str | None = None) -> OptimizedModel:
     """Trace ``model`` on ``example_args`` and run ``passes`` over it.
 
@@ -128,42 +138,58 @@ def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pas
         ``((tokens_b1,), {"cache": cache, "cache_index": 0})``; the same pipeline
         is applied to that program too (analysis results are shared).
       extra_examples: more ``(args, kwargs)`` signatures to optimise (e.g. a
-        prefill into a KV cache); calls are routed by input signature.
+        prefill into a KV cache), as a list or as a dict by name (``{"prefill": ...}``);
+        calls are routed by input signature.
       calibration: token batches analysis passes (routing profile) run on.
-      dump_dir: write every stage's text, graph and stats there.
-      check_exact: run every stage on the example inputs and on a batch derived from them:
-        exact passes must be bit-exact (or within their declared ``tolerance``), NaN/Inf
-        outputs stop the pipeline at the pass that introduced them, and the delivered
-        (inlined) programs must match the last stage. False skips these runs; weights
-        are still checked for NaN/Inf.
+      dump_dir: write every stage of every signature there (see :mod:`moejax.dump`); the
+        folder must be empty or new unless ``overwrite_dump`` replaces an earlier dump.
+      check_exact: run every stage, as it is delivered (dialect ops inlined), on the
+        example inputs and on a batch derived from them: exact passes must be bit-exact
+        (or within their declared ``tolerance``) and NaN/Inf outputs stop the pipeline
+        at the pass that introduced them. False skips these runs; weights are still
+        checked for NaN/Inf.
+      verbose: called with a line per traced signature and per pass.
+      progress: called as ``progress(description, done, total)`` before each step
+        (tracing a signature, running a pass on it); ``total`` counts all of them.
 
     Raises:
       PassError: a pass cannot apply, breaks its contract or changes the result of an exact pass.
       moejax.numerics.NonFiniteError: a weight or a stage's output holds NaN/Inf.
+      moejax.dump.DumpError: ``dump_dir`` is a file, or not empty (see ``overwrite_dump``).
     """
     example_kwargs = dict(example_kwargs or {})
-    manager = PassManager(passes, dump_dir=dump_dir, check_exact=check_exact, verbose=verbose)
-    examples = [(tuple(example_args), example_kwargs)]
-    decode_index = None
+    manager = PassManager(passes, dump_dir=dump_dir, overwrite_dump=overwrite_dump, check_exact=check_exact,
+                          verbose=verbose)
+    examples = {"forward": (tuple(example_args), example_kwargs)}
     if decode_example is not None:
-        decode_index = len(examples)
-        examples.append((tuple(decode_example[0]), dict(decode_example[1])))
-    examples.extend((tuple(a), dict(k)) for a, k in extra_examples)
+        examples["decode"] = (tuple(decode_example[0]), dict(decode_example[1]))
+    named = extra_examples.items() if isinstance(extra_examples, Mapping) else (
+        (f"sig{len(examples) + i}", example) for i, example in enumerate(extra_examples))
+    for name, (args, kwargs) in named:
+        if name in examples:
+            raise ValueError(f"extra_examples: signature name {name!r} is taken; use another name")
+        examples[name] = (tuple(args), dict(kwargs))
     analysis = AnalysisStore()  # shared: a profile measured on the first program serves the others
-    entries, contexts, labels = [], [], []
-    for i, (args, kwargs) in enumerate(examples):
+    steps, total = 0, len(examples) * (len(manager.passes) + 1)
+
+    def step(description: str) -> None:
+        nonlocal steps
+        if progress is not None:
+            progress(description, steps, total)
+        steps += 1
+
+    manager.verbose = lambda line: (step(line), verbose and verbose(line))
+    entries = []
+    for name, (args, kwargs) in examples.items():
+        step(f"{name}: tracing and checking the input program")
+        if verbose:
+            verbose(f"{name}: tracing")
         ctx = PassContext(example_args=args, example_kwargs=kwargs, calibration=calibration, analysis=analysis,
                           platform=platform or jax.default_backend())
         program = trace(model, *args, params=params, **kwargs)
-        label = "" if i == 0 else ("decode" if i == decode_index else f"sig{i}")
-        entries.append(manager.run(program, ctx, label=label))
-        contexts.append(ctx)
-        labels.append(label)
-    result = OptimizedModel(model, entries, manager.passes, decode_index)
-    if check_exact:
-        # What is delivered is the inlined program, not the last stage: check it on the same batches.
-        for stages, final, ctx, label in zip(entries, result._final, contexts, labels):
-            stages[-1].extra["inline_deviation"] = check_programs_match(
-                stages[-1].program, final, ctx, f"the delivered (inlined) program{' (' + label + ')' if label else ''} "
-                f"differs from the last stage {stages[-1].name!r}", INLINE_TOLERANCE)
-    return result
+        entries.append(manager.run(program, ctx, label="" if name == "forward" else name, finish_dump=False))
+    if progress is not None:
+        progress("pipeline done", total, total)
+    if manager.dump is not None:
+        manager.dump.finish(pipeline=[str(p) for p in manager.passes])
+    return OptimizedModel(model, entries, manager.passes, list(examples))

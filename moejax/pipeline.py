@@ -31,10 +31,9 @@ import dataclasses
 import difflib
 import importlib
 import inspect
-import json
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from moejax import expert_layout, inspection, numerics, stats
+from moejax import expert_layout, lowering, numerics, stats
 from moejax.analysis import AnalysisStore
+from moejax.dump import StageDump
 from moejax.numerics import NonFiniteError
 from moejax.program import Program, path_to_str
 
@@ -188,6 +188,11 @@ class Pass:
     provides: ClassVar[tuple[str, ...]] = ()
     # Passes that read or reshape expert weights as stacked [E, k, n] arrays set this.
     needs_stacked_experts: ClassVar[bool] = False
+    # For `moejax passes` (moejax.pass_options): each option's allowed values, the options that
+    # must be given, and descriptions where the docstring's "Options:" entry does not serve.
+    option_ranges: ClassVar[Mapping[str, str]] = {}
+    required_options: ClassVar[tuple[str, ...]] = ()
+    option_descriptions: ClassVar[Mapping[str, str]] = {}
 
     def run(self, program: Program, ctx: PassContext) -> Program:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -348,7 +353,10 @@ def make_pass(cls: type["Pass"], **kwargs: Any) -> "Pass":
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise PassError(f"pass {cls.name}: {e}") from None
+        message = str(e)
+        for prefix in (f"{cls.name}: ", f"{cls.name} "):  # passes that already name themselves: say it once
+            message = message.removeprefix(prefix)
+        raise PassError(f"pass {cls.name}: {message}") from None
 
 
 def pipeline_to_str(passes: Sequence["Pass"]) -> str:
@@ -444,7 +452,12 @@ def check_batches(program: Program, ctx: PassContext) -> list[tuple[str, Batch]]
 
 
 def _outputs(program: Program, batch: Batch) -> Leaves:
-    out = program(*batch[0], **batch[1])
+    """``program``'s outputs on ``batch``, run as it is delivered (every dialect op inlined).
+
+    Running the delivered form means the check covers what users get, and the compiled
+    executable is the one every later call of that stage (evaluation, serving) reuses.
+    """
+    out = lowering.inline_dialect(program)(*batch[0], **batch[1])
     return [(path_to_str(path), np.asarray(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]]
 
 
@@ -542,7 +555,8 @@ class PassManager:
     """
 
     def __init__(self, passes: str | Sequence[Pass | str], *, dump_dir: str | Path | None = None,
-                 check_exact: bool = True, verbose: Callable[[str], None] | None = None):
+                 overwrite_dump: bool = False, check_exact: bool = True,
+                 verbose: Callable[[str], None] | None = None):
         items: list[Pass] = []
         for p in [passes] if isinstance(passes, str) else passes:
             items.extend(parse_pipeline(p) if isinstance(p, str) else [p])
@@ -550,7 +564,7 @@ class PassManager:
             if not isinstance(p, Pass):
                 raise PassError(f"pipeline item {p!r} is not a Pass (or a pipeline string)")
         self.passes = items
-        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.dump = StageDump(dump_dir, overwrite=overwrite_dump) if dump_dir is not None else None
         self.check_exact = check_exact
         self.verbose = verbose
 
@@ -569,7 +583,11 @@ class PassManager:
             raise PassError(f"{self._where(index)}: {hook}() raised {type(e).__name__}: {e}; this is a bug in the "
                             f"pass's {hook}(): it should raise PassError with what to change") from e
 
-    def run(self, program: Program, ctx: PassContext, *, label: str = "") -> list[Stage]:
+    def run(self, program: Program, ctx: PassContext, *, label: str = "", finish_dump: bool = True) -> list[Stage]:
+        """Run the pipeline on ``program``; ``label`` names the signature (e.g. ``decode``) in messages and dumps.
+
+        ``finish_dump=False`` leaves the dump's manifest to the caller (several signatures, one dump).
+        """
         suffix = f" ({label} program)" if label else ""
         batches = check_batches(program, ctx) if self.check_exact else []
         if self.check_exact and len(batches) < 2 and program.in_avals and any(is_exact(p) for p in self.passes):
@@ -581,13 +599,15 @@ class PassManager:
         self._check_weights(program, None, 0, suffix)
         outputs = [_outputs(program, b) for _, b in batches]
         self._check_outputs(outputs, batches, 0, suffix)
+        if self.passes:
+            self._check_inlining(program, outputs, batches, "the stage 'input'", suffix)
         stages = [Stage("input", program, stats.program_stats(program), 0.0, checked_batches=len(batches))]
         self._dump(stages[-1], 0, label)
         for i, p in enumerate(self.passes, start=1):
             self._check_needs(p, program, i)
             self._hook(i, "check", p.check, program, ctx)
             if self.verbose:
-                self.verbose(f"[{i}/{len(self.passes)}] {p}{' (' + label + ')' if label else ''}")
+                self.verbose(f"{label or 'forward'}: pass {i}/{len(self.passes)} {p}")
             t0 = time.perf_counter()
             try:
                 new = p.run(program, ctx)
@@ -622,7 +642,29 @@ class PassManager:
             stages.append(stage)
             self._dump(stage, i, label)
             program = new
+        if batches:
+            self._check_inlining(program, outputs, batches, f"the last stage {stages[-1].name!r}", suffix)
+        if self.dump is not None and finish_dump:
+            self.dump.finish(pipeline=[str(p) for p in self.passes])
         return stages
+
+    @staticmethod
+    def _check_inlining(program: Program, inlined_outputs: list[Leaves], batches: list[tuple[str, Batch]],
+                        what: str, suffix: str) -> None:
+        """The stages are checked as delivered (inlined); the dialect program itself must agree, bit for bit.
+
+        Run on the input and the last stage: a wrong inlining would otherwise shift every
+        stage alike and pass the stage-to-stage checks unnoticed.
+        """
+        if lowering.inline_dialect(program) is program:  # delivers itself (e.g. offloaded): nothing inlined
+            return
+        for (label, batch), inlined in zip(batches, inlined_outputs):
+            out = program(*batch[0], **batch[1])
+            reference = [(path_to_str(p), np.asarray(x)) for p, x in jax.tree_util.tree_flatten_with_path(out)[0]]
+            dev, problem = _compare(reference, inlined, None)
+            if problem:
+                raise PassError(f"the delivered (inlined) program{suffix} differs from {what} by up to {dev:.3g} "
+                                f"on {label}: {problem}; this is a bug in an op's inlining rule")
 
     def _check_contract(self, p: Pass, index: int, before: Program, after: Program) -> None:
         """The declared contract: ``provides`` keys present; signature unchanged unless declared."""
@@ -694,17 +736,5 @@ class PassManager:
                                 f"e.g. '{providers[0] + ',' if providers else ''}{p}'")
 
     def _dump(self, stage: Stage, index: int, label: str) -> None:
-        if self.dump_dir is None:
-            return
-        self.dump_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"{index:02d}_{_slug(stage.name)}" + (f".{label}" if label else "")
-        (self.dump_dir / f"{stem}.txt").write_text(str(stage.program))
-        inspection.render_dot(inspection.moe_graph_dot(stage.program, stage.name), self.dump_dir / f"{stem}.dot")
-        meta = {"index": index, "pass": stage.name, "label": label, "seconds": stage.seconds,
-                "exact": stage.exact, "max_deviation": stage.max_deviation, "checked_batches": stage.checked_batches,
-                "stats": stage.stats}
-        (self.dump_dir / f"{stem}.json").write_text(json.dumps(meta, indent=2, default=str))
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_")[:60] or "stage"
+        if self.dump is not None:
+            self.dump.write_stage(label or "forward", index, stage)

@@ -90,6 +90,8 @@ class Program:
         new = dataclasses.replace(self, **changes)
         if "jaxpr" not in changes and "_jitted_eval" in self.__dict__:  # same jaxpr: keep the compiled function
             new.__dict__["_jitted_eval"] = self.__dict__["_jitted_eval"]
+        if "jaxpr" not in changes and "weights" not in changes and "_inlined" in self.__dict__:
+            new.__dict__["_inlined"] = self.__dict__["_inlined"]  # same computation: same delivered program
         return new
 
     # ---- running ----------------------------------------------------------

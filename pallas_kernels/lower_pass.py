@@ -11,6 +11,7 @@ override hook.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar
 
 from moejax import dialect
@@ -23,13 +24,20 @@ __all__ = ["LowerToPallas"]
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class LowerToPallas(Pass):
-    """Route ``moe_expert_ffn`` (and top-k ``moe_route`` when ``route``) to the Pallas kernels."""
+    """Route ``moe_expert_ffn`` (and top-k ``moe_route`` when ``route``) to the Pallas kernels.
+
+    Options:
+      ffn: run every ``moe_expert_ffn`` with the Pallas grouped-matmul kernels.
+      route: run ``moe_route`` with the fused router kernel where its gating is
+        top-k (other gating modes keep their implementation).
+    """
 
     name: ClassVar[str] = "pallas"
     needs_stacked_experts: ClassVar[bool] = True
     exact: ClassVar[bool] = True
     # Measured on CPU (interpret mode): float weights bit-exact; int4 weights up to 8.1e-7 of max|logit| (default model 7.0e-7).
     tolerance: ClassVar[Tolerance | None] = Tolerance(1e-5, 1e-7, "the kernel dequantizes and accumulates tile by tile, a different f32 summation order than dequantize-then-dot")
+    option_ranges: ClassVar[Mapping[str, str]] = {"ffn": "true or false", "route": "true or false"}
     ffn: bool = True
     route: bool = True
 

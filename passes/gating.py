@@ -88,6 +88,14 @@ class DynamicGating(Pass):
 
     name: ClassVar[str] = "gating"
     exact: ClassVar[bool] = False
+    # What __post_init__ (and new_routing, for max_k) accepts; shown by `moejax passes`.
+    option_ranges: ClassVar[Mapping[str, str]] = {
+        "top_p": "number in (0, 1], or none; exactly one of top_p, threshold, skip_ratio",
+        "threshold": "number in [0, 1), or none; exactly one of top_p, threshold, skip_ratio",
+        "skip_ratio": "number in (0, 1], or none; exactly one of top_p, threshold, skip_ratio",
+        "max_k": "integer >= 1, at most the layer's experts, or none; not with skip_ratio",
+        "renormalize": "true, false or none (none: the model's norm_topk)",
+    }
 
     top_p: float | None = None
     threshold: float | None = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
@@ -157,7 +158,9 @@ class MergeExperts(Pass):
 
     Options:
       num_experts: merged experts per layer (same for every layer).
-      similarity: ``output`` | ``router`` | ``weight`` (see the module doc).
+      similarity: what clusters experts (cosine distance): their outputs on the
+        profile's sample (``output``), their router probabilities (``router``) or
+        their weights (``weight``); see the module doc.
       balanced: cap cluster sizes at ceil(E / num_experts) (keeps scanned layers
         stackable and avoids one giant cluster).
       align: before averaging, permute each member's hidden units to match the
@@ -173,6 +176,14 @@ class MergeExperts(Pass):
     needs_stacked_experts: ClassVar[bool] = True
     needs: ClassVar[tuple[str, ...]] = (analysis.RoutingProfile.key,)
     provides: ClassVar[tuple[str, ...]] = (analysis.MergePlan.key,)
+    # What __post_init__ and check accept; shown by `moejax passes`.
+    option_ranges: ClassVar[Mapping[str, str]] = {
+        "num_experts": "integer >= 1, at most the layer's experts",
+        "similarity": "output, router or weight",
+        "balanced": "true or false",
+        "align": "true or false",
+    }
+    required_options: ClassVar[tuple[str, ...]] = ("num_experts",)
 
     num_experts: int | None = None
     similarity: str = "output"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,8 +47,9 @@ class Offload(Pass):
     Options:
       resident: the cache budget: a fraction of the expert bytes (0.25) or a
         size ("64MB"); 0 reads every routed expert from the slow tier each time.
-      policy: which expert to evict: ``lru``, ``lfu`` or ``profile`` (lowest
-        routing-profile load; needs ``profile`` earlier in the pipeline).
+      policy: which expert to evict: ``lru``, ``lfu``, ``profile`` (lowest
+        routing-profile load; needs ``profile`` earlier in the pipeline) or
+        ``next-use`` (the expert whose layer runs furthest ahead).
       prefetch: predict the next layer's experts with its router on the current
         layer's input and load them on a background thread meanwhile.
       prefetch_k: experts predicted per token (0: as many as the router selects);
@@ -69,6 +71,16 @@ class Offload(Pass):
     tolerance: ClassVar[Tolerance | None] = Tolerance(1e-5, 1e-7, "the program runs as separately compiled parts; "
                                                       "XLA may vectorize the ops next to a cut differently")
     provides: ClassVar[tuple[str, ...]] = ("offload",)
+    # What __post_init__, check and resident_bytes (when the pass runs) accept; shown by `moejax passes`.
+    option_ranges: ClassVar[Mapping[str, str]] = {
+        "resident": "fraction in [0, 1], bytes > 1, or a size such as 64MB or 1.5GiB (b, kb, mb, gb, kib, mib, gib)",
+        "policy": "lru, lfu, profile or next-use (profile needs a routing profile)",
+        "prefetch": "true or false",
+        "prefetch_k": "integer >= 0",
+        "pin": "integer >= 0 (above 0 needs a routing profile)",
+        "tier": "disk, host or auto",
+        "dir": "a folder path, or none",
+    }
     resident: float | str = 0.25
     policy: str = "lru"
     prefetch: bool = True

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -260,11 +260,25 @@ class ProfileRouting(Pass):
     The profile goes to ``program.metadata["routing_profile"]`` and to
     ``ctx.analysis`` under this pipeline step, so that the decode program of
     the same optimize call reuses it instead of re-measuring.
+
+    Options:
+      calibration_bytes: bytes of the default model's training text to profile on
+        when no calibration batches are given (byte-level models only).
+      seq_len: tokens per calibration window (default: the program's sequence
+        length); longer windows are cut, shorter ones padded.
+      batch: windows run at a time; must equal the batch the program was traced
+        for (default: that batch).
     """
 
     name: ClassVar[str] = "profile"
     exact: ClassVar[bool] = True
     provides: ClassVar[tuple[str, ...]] = ("routing_profile",)
+    # What __post_init__ (and _calibration, for batch) accepts; shown by `moejax passes`.
+    option_ranges: ClassVar[Mapping[str, str]] = {
+        "calibration_bytes": "integer >= 1",
+        "seq_len": "integer >= 1, or none",
+        "batch": "integer >= 1 equal to the program's batch, or none",
+    }
 
     calibration_bytes: int = 65536
     seq_len: int | None = None

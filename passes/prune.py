@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -278,7 +278,9 @@ class PruneExperts(Pass):
 
     Options:
       num_experts: experts kept per layer (same for every layer).
-      method: ``frequency`` | ``mass`` | ``reconstruction`` (NAEE).
+      method: how the kept experts are chosen: the most often routed
+        (``frequency``), the largest routing weight (``mass``), or the subset
+        whose layer output changes least (``reconstruction``, NAEE).
       exhaustive_limit: ``reconstruction`` tries every subset when there are at
         most this many, else prunes greedily.
 
@@ -291,6 +293,13 @@ class PruneExperts(Pass):
     needs_stacked_experts: ClassVar[bool] = True
     needs: ClassVar[tuple[str, ...]] = (PROFILE_KEY,)
     provides: ClassVar[tuple[str, ...]] = (analysis.PrunePlan.key,)
+    # What __post_init__ and check accept; shown by `moejax passes`.
+    option_ranges: ClassVar[Mapping[str, str]] = {
+        "num_experts": "integer >= 1, at most the layer's experts, at least its experts per token",
+        "method": "frequency, mass or reconstruction",
+        "exhaustive_limit": "integer >= 1",
+    }
+    required_options: ClassVar[tuple[str, ...]] = ("num_experts",)
 
     num_experts: int | None = None
     method: str = "frequency"

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -247,7 +247,7 @@ class QuantizeExperts(Pass):
         must divide every expert matrix's contraction dim). int8 is per output
         channel unless a group size is given explicitly.
       symmetric: symmetric codes (zero fixed) or asymmetric (float zero per
-        group). Default: symmetric for 8 and 4 bits, asymmetric for 3 and 2 bits.
+        group); none: symmetric for 8 and 4 bits, asymmetric for 3 and 2 bits.
       mixed: per-expert widths from {2,3,4,8} under the ``bits`` budget, guided by
         the routing profile (needs ``profile`` earlier in the pipeline).
       include_shared: also quantize shared-expert / dense-FFN kernels (uniform
@@ -259,6 +259,15 @@ class QuantizeExperts(Pass):
     name: ClassVar[str] = "quantize"
     exact: ClassVar[bool] = False
     needs_stacked_experts: ClassVar[bool] = True
+    # What __post_init__ (and check, for group_size) accepts; shown by `moejax passes`.
+    option_ranges: ClassVar[Mapping[str, str]] = {
+        "bits": "8, 4, 3 or 2 (with mixed=true: a budget in [2, 8])",
+        "group_size": "even integer >= 2 dividing the experts' contraction dim, or none",
+        "symmetric": "true, false or none (none: symmetric for 8 and 4 bits)",
+        "mixed": "true or false",
+        "include_shared": "true or false",
+        "clip_search": "true or false",
+    }
 
     bits: float = 8
     group_size: int | None = None
@@ -277,6 +286,8 @@ class QuantizeExperts(Pass):
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 2
                                             or self.group_size % 2):
             raise ValueError(f"group_size must be an even integer >= 2 (or none), got {self.group_size!r}")
+        if self.symmetric is not None and not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true, false or none, got {self.symmetric!r}")
 
     # ---- option helpers ------------------------------------------------------
     def _group(self, bits: int) -> int | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from moejax import dialect, expert_layout, rewrite, stats
@@ -49,6 +50,11 @@ class SelectImpl(Pass):
     # Measured on CPU, reference -> ragged/blocked: tiny Mixtral f32 (float, int8 weights) up to 1.8e-6 = 5.5e-7 of
     # max|logit|; the default model 1.4e-5 = 7.5e-7 of max|logit|. ragged <-> blocked and bf16 models: bit-exact.
     tolerance: ClassVar[Tolerance | None] = Tolerance(1e-5, 1e-7, "ragged/blocked multiply only each expert's own rows, the reference all rows per expert: XLA blocks the f32 sums differently for different row counts")
+    # What __post_init__ (layout) and resolve (impl, when the pass runs) accept; shown by `moejax passes`.
+    option_ranges: ClassVar[Mapping[str, str]] = {
+        "impl": "auto, reference, ragged, blocked or pallas (any registered moe_expert_ffn implementation)",
+        "layout": "auto, per-expert or stacked",
+    }
     impl: str = "auto"
     layout: str = "auto"
 

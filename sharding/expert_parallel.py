@@ -310,15 +310,16 @@ class ExpertParallel(Pass):
     """Expert parallelism over a mesh axis with all-to-all token exchange (exact when dropless).
 
     Options:
-      mesh: a ``jax.sharding.Mesh`` with an ``axis`` axis; None builds one from
-        ``num_devices`` (default all) devices.
-      axis: the expert mesh axis. data_axis: an optional batch axis alongside.
-      capacity_factor: None = dropless fixed-size buffers; else buffers of
-        ``ceil(cf * tokens * K / n)`` rows per device pair; dropped slots are
+      mesh: the device mesh (Python API only); None builds one from
+        ``num_devices`` devices.
+      axis: the expert mesh axis (the axis experts are sharded over).
+      data_axis: an optional batch axis of ``mesh`` alongside the expert axis.
+      capacity_factor: None = dropless fixed-size buffers, else buffers of
+        ``ceil(cf * tokens * K / n)`` rows per device pair. Dropped slots are
         counted on the example and calibration inputs, stored in
         ``metadata["expert_parallel"]["dropped_slots"]`` and warned about.
-      overlap_chunks: c chunks per layer, pipelined (2*c all-to-alls per layer);
-        see :func:`moejax.sharding.suggest_overlap_chunks`.
+      overlap_chunks: c chunks per layer, pipelined (2*c all-to-alls per layer).
+        See :func:`moejax.sharding.suggest_overlap_chunks`.
       replicate_hot: extra expert replicas (for the hottest experts); also lets
         an expert count that does not divide the devices fill every device.
       placement: ``auto`` (balanced when a routing profile exists), ``contiguous``
@@ -329,6 +330,9 @@ class ExpertParallel(Pass):
       exchange: ``dense`` (fixed-size ``all_to_all`` buffers), ``ragged``
         (``ragged_all_to_all``: GPU/TPU only), or ``auto`` (ragged when the
         platform being optimised for is a GPU or TPU, dense otherwise).
+        ``ragged_emulated`` runs the ragged exchange with an all_gather (for tests).
+      num_devices: devices of the mesh built when ``mesh`` is None (default: all
+        visible devices); ignored when a mesh is given.
     """
 
     name: ClassVar[str] = "ep"
@@ -337,7 +341,20 @@ class ExpertParallel(Pass):
     lossy_options: ClassVar[tuple[str, ...]] = ("capacity_factor",)  # dropless (None) is exact; a capacity drops slots
     # Measured on CPU (2-4 virtual devices, shard/replicate): tiny Mixtral up to 5.0e-7 of max|logit|, default model 8.4e-7.
     tolerance: ClassVar[Tolerance | None] = Tolerance(1e-5, 1e-7, "each device multiplies the rows it received for its experts: other row counts than one device, so XLA blocks the f32 sums differently")
-    mesh: Any = None
+    # What __post_init__, check and resolve_* accept; shown by `moejax passes`.
+    option_ranges: ClassVar[Mapping[str, str]] = {
+        "mesh": "a Mesh or AbstractMesh that has the axis named by axis, or none",
+        "axis": "a mesh axis name (any name when mesh is none)",
+        "data_axis": "none, or an axis of mesh other than axis (needs mesh)",
+        "capacity_factor": "number > 0, or none (dropless, exact)",
+        "overlap_chunks": "integer >= 1",
+        "replicate_hot": "integer >= 0",
+        "placement": "auto, contiguous or balanced (balanced needs a routing profile)",
+        "layout": "auto, shard or replicate",
+        "num_devices": "integer >= 1 up to the visible devices, or none",
+        "exchange": "auto, dense, ragged (GPU/TPU only) or ragged_emulated",
+    }
+    mesh: Mesh | AbstractMesh | None = None
     axis: str = "expert"
     data_axis: str | None = None
     capacity_factor: float | None = None
