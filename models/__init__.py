@@ -4,7 +4,8 @@
   (and Switch-style top-1), Qwen1.5/Qwen2-MoE, OLMoE, DeepSeekMoE, DeepSeek-V2/V3 (MLA),
   DBRX and JetMoE (attention experts). See models/README.md for what each family maps to.
 * :mod:`moejax.models.presets`: published full-size configs and tiny test configs.
-* :func:`from_pretrained` / :func:`save_pretrained_hf`: Hugging Face safetensors checkpoints.
+* :func:`from_pretrained` / :func:`save_pretrained_hf`: Hugging Face safetensors checkpoints;
+  :func:`check_checkpoint` validates a folder without reading tensors.
 * :func:`generate`: prefill plus KV-cache decoding; :func:`stream` yields tokens as they come.
 * :func:`is_byte_level`: whether a loaded model's token ids are raw bytes (bits per byte apply).
 * :class:`CheckpointError`: a checkpoint file is missing, corrupt or malformed (one-line message).
@@ -13,8 +14,8 @@ from moejax.models.byte_level import is_byte_level
 from moejax.models.decoder import DecoderLayer, MoEConfig, MoEDecoder, tiny_mixtral
 from moejax.models.default_model import DEFAULT_MODEL_DIR, load_default_model
 from moejax.models.generation import generate, sample_next, stream
-from moejax.models.hf import SUPPORTED_ARCHITECTURES, config_from_hf, from_pretrained, save_pretrained_hf
+from moejax.models.hf import SUPPORTED_ARCHITECTURES, check_checkpoint, config_from_hf, from_pretrained, save_pretrained_hf
 from moejax.models.validation import CheckpointError
 
-__all__ = ["load_default_model", "DEFAULT_MODEL_DIR", "MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral", "generate", "stream", "sample_next", "from_pretrained",
+__all__ = ["load_default_model", "DEFAULT_MODEL_DIR", "MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral", "generate", "stream", "sample_next", "from_pretrained", "check_checkpoint",
            "save_pretrained_hf", "config_from_hf", "SUPPORTED_ARCHITECTURES", "CheckpointError", "is_byte_level"]

@@ -477,6 +477,28 @@ def _resolve_dtype(dtype: Any, hf: dict) -> Any:  # hf's dtype fields are checke
     return jnp.dtype({"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(name, jnp.float32))
 
 
+def check_checkpoint(path: str) -> None:
+    """Validate a checkpoint folder without reading any tensor: what :func:`from_pretrained` checks first.
+
+    ``config.json`` (fields, types, ranges, architecture; Hugging Face or the bundled
+    model's format), the safetensors headers and the shard index. Cheap, so a command
+    line can refuse a bad folder before any slow work.
+
+    Raises:
+      FileNotFoundError, NotImplementedError, CheckpointError: as :func:`from_pretrained`.
+    """
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: from_pretrained needs a Hugging Face model folder")
+    hf = read_json_object(cfg_path, fix=_CONFIG_FIX)
+    if default_model.is_moejax_config(hf):
+        default_model.config_from_dict(hf)
+    else:
+        config_from_hf(hf)
+        _architecture(hf)
+    Checkpoint(path)  # reads and checks every header and the index, not the tensors
+
+
 def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, strict: bool = True,
                     **config_overrides: Any) -> MoEDecoder:
     """Load a Hugging Face MoE checkpoint folder as a :class:`MoEDecoder`.

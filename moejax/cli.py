@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,17 @@ def load_model(spec: str):
             return models.load_default_model()
         except models.CheckpointError as e:
             raise CLIError(f"the bundled default model cannot be loaded ({e}); reinstall moejax") from e
+    check_model(spec)
+    with _checkpoint_errors(spec):
+        return models.from_pretrained(spec)
+
+
+def check_model(spec: str) -> None:
+    """Refuse a bad ``--model`` before any slow work: the folder, its config.json and safetensors headers."""
+    from moejax import models
+
+    if spec == "default":
+        return
     path = Path(spec)
     if not path.exists():
         raise CLIError(f"model path {spec!r} does not exist; pass --model default or a folder with config.json "
@@ -103,16 +115,18 @@ def load_model(spec: str):
     if not (path / "config.json").is_file():
         raise CLIError(f"{spec!r} has no config.json; pass a Hugging Face checkpoint folder (config.json + "
                        "*.safetensors) or --model default")
+    with _checkpoint_errors(spec):
+        models.check_checkpoint(spec)
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(spec: str) -> Iterator[None]:
+    from moejax import models
+
     try:
-        return models.from_pretrained(str(path))
+        yield
     except (models.CheckpointError, NotImplementedError, ValueError, KeyError, FileNotFoundError) as e:
         raise CLIError(f"cannot load {spec!r}: {e}") from e
-
-
-def _check_model_path(spec: str) -> None:
-    """The cheap part of :func:`load_model`'s checks, done before anything slow."""
-    if spec != "default" and not (Path(spec) / "config.json").is_file():
-        load_model(spec)  # raises the one-line error
 
 
 def _progress(args) -> Any:
@@ -197,7 +211,7 @@ def _check_optimize_args(args) -> None:
     from moejax import dump
 
     moejax.parse_pipeline(args.passes)  # a bad spec fails here, with "did you mean"
-    _check_model_path(args.model)
+    check_model(args.model)
     if args.dump is not None:
         dump.check_dump_target(args.dump, args.overwrite)
     elif args.overwrite:
@@ -328,7 +342,7 @@ def cmd_generate(args) -> int:
     if not args.prompt:
         raise CLIError("--prompt is empty; give some text to continue")
     passes = moejax.parse_pipeline(args.passes) if args.passes else []
-    _check_model_path(args.model)
+    check_model(args.model)
     prompt = jnp.asarray([list(args.prompt.encode("utf-8"))], jnp.int32)
     with _progress(args) as progress:
         progress.start(f"loading model {args.model!r}")

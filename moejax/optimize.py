@@ -179,6 +179,7 @@ def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pas
         steps += 1
 
     manager.verbose = lambda line: (step(line), verbose and verbose(line))
+    manager.note = lambda line: progress and progress(line, steps - 1, total)  # within the current step
     entries = []
     for name, (args, kwargs) in examples.items():
         step(f"{name}: tracing and checking the input program")

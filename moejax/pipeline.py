@@ -567,6 +567,7 @@ class PassManager:
         self.dump = StageDump(dump_dir, overwrite=overwrite_dump) if dump_dir is not None else None
         self.check_exact = check_exact
         self.verbose = verbose
+        self.note: Callable[[str], None] | None = None  # what a step is doing now (a progress display)
 
     def _where(self, index: int) -> str:
         """``pass X (#i, after a, b)``: the pass and the passes that ran before it."""
@@ -599,8 +600,7 @@ class PassManager:
         self._check_weights(program, None, 0, suffix)
         outputs = [_outputs(program, b) for _, b in batches]
         self._check_outputs(outputs, batches, 0, suffix)
-        if self.passes:
-            self._check_inlining(program, outputs, batches, "the stage 'input'", suffix)
+
         stages = [Stage("input", program, stats.program_stats(program), 0.0, checked_batches=len(batches))]
         self._dump(stages[-1], 0, label)
         for i, p in enumerate(self.passes, start=1):
@@ -632,6 +632,8 @@ class PassManager:
                               f"for exactness or NaN/Inf outputs{suffix}", stacklevel=2)
                 batches, outputs = [], []
             if batches:
+                self._say(f"{label or 'forward'}: pass {i}/{len(self.passes)} {p}: running the new stage on "
+                          f"{len(batches)} check batches (compiling it)")
                 new_outputs = [_outputs(new, b) for _, b in batches]
                 self._check_outputs(new_outputs, batches, i, suffix)  # NaN first: not "the pass changed the result"
                 if exact:
@@ -643,18 +645,23 @@ class PassManager:
             self._dump(stage, i, label)
             program = new
         if batches:
+            self._say(f"{label or 'forward'}: checking the delivered program against the last stage")
             self._check_inlining(program, outputs, batches, f"the last stage {stages[-1].name!r}", suffix)
         if self.dump is not None and finish_dump:
             self.dump.finish(pipeline=[str(p) for p in self.passes])
         return stages
+
+    def _say(self, line: str) -> None:
+        if self.note is not None:
+            self.note(line)
 
     @staticmethod
     def _check_inlining(program: Program, inlined_outputs: list[Leaves], batches: list[tuple[str, Batch]],
                         what: str, suffix: str) -> None:
         """The stages are checked as delivered (inlined); the dialect program itself must agree, bit for bit.
 
-        Run on the input and the last stage: a wrong inlining would otherwise shift every
-        stage alike and pass the stage-to-stage checks unnoticed.
+        Run on the last stage: a wrong inlining would otherwise shift every stage alike and
+        pass the stage-to-stage checks unnoticed.
         """
         if lowering.inline_dialect(program) is program:  # delivers itself (e.g. offloaded): nothing inlined
             return

@@ -58,7 +58,7 @@ def expected_slots(route_eqn, profile: analysis.RoutingProfile | None) -> float:
 
 
 def program_stats(program) -> dict[str, Any]:
-    """Statistics of a program (see DESIGN.md, 'Stats per stage')."""
+    """Statistics of a program (bytes by kind, active expert FLOPs per token, op counts; see docs/architecture.md)."""
     leaves = program.weight_leaves
     sizes = [int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves]
     expert_idx = expert_weight_leaf_indices(program)

@@ -58,7 +58,7 @@ def test_option_conflicts_are_rejected(kwargs, message):
 def test_pipeline_spelling_and_parse_errors():
     (p,) = parse_pipeline("gating(top_p=0.6,max_k=2)")
     assert isinstance(p, DynamicGating) and p.top_p == 0.6 and p.max_k == 2 and str(p) == "gating(top_p=0.6,max_k=2)"
-    with pytest.raises(PassError, match="gating: gating needs exactly one"):
+    with pytest.raises(PassError, match="pass gating: needs exactly one"):
         parse_pipeline("gating(top_p=0.6,skip_ratio=0.2)")
 
 

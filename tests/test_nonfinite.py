@@ -129,7 +129,7 @@ def test_generate_with_nan_weights_raises_instead_of_returning_garbage(model):
 
 def test_cli_generate_with_nan_weights_exits_nonzero_with_one_line(model, monkeypatch, capsys):
     monkeypatch.setattr(cli, "load_model", lambda spec: with_nan(model, "norm/weight", (0,)))
-    assert cli.main(["generate", "--prompt", "0123", "--max-new-tokens", "4"]) == 2
+    assert cli.main(["generate", "--prompt", "0123", "--max-new-tokens", "4", "--quiet"]) == 2
     out = capsys.readouterr()
     err = out.err.strip().splitlines()
     assert len(err) == 1 and "NaN/Inf logits" in err[0] and out.out == ""
@@ -144,7 +144,7 @@ def test_cli_generate_with_corrupt_checkpoint_exits_nonzero_with_one_line(model,
     name = next(k for k in sorted(tensors) if "experts.1." in k)
     tensors[name] = np.full_like(tensors[name], np.nan)
     save_file(tensors, path)
-    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "0123", "--max-new-tokens", "4"]) == 2
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "0123", "--max-new-tokens", "4", "--quiet"]) == 2
     out = capsys.readouterr()
     err = out.err.strip().splitlines()
     assert len(err) == 1 and "corrupt" in err[0] and name in err[0] and "\x00" not in out.out
@@ -155,6 +155,6 @@ def test_out_of_vocabulary_prompt_is_named_not_blamed_on_weights(model, monkeypa
     with pytest.raises(ValueError, match=r"prompt_ids hold id 105, but the model's vocabulary has 64 tokens"):
         models.generate(model, jnp.asarray([[104, 105]], jnp.int32), 2)
     monkeypatch.setattr(cli, "load_model", lambda spec: model)
-    assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vocabulary has only 64 tokens" in err[0]

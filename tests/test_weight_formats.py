@@ -254,8 +254,12 @@ def test_registry_and_errors():
     assert not wf.is_structured(np.ones(3)) and wf.format_of(np.ones(3)) == "float"
 
 
-def test_a_pass_can_register_its_own_format():
+def test_a_pass_can_register_its_own_format(monkeypatch):
     import dataclasses
+
+    # The registry is process-wide: register into a copy so later tests (the saved-program
+    # allow-list test among them) do not see this function-local class.
+    monkeypatch.setattr(wf, "_REGISTRY", dict(wf._REGISTRY))
 
     @wf.register_format
     @dataclasses.dataclass(frozen=True)
