@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ DEFAULT_PIPELINE = "profile,gating(skip_ratio=0.3),quantize(bits=4,group_size=64
 
 EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 2, 70, 130
 MAX_NEW_TOKENS = 1_000_000  # the KV cache is allocated up front: a typo of 10**9 should not try
+CALIBRATION_WINDOW = 256  # tokens per window when `generate --passes` profiles routing
 
 
 class CLIError(Exception):
@@ -226,6 +228,7 @@ def _check_optimize_args(args) -> None:
 
 def cmd_optimize(args) -> int:
     import jax.numpy as jnp
+    import numpy as np
 
     import moejax
     from moejax import data, models
@@ -244,8 +247,8 @@ def cmd_optimize(args) -> int:
                          "a tokenizer, so quality is skipped and speed is measured on a synthetic prompt")
         b, s = args.batch, args.seq_len
         vocab = cfg.vocab_size if cfg is not None else 256
-        source = text if text is not None else bytes(range(256)) * (b * s // 256 + 1)
-        example = jnp.asarray(list(source[: b * s]), jnp.int32).reshape(b, s) % vocab
+        source = np.frombuffer(text if text is not None else bytes(range(256)), np.uint8)
+        example = jnp.asarray(np.resize(source, (b, s)).astype(np.int32) % vocab)  # repeats when too short
         # The signatures evaluation calls: forward, prefill into a cache, one-token decode step.
         cache = model.init_cache(b, s + args.decode_tokens)
         decode_example = ((example[:, :1],), {"cache": cache, "cache_index": jnp.int32(s)})
@@ -354,9 +357,13 @@ def cmd_generate(args) -> int:
                            f"--model default, or a prompt of bytes below {vocab}")
         max_len = prompt.shape[1] + args.max_new_tokens
         if passes:
+            # Generation calls the prefill and decode signatures; the forward one is what analysis
+            # passes (profile) run calibration text through, so it gets a calibration-sized shape.
+            calibration_shape = jnp.resize(prompt, (1, CALIBRATION_WINDOW))  # varied tokens: two check batches
             cache = model.init_cache(1, max_len)
             model = moejax.optimize(
-                model, (prompt,), passes, decode_example=((prompt[:, :1],), {"cache": cache, "cache_index": 0}),
+                model, (calibration_shape,), passes,
+                decode_example=((prompt[:, :1],), {"cache": cache, "cache_index": 0}),
                 extra_examples={"prefill": ((prompt,), {"cache": cache, "cache_index": 0})},
                 progress=progress.update)
         progress.update("compiling prefill and decode", 0, args.max_new_tokens)
@@ -544,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     from moejax.pipeline import PassError
     from moejax.program import InputSignatureError
 
+    warnings.showwarning = _show_warning
     try:
         args = build_parser().parse_args(argv)
         _check_combinations(args)
@@ -566,7 +574,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUG
 
 
-def _one_line(e: BaseException) -> str:
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings as one line each, without the source location a user cannot act on."""
+    print(f"moejax: warning: {_one_line(message)}", file=file or sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException | Warning | str) -> str:
     return " ".join(str(e).split())
 
 
