@@ -592,5 +592,19 @@ def _silence_stdout() -> None:
         pass
 
 
+def console_main() -> None:
+    """The ``moejax`` script: :func:`main`, and after Ctrl-C an exit that skips interpreter teardown.
+
+    Tearing down while XLA threads are mid-compilation can crash the process (SIGSEGV
+    observed), which would replace exit code 130 by a signal death.
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

@@ -48,6 +48,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_byte_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Mixtral-architecture checkpoint with a byte vocabulary (256 tokens, no tokenizer files)."""
+    path = tmp_path_factory.mktemp("tiny_byte_hf")
+    models.save_pretrained_hf(models.MoEDecoder(models.tiny_mixtral(vocab_size=256), rngs=nnx.Rngs(0)), str(path))
+    return path
+
+
 # --------------------------------------------------------------------------
 # "Tracebacks instead of one-line errors": each argument checked before any model work.
 # --------------------------------------------------------------------------
@@ -259,27 +267,26 @@ def test_inspect_semantic_diff_by_default_text_on_request(capsys, dumped):
 def test_copy_of_the_bundled_model_folder_loads(capsys, tmp_path):
     copy = tmp_path / "default_copy"
     shutil.copytree(models.DEFAULT_MODEL_DIR, copy)
-    code, out, err = run_cli(capsys, "optimize", "--model", str(copy), "--passes", "select-impl",
+    code, out, err = run_cli(capsys, "optimize", "--model", str(copy), "--passes", "",
                              "--eval-bytes", "256", "--json", *SMALL)
     assert code == 0, err
     rows = json.loads(out)
     assert rows[0]["bits_per_byte"] is not None  # the copy is byte-level too
 
 
-def test_byte_level_hf_checkpoint_gets_bits_per_byte(capsys, tmp_path):
-    models.save_pretrained_hf(models.MoEDecoder(models.tiny_mixtral(vocab_size=256), rngs=nnx.Rngs(0)),
-                              str(tmp_path))
-    code, out, err = run_cli(capsys, "optimize", "--model", str(tmp_path), "--passes", "select-impl",
+def test_byte_level_hf_checkpoint_gets_bits_per_byte(capsys, tiny_byte_checkpoint):
+    code, out, err = run_cli(capsys, "optimize", "--model", str(tiny_byte_checkpoint), "--passes", "select-impl",
                              "--eval-bytes", "256", "--json", *SMALL)
     assert code == 0, err
     assert all(r["bits_per_byte"] is not None for r in json.loads(out))
 
 
-def test_generate_runs_an_optimized_pipeline(capsys):
-    code, plain, _ = run_cli(capsys, "generate", "--prompt", "def f(", "--max-new-tokens", "8", "--quiet")
+def test_generate_runs_an_optimized_pipeline(capsys, tiny_byte_checkpoint):
+    model = ["--model", str(tiny_byte_checkpoint)]
+    code, plain, _ = run_cli(capsys, "generate", *model, "--prompt", "def f(", "--max-new-tokens", "8", "--quiet")
     assert code == 0
-    code, optimized, _ = run_cli(capsys, "generate", "--prompt", "def f(", "--max-new-tokens", "8", "--quiet",
-                                 "--passes", "select-impl")
+    code, optimized, _ = run_cli(capsys, "generate", *model, "--prompt", "def f(", "--max-new-tokens", "8",
+                                 "--quiet", "--passes", "select-impl")
     assert code == 0 and optimized == plain  # select-impl is exact: the same greedy text
     assert plain.startswith("def f(") and len(plain.encode()) > len("def f(")
 
