@@ -20,8 +20,10 @@ class OptimizedModel:
     One pipeline may optimise several traced signatures of the same model (the
     forward pass, a prefill into a KV cache, a one-token decode step); a call is
     routed to the program whose signature matches its inputs. ``stages`` are the
-    main program's, ``decode_stages`` those of ``decode_example``. The delivered
-    programs are plain jitted JAX (no dialect ops left).
+    main program's, ``decode_stages`` those of ``decode_example``; ``signatures``
+    names every traced signature (``forward``, ``decode``, ``extra_examples`` names)
+    for :meth:`stages_of` and :meth:`delivered`. The delivered programs are plain
+    jitted JAX (no dialect ops left).
     """
 
     def __init__(self, model: Any, entries: list[list[Stage]], passes: list[Pass],
@@ -158,8 +160,7 @@ def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pas
       moejax.dump.DumpError: ``dump_dir`` is a file, or not empty (see ``overwrite_dump``).
     """
     example_kwargs = dict(example_kwargs or {})
-    manager = PassManager(passes, dump_dir=dump_dir, overwrite_dump=overwrite_dump, check_exact=check_exact,
-                          verbose=verbose)
+    manager = PassManager(passes, dump_dir=dump_dir, overwrite_dump=overwrite_dump, check_exact=check_exact)
     examples = {"forward": (tuple(example_args), example_kwargs)}
     if decode_example is not None:
         examples["decode"] = (tuple(decode_example[0]), dict(decode_example[1]))

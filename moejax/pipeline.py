@@ -600,7 +600,6 @@ class PassManager:
         self._check_weights(program, None, 0, suffix)
         outputs = [_outputs(program, b) for _, b in batches]
         self._check_outputs(outputs, batches, 0, suffix)
-
         stages = [Stage("input", program, stats.program_stats(program), 0.0, checked_batches=len(batches))]
         self._dump(stages[-1], 0, label)
         for i, p in enumerate(self.passes, start=1):
