@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import warnings
@@ -507,9 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "byte-level checkpoint, optionally optimized first; text is printed as it comes.")
     g.add_argument("--model", default="default", help="'default' (the bundled model) or a checkpoint folder")
     g.add_argument("--prompt", required=True, help="the text to continue")
-    g.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS:,}]"), default=64,
-                   help="tokens to generate (default 64)")
-    g.add_argument("--temperature", type=_float_in(0.0, 1e6, False, "a number >= 0 (0 is greedy)"), default=0.0,
+    g.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS:,}]"),
+                   default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=_float_in(0.0, float("inf"), False, "a number >= 0 (0 is greedy)"), default=0.0,
                    help="sampling temperature; 0 (default) for greedy decoding")
     g.add_argument("--top-p", type=_float_in(0.0, 1.0, True, "a number in (0, 1]"), default=1.0,
                    help="nucleus sampling mass in (0, 1] (with --temperature > 0; default 1)")
@@ -593,17 +594,26 @@ def _silence_stdout() -> None:
 
 
 def console_main() -> None:
-    """The ``moejax`` script: :func:`main`, and after Ctrl-C an exit that skips interpreter teardown.
+    """The ``moejax`` script: :func:`main`, with Ctrl-C ending the process at once.
 
-    Tearing down while XLA threads are mid-compilation can crash the process (SIGSEGV
-    observed), which would replace exit code 130 by a signal death.
+    The handler exits from the signal itself rather than through a KeyboardInterrupt,
+    which a destructor or a library's broad ``except`` may swallow, and skips interpreter
+    teardown, which can crash while XLA threads are compiling (SIGSEGV observed). A dump
+    left behind has no manifest, so ``moejax inspect`` reports it as incomplete.
     """
-    code = main()
-    if code == EXIT_INTERRUPTED:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the shell ignores SIGINT
+        signal.signal(signal.SIGINT, _exit_on_interrupt)
+    sys.exit(main())
+
+
+def _exit_on_interrupt(signum: int, frame: Any) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\x1b[?25h\n")  # a live progress display hides the cursor: show it again
+    sys.stderr.write("moejax: interrupted\n")
+    sys.stderr.flush()
+    with contextlib.suppress(Exception):
         sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    os._exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":  # pragma: no cover
