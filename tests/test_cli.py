@@ -282,14 +282,23 @@ def test_byte_level_hf_checkpoint_gets_bits_per_byte(capsys, tiny_byte_checkpoin
     assert all(r["bits_per_byte"] is not None for r in json.loads(out))
 
 
-def test_generate_runs_an_optimized_pipeline(capsys, tiny_byte_checkpoint):
+def test_generate_runs_an_optimized_pipeline(capsys, monkeypatch, tiny_byte_checkpoint):
     model = ["--model", str(tiny_byte_checkpoint)]
     code, plain, _ = run_cli(capsys, "generate", *model, "--prompt", "def f(", "--max-new-tokens", "8", "--quiet")
     assert code == 0
+    optimized_models = []
+
+    def optimize(*args, **kwargs):
+        optimized_models.append(real_optimize(*args, **kwargs))
+        return optimized_models[-1]
+
+    real_optimize = moejax.optimize
+    monkeypatch.setattr(moejax, "optimize", optimize)
     code, optimized, _ = run_cli(capsys, "generate", *model, "--prompt", "def f(", "--max-new-tokens", "8",
-                                 "--quiet", "--passes", "select-impl")
-    assert code == 0 and optimized == plain  # select-impl is exact: the same greedy text
-    assert plain.startswith("def f(") and len(plain.encode()) > len("def f(")
+                                 "--quiet", "--passes", "profile(calibration_bytes=512)")
+    assert code == 0 and optimized == plain  # an exact pipeline: the same greedy text
+    assert optimized_models[0].signatures == ["forward", "decode", "prefill"]
+    assert [s.name for s in optimized_models[0].stages] == ["input", "profile(calibration_bytes=512)"]
 
 
 def test_stream_matches_generate():
