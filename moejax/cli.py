@@ -285,6 +285,7 @@ def _report_data(opt, rows: list[dict[str, Any]], args, example) -> dict[str, An
     structures = [inspection.structure(stage.program) for stage in opt.stages]
     diffs = [{"from": i - 1, "to": i, "lines": inspection.semantic_diff(structures[i - 1], structures[i])}
              for i in range(1, len(structures))]
+
     def changes(diff: dict[str, Any], *fields: str) -> bool:
         return any(line.split(": ", 1)[-1].startswith(fields) for line in diff["lines"])
 
