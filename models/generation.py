@@ -103,20 +103,11 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
       moejax.numerics.NonFiniteError: the model produced NaN/Inf logits (the tokens would be garbage).
     """
     prompt_ids = jnp.asarray(prompt_ids)
-    _check_args(prompt_ids, max_new_tokens, temperature, top_p, key, model)
+    max_len = _check_args(prompt_ids, max_new_tokens, temperature, top_p, key, model, max_len)
     b, s = prompt_ids.shape
-    total = s + max_new_tokens
-    max_len = max_len or total
-    if max_len < total:
-        raise ValueError(f"max_len={max_len} is shorter than prompt ({s}) + max_new_tokens ({max_new_tokens})")
     cache = model.init_cache(b, max_len) if cache_dtype is None else model.init_cache(b, max_len, cache_dtype)
     key = jax.random.key(0) if key is None else key
-    if isinstance(model, nnx.Module):
-        graphdef, params = nnx.split(model)
-        call = _nnx_call(graphdef)
-    else:
-        params = None
-        call = _plain_call(model)
+    call, params = _model_call(model)
     tokens, logits, first_bad = _jitted(call, max_new_tokens, float(temperature), float(top_p))(
         params, prompt_ids.astype(jnp.int32), cache, key)
     first_bad = int(first_bad)
@@ -129,7 +120,8 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
 
 
 def _check_args(prompt_ids: jax.Array, max_new_tokens: int, temperature: float, top_p: float,
-                key: jax.Array | None, model: Any) -> None:
+                key: jax.Array | None, model: Any, max_len: int | None) -> int:
+    """Refuse bad arguments of :func:`generate` / :func:`stream`; returns the cache length."""
     if prompt_ids.ndim != 2 or not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
         raise ValueError(f"prompt_ids must be an int array [batch, seq], got {prompt_ids.dtype}{prompt_ids.shape}")
     if max_new_tokens < 1:
@@ -147,6 +139,23 @@ def _check_args(prompt_ids: jax.Array, max_new_tokens: int, temperature: float, 
         # an out-of-range id embeds as NaN (jnp.take fills): say so rather than blame the weights later
         raise ValueError(f"prompt_ids hold id {int(jnp.max(prompt_ids))}, but the model's vocabulary has {vocab} "
                          f"tokens; tokenize the prompt for this model")
+    total = prompt_ids.shape[1] + max_new_tokens
+    max_len = max_len or total
+    if max_len < total:
+        raise ValueError(f"max_len={max_len} is shorter than prompt ({prompt_ids.shape[1]}) + max_new_tokens "
+                         f"({max_new_tokens})")
+    return max_len
+
+
+def _model_call(model: Any) -> tuple[Any, Any]:
+    """``(call, params)``: ``call(params, tokens, cache, index)`` runs one step of ``model``.
+
+    An NNX module is split so its weights enter jitted code as arguments, not constants.
+    """
+    if isinstance(model, nnx.Module):
+        graphdef, params = nnx.split(model)
+        return _nnx_call(graphdef), params
+    return _plain_call(model), None
 
 
 def stream(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperature: float = 0.0,
@@ -161,16 +170,9 @@ def stream(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperatur
       moejax.numerics.NonFiniteError: a step produced NaN/Inf logits (no further tokens are yielded).
     """
     prompt_ids = jnp.asarray(prompt_ids)
-    _check_args(prompt_ids, max_new_tokens, temperature, top_p, key, model)
+    max_len = _check_args(prompt_ids, max_new_tokens, temperature, top_p, key, model, max_len)
     b, s = prompt_ids.shape
-    max_len = max_len or s + max_new_tokens
-    if max_len < s + max_new_tokens:
-        raise ValueError(f"max_len={max_len} is shorter than prompt ({s}) + max_new_tokens ({max_new_tokens})")
-    if isinstance(model, nnx.Module):
-        graphdef, params = nnx.split(model)
-        call = _nnx_call(graphdef)
-    else:
-        params, call = None, _plain_call(model)
+    call, params = _model_call(model)
     step = _jitted_step(call, float(temperature), float(top_p))
     keys = jax.random.split(jax.random.key(0) if key is None else key, max_new_tokens)
     tokens, cache = prompt_ids.astype(jnp.int32), model.init_cache(b, max_len)

@@ -92,7 +92,11 @@ def _version() -> str:
 # Loading models.
 # --------------------------------------------------------------------------
 def load_model(spec: str):
-    """``default`` -> the bundled model; otherwise a checkpoint folder (Hugging Face, or the bundled format)."""
+    """``default`` -> the bundled model; otherwise a checkpoint folder (Hugging Face, or the bundled format).
+
+    Commands run :func:`check_model` first, before any slow work; loading maps what is
+    left (a tensor missing or mis-shaped) to the same one-line error.
+    """
     from moejax import models
 
     if spec == "default":
@@ -100,7 +104,6 @@ def load_model(spec: str):
             return models.load_default_model()
         except models.CheckpointError as e:
             raise CLIError(f"the bundled default model cannot be loaded ({e}); reinstall moejax") from e
-    check_model(spec)
     with _checkpoint_errors(spec):
         return models.from_pretrained(spec)
 
@@ -208,12 +211,12 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _check_optimize_args(args) -> None:
-    """Everything about the arguments that can be known before loading a model."""
+def _check_optimize_args(args) -> list[Any]:
+    """Everything about the arguments that can be known before loading a model; returns the passes."""
     import moejax
     from moejax import dump
 
-    moejax.parse_pipeline(args.passes)  # a bad spec fails here, with "did you mean"
+    passes = moejax.parse_pipeline(args.passes)  # a bad spec fails here, with "did you mean"
     check_model(args.model)
     if args.dump is not None:
         dump.check_dump_target(args.dump, args.overwrite)
@@ -225,6 +228,7 @@ def _check_optimize_args(args) -> None:
             raise CLIError(f"--report {args.report!r} is a folder; give a file name such as report.html")
         if not report.parent.is_dir():
             raise CLIError(f"--report: folder {str(report.parent)!r} does not exist; create it or write elsewhere")
+    return passes
 
 
 def cmd_optimize(args) -> int:
@@ -234,8 +238,7 @@ def cmd_optimize(args) -> int:
     import moejax
     from moejax import data, models
 
-    _check_optimize_args(args)
-    passes = moejax.parse_pipeline(args.passes)
+    passes = _check_optimize_args(args)
     t0 = time.perf_counter()
     with _progress(args) as progress:
         progress.start(f"loading model {args.model!r}")
@@ -437,7 +440,7 @@ def cmd_inspect(args) -> int:
     stages = contents.signatures[signature]
     if args.stage is not None:
         meta = _select_stage(stages, args.stage, signature)
-        print(contents.stage_text(signature, stages.index(meta)))
+        print(contents.stage_text(meta))
         return 0
     if args.diff:
         a, b = (_select_stage(stages, key, signature) for key in args.diff)
@@ -446,8 +449,8 @@ def cmd_inspect(args) -> int:
             import difflib
 
             sys.stdout.writelines(difflib.unified_diff(
-                contents.stage_text(signature, stages.index(a)).splitlines(True),
-                contents.stage_text(signature, stages.index(b)).splitlines(True),
+                contents.stage_text(a).splitlines(True),
+                contents.stage_text(b).splitlines(True),
                 fromfile=f"{a['index']}_{a['pass']}", tofile=f"{b['index']}_{b['pass']}"))
             return 0
         lines = inspection.semantic_diff(a["structure"], b["structure"])

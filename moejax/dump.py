@@ -105,9 +105,8 @@ class DumpContents:
     signatures: dict[str, list[dict[str, Any]]]
     manifest: dict[str, Any]
 
-    def stage_text(self, signature: str, index: int) -> str:
-        """The program text of stage ``index`` of ``signature``."""
-        meta = self.signatures[signature][index]
+    def stage_text(self, meta: dict[str, Any]) -> str:
+        """The program text of a stage (one of the metadata dicts in :attr:`signatures`)."""
         return (self.directory / meta["signature"] / f"{meta['_stem']}.txt").read_text()
 
 

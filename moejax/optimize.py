@@ -179,8 +179,16 @@ def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pas
             progress(description, steps, total)
         steps += 1
 
-    manager.verbose = lambda line: (step(line), verbose and verbose(line))
-    manager.note = lambda line: progress and progress(line, steps - 1, total)  # within the current step
+    def pass_started(line: str) -> None:
+        step(line)
+        if verbose:
+            verbose(line)
+
+    def note(line: str) -> None:  # what the current step is doing: no new step
+        if progress is not None:
+            progress(line, steps - 1, total)
+
+    manager.verbose, manager.note = pass_started, note
     entries = []
     for name, (args, kwargs) in examples.items():
         step(f"{name}: tracing and checking the input program")

@@ -451,14 +451,20 @@ def check_batches(program: Program, ctx: PassContext) -> list[tuple[str, Batch]]
     return batches
 
 
-def _outputs(program: Program, batch: Batch) -> Leaves:
-    """``program``'s outputs on ``batch``, run as it is delivered (every dialect op inlined).
-
-    Running the delivered form means the check covers what users get, and the compiled
-    executable is the one every later call of that stage (evaluation, serving) reuses.
-    """
-    out = lowering.inline_dialect(program)(*batch[0], **batch[1])
+def _output_leaves(out: Any) -> Leaves:
+    """An output pytree as ``(path, numpy array)`` pairs, the form :func:`_compare` takes."""
     return [(path_to_str(path), np.asarray(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]]
+
+
+def _outputs(program: Program, batch: Batch, delivered: bool = True) -> Leaves:
+    """``program``'s outputs on ``batch``; ``delivered``: run as delivered (every dialect op inlined).
+
+    The pass manager checks stages in their delivered form: the check covers what users get,
+    and the compiled executable is the one every later call of that stage (evaluation,
+    serving) reuses. ``delivered=False`` runs the program as given (dialect ops and all).
+    """
+    run = lowering.inline_dialect(program) if delivered else program
+    return _output_leaves(run(*batch[0], **batch[1]))
 
 
 def _output_name(name: str) -> str:
@@ -495,10 +501,7 @@ def _compare(before: Leaves, after: Leaves, tolerance: Tolerance | None) -> tupl
 
 def check_outputs_close(before: Any, after: Any, what: str, tolerance: Tolerance | None = None) -> float:
     """Largest deviation between two output pytrees; raises PassError unless bit-equal (or within ``tolerance``)."""
-    def leaves(tree: Any) -> Leaves:
-        return [(path_to_str(p), np.asarray(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-    dev, problem = _compare(leaves(before), leaves(after), tolerance)
+    dev, problem = _compare(_output_leaves(before), _output_leaves(after), tolerance)
     if problem:
         raise PassError(f"{what}: outputs differ by up to {dev:.3g}: {problem}")
     return dev
@@ -512,7 +515,8 @@ def check_programs_match(reference: Program, candidate: Program, ctx: PassContex
     """
     worst = None
     for label, batch in check_batches(reference, ctx):
-        dev, problem = _compare(_outputs(reference, batch), _outputs(candidate, batch), tolerance)
+        dev, problem = _compare(_outputs(reference, batch, delivered=False),
+                                _outputs(candidate, batch, delivered=False), tolerance)
         if problem:
             raise PassError(f"{what}: outputs differ by up to {dev:.3g} on {label}: {problem}")
         worst = max(worst or 0.0, dev)
@@ -665,9 +669,7 @@ class PassManager:
         if lowering.inline_dialect(program) is program:  # delivers itself (e.g. offloaded): nothing inlined
             return
         for (label, batch), inlined in zip(batches, inlined_outputs):
-            out = program(*batch[0], **batch[1])
-            reference = [(path_to_str(p), np.asarray(x)) for p, x in jax.tree_util.tree_flatten_with_path(out)[0]]
-            dev, problem = _compare(reference, inlined, None)
+            dev, problem = _compare(_outputs(program, batch, delivered=False), inlined, None)
             if problem:
                 raise PassError(f"the delivered (inlined) program{suffix} differs from {what} by up to {dev:.3g} "
                                 f"on {label}: {problem}; this is a bug in an op's inlining rule")
