@@ -6,7 +6,7 @@ Public API::
     opt = moejax.optimize(model, (tokens,), "...,select-impl")
     opt(tokens); opt.stages; opt.report()
 """
-from moejax import blocked_ffn, dialect  # blocked_ffn registers the fast CPU expert implementation
+from moejax import blocked_ffn, dialect, native_ffn  # these register the fast CPU expert implementations
 from moejax.dialect import Routing
 from moejax.inspection import diff_programs, moe_graph_dot
 from moejax.lowering import inline_dialect

@@ -276,7 +276,9 @@ def expert_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def expert_ffn_math(x: jax.Array, mats: Sequence[jax.Array], activation: str,
-                    matmul: Callable[[jax.Array, jax.Array], jax.Array] = expert_matmul) -> jax.Array:
+                    matmul: Callable[[jax.Array, jax.Array], jax.Array] = expert_matmul,
+                    input_matmuls: Callable[[jax.Array, Sequence[Any]], Sequence[jax.Array]] | None = None
+                    ) -> jax.Array:
     """The expert FFN, the one formulation every implementation and analysis uses.
 
     ``act(x @ w_gate, x @ w_up) @ w_down`` (gated) or ``act(x @ w_up) @ w_down``:
@@ -284,13 +286,15 @@ def expert_ffn_math(x: jax.Array, mats: Sequence[jax.Array], activation: str,
     cast to ``x.dtype`` before the down projection. Returns the f32 result;
     callers cast. ``mats`` are float matrices; ``matmul`` decides how rows meet
     experts: :func:`expert_matmul` (one expert, or every expert at once) by
-    default, ``ragged_dot`` over groups in :func:`ffn_ragged`.
+    default, ``ragged_dot`` over groups in :func:`ffn_ragged`. ``input_matmuls(x,
+    mats[:-1])``, if given, computes the input projections together (the native
+    kernel does gate and up in one call).
     """
     act = activation_fn(activation)
-    if activation in GATED_ACTIVATIONS:
-        h = act(matmul(x, mats[0]), matmul(x, mats[1]))
+    if input_matmuls is None:
+        h = act(*(matmul(x, m) for m in mats[:-1]))
     else:
-        h = act(matmul(x, mats[0]))
+        h = act(*input_matmuls(x, mats[:-1]))
     return matmul(h.astype(x.dtype), mats[-1])
 
 

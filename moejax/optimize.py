@@ -97,7 +97,7 @@ class OptimizedModel:
 
         Other signatures (e.g. the decode step) export with ``opt.decode_program.export(...)``.
         """
-        return self.lowered.export(directory, platforms=platforms)
+        return self.program.export(directory, platforms=platforms)  # export inlines a portable form
 
     def init_cache(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's empty KV cache (for decode programs)."""

@@ -752,12 +752,13 @@ def export_program(program: Program, directory: str | Path, platforms: Sequence[
     from jax.extend import core as jcore
     from safetensors.numpy import save_file
 
-    from moejax import lowering
+    from moejax import lowering, native_ffn
 
     directory = Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty; choose a new directory to export the program to")
-    low = lowering.inline_dialect(program)  # plain JAX: the artifact must not need moejax's lowering rules
+    # plain JAX without moejax's custom calls: the artifact must not need moejax's lowering rules or C++ library
+    low = lowering.inline_dialect(native_ffn.portable(program))
     closed = low.jaxpr
 
     def fn(weights: list[jax.Array], *inputs: jax.Array) -> list[jax.Array]:

@@ -5,20 +5,20 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from moejax import dialect, expert_layout, rewrite, stats
+from moejax import dialect, expert_layout, native_build, rewrite, stats
 from moejax.pipeline import Pass, PassContext, PassError, Tolerance, register_pass
 from moejax.program import Program
 
 # What "auto" picks per platform, best first; the first registered one wins.
 AUTO_CHOICES = {
-    "cpu": ("blocked", "ragged"),
+    "cpu": ("native", "blocked", "ragged"),
     "gpu": ("pallas", "ragged"),
     "cuda": ("pallas", "ragged"),
     "rocm": ("ragged",),
     "tpu": ("pallas", "ragged"),
 }
 # Implementations that read per-expert buffers in place (the others stack them: a copy per call).
-PER_EXPERT_IMPLS = ("blocked",)
+PER_EXPERT_IMPLS = ("blocked", "native")
 # "auto" splits layers with at most this many experts. Measured on XLA:CPU
 # (benchmarks/moe_layer.py): a Mixtral-like layer (8 large experts) ran 1.2-1.3x
 # faster split in prefill and 3.1x at one-token decode. A DeepSeek-like layer
@@ -36,10 +36,12 @@ class SelectImpl(Pass):
 
     Options:
       impl: a registered implementation, or ``auto``: the fastest for the
-        platform (``blocked`` on CPU, Pallas kernels on GPU/TPU, ``ragged_dot``
-        otherwise). All compute the same function.
+        platform (on CPU ``native``, the C++ kernel for decode-sized inputs
+        that runs ``blocked`` otherwise, or ``blocked`` where no C++ compiler
+        is found; Pallas kernels on GPU/TPU; ``ragged_dot`` otherwise). All
+        compute the same function.
       layout: ``per-expert`` stores each expert's weights as its own buffer
-        (what ``blocked`` reads in place), ``stacked`` keeps ``[E, k, n]``
+        (what ``blocked`` and ``native`` read in place), ``stacked`` keeps ``[E, k, n]``
         arrays, ``auto`` splits for per-expert implementations on layers of
         at most 16 experts. Weights of scanned layers (``[L, E, k, n]``) and of
         expert-parallel programs always stay stacked.
@@ -49,10 +51,10 @@ class SelectImpl(Pass):
     exact: ClassVar[bool] = True
     # Measured on CPU, reference -> ragged/blocked: tiny Mixtral f32 (float, int8 weights) up to 1.8e-6 = 5.5e-7 of
     # max|logit|; the default model 1.4e-5 = 7.5e-7 of max|logit|. ragged <-> blocked and bf16 models: bit-exact.
-    tolerance: ClassVar[Tolerance | None] = Tolerance(1e-5, 1e-7, "ragged/blocked multiply only each expert's own rows, the reference all rows per expert: XLA blocks the f32 sums differently for different row counts")
+    tolerance: ClassVar[Tolerance | None] = Tolerance(1e-5, 1e-7, "ragged/blocked/native multiply only each expert's own rows, the reference all rows per expert: XLA blocks the f32 sums differently for different row counts, and the native kernel sums each quantization group before scaling it")
     # What __post_init__ (layout) and resolve (impl, when the pass runs) accept; shown by `moejax passes`.
     option_ranges: ClassVar[Mapping[str, str]] = {
-        "impl": "auto, reference, ragged, blocked or pallas (any registered moe_expert_ffn implementation)",
+        "impl": "auto, reference, ragged, blocked, native or pallas (any registered moe_expert_ffn implementation)",
         "layout": "auto, per-expert or stacked",
     }
     impl: str = "auto"
@@ -69,7 +71,8 @@ class SelectImpl(Pass):
                 raise PassError(f"select-impl: unknown impl {self.impl!r}; available: {', '.join(available)}, auto")
             return self.impl
         for choice in AUTO_CHOICES.get(platform, ("ragged",)):
-            if choice in available:
+            # "native" needs its C++ library, built on first use (no compiler: the next choice)
+            if choice in available and (choice != "native" or native_build.available()):
                 return choice
         return "ragged"
 

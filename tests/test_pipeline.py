@@ -57,8 +57,9 @@ def test_select_impl_is_exact_and_reported(tiny_model, tokens, impl):
 
 
 def test_select_impl_on_cpu_stores_experts_per_expert(tiny_model, tokens, tmp_path):
-    """auto on CPU: impl=blocked and one buffer per expert (unrolled layers), exactly the same function."""
-    opt = moejax.optimize(tiny_model, (tokens,), "quantize(bits=8),select-impl,select-impl(layout=stacked)")
+    """impl=blocked: one buffer per expert (unrolled layers) on auto layout, exactly the same function."""
+    opt = moejax.optimize(tiny_model, (tokens,),
+                          "quantize(bits=8),select-impl(impl=blocked),select-impl(impl=blocked,layout=stacked)")
     quantized, split, stacked = (s.program for s in opt.stages[1:])
     scanned = tiny_model.config.scan_layers
     paths = list(stats.expert_weight_sites(split))

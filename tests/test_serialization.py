@@ -392,7 +392,8 @@ def test_restore_and_load_weights_errors(model, tokens, tmp_path):
 # 4. Export for serving without moejax.
 # --------------------------------------------------------------------------
 def test_export_matches_program_bit_for_bit(model, tokens, tmp_path):
-    opt = moejax.optimize(model, (tokens,), "quantize(bits=4,group_size=16),select-impl", check_exact=False)
+    opt = moejax.optimize(model, (tokens,), "quantize(bits=4,group_size=16),select-impl(impl=blocked)",
+                          check_exact=False)
     path = opt.export(str(tmp_path / "e"))
     served = load_exported(path)
     np.testing.assert_array_equal(np.asarray(served(tokens)), np.asarray(opt(tokens)))
@@ -402,6 +403,15 @@ def test_export_matches_program_bit_for_bit(model, tokens, tmp_path):
     prog = moejax.trace(model, tokens)  # a program with dialect ops: export inlines them
     prog.export(str(tmp_path / "t"))
     np.testing.assert_array_equal(np.asarray(load_exported(tmp_path / "t")(tokens)), np.asarray(prog(tokens)))
+
+
+def test_export_of_the_native_kernel_runs_its_portable_twin(model, tokens, tmp_path):
+    """impl=native is a custom call of moejax's C++ library: the export runs impl=blocked, the same function."""
+    opt = moejax.optimize(model, (tokens,), "quantize(bits=4,group_size=16),select-impl(impl=native)",
+                          check_exact=False)
+    assert opt.stages[-1].stats["ffn_impls"] == {"native": 2}
+    served = load_exported(opt.export(str(tmp_path / "e")))
+    np.testing.assert_allclose(np.asarray(served(tokens)), np.asarray(opt(tokens)), rtol=1e-5, atol=1e-5)
 
 
 def test_export_lowers_for_cpu_and_cuda(model, tokens, tmp_path):
