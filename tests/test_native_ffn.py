@@ -42,8 +42,8 @@ def _close(got, want):
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("split", [False, True], ids=["stacked", "per-expert"])
 def test_native_matches_the_reference(fmt, split):
-    # d=96, f=160: full 64-column tiles (the vector path) and narrower tails
-    e, d, f = 4, 96, 160
+    # d=96, f=320: 256-, 128- and 64-column vector tiles (by rows per tile) and narrower portable tails
+    e, d, f = 4, 96, 320
     mats = [FORMATS[fmt](w) for w in _weights(e, d, f, gated=True)]
     weights = [split_experts(w) for w in mats] if split else mats
     rng = np.random.default_rng(1)

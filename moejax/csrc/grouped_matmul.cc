@@ -48,7 +48,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTileCols = 64;   // columns per work item (4 AVX-512 / 8 AVX2 registers per row)
+constexpr int64_t kItemCols = 256;  // columns per work item
+constexpr int64_t kTileCols = 64;   // columns per portable tile (and the narrowest vector tile)
 constexpr int64_t kTileRows = 4;    // rows of x that share one read of a weight tile
 constexpr int64_t kFloatBlock = 256;  // float weights: rows summed before joining the result
 // A tile reads one short run of bytes per weight row, rows a page or more apart:
@@ -101,7 +102,7 @@ inline void load_row(const ExpertWeight& w, int64_t m, int64_t kk, int64_t c0, i
 }
 
 // y[rows, c0:c0+W] = x[rows] @ W_e[:, c0:c0+W] for up to kTileRows rows, W == kTileCols
-// (Full) or any width <= kTileCols (the last tile of a row).
+// (Full) or any width <= kTileCols (the last tile of a row). Portable C++.
 template <int Bits, int Rows, bool Full>
 void tile(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t c0, int64_t width_arg, float* y) {
   constexpr int64_t kMaxW = kTileCols;
@@ -141,19 +142,19 @@ void tile(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t c0, int
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// The same tile, full width, with AVX-512: 4 registers of 16 columns per row.
-// Quantized weights are converted to float in registers; the zero point is
-// folded out of the inner loop: sum x*(q - z) = sum x*q - z * sum x per group.
-template <int Bits, int Rows>
+// The same tile with AVX-512, kVecs registers of 16 columns per row (16
+// accumulators in all: one row reads 256 contiguous columns of each weight row,
+// which DRAM serves better than 64). Quantized weights are converted to float
+// in registers; the zero point is folded out of the inner loop:
+// sum x*(q - z) = sum x*q - z * sum x per group.
+template <int Bits, int Rows, int kVecs>
 void tile_avx512(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t c0, float* y) {
-  constexpr int kVecs = kTileCols / 16;
+  constexpr int64_t kCols = 16 * kVecs;
   const int64_t k = p.k, m = p.m;
   const int64_t block = Bits == 0 ? kFloatBlock : p.group_size;
-  alignas(64) float acc[Rows][kTileCols] = {};
+  alignas(64) float acc[Rows][kCols] = {};
   const float* xr[Rows];
   for (int r = 0; r < Rows; ++r) xr[r] = p.x + (row0 + r) * k;
-  const __m512i low_nibble = _mm512_set1_epi8(0x0F);
-  (void)low_nibble;
 
   for (int64_t g0 = 0; g0 < k; g0 += block) {
     const int64_t g1 = std::min(k, g0 + block);
@@ -175,7 +176,8 @@ void tile_avx512(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t 
     } else if constexpr (Bits == 8) {
       const int8_t* src = static_cast<const int8_t*>(w.q) + g0 * m + c0;
       for (int64_t kk = g0; kk < g1; ++kk, src += m) {
-        if (kk + kPrefetchRows < k) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * m), _MM_HINT_T0);
+        if (kk + kPrefetchRows < k)
+          for (int j = 0; j < kVecs; j += 4) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * m + 16 * j), _MM_HINT_T0);
         __m512 wv[kVecs];
         for (int j = 0; j < kVecs; ++j)
           wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * j))));
@@ -188,18 +190,18 @@ void tile_avx512(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t 
       const uint8_t* src = static_cast<const uint8_t*>(w.q) + (g0 / 2) * m + c0;
       const __m512i mask = _mm512_set1_epi32(0x0F);
       for (int64_t kk = g0; kk < g1; kk += 2, src += m) {
-        if (kk + 2 * kPrefetchRows < k) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * m), _MM_HINT_T0);
-        __m512 lo[kVecs], hi[kVecs];
+        if (kk + 2 * kPrefetchRows < k)
+          for (int j = 0; j < kVecs; j += 4) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * m + 16 * j), _MM_HINT_T0);
+        __m512 x0[Rows], x1[Rows];
+        for (int r = 0; r < Rows; ++r) {
+          x0[r] = _mm512_set1_ps(xr[r][kk]);
+          x1[r] = _mm512_set1_ps(xr[r][kk + 1]);
+        }
         for (int j = 0; j < kVecs; ++j) {
           const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * j)));
-          lo[j] = _mm512_cvtepi32_ps(_mm512_and_si512(b, mask));
-          hi[j] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-        }
-        for (int r = 0; r < Rows; ++r) {
-          const __m512 x0 = _mm512_set1_ps(xr[r][kk]);
-          const __m512 x1 = _mm512_set1_ps(xr[r][kk + 1]);
-          for (int j = 0; j < kVecs; ++j)
-            part[r][j] = _mm512_fmadd_ps(x1, hi[j], _mm512_fmadd_ps(x0, lo[j], part[r][j]));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, mask));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+          for (int r = 0; r < Rows; ++r) part[r][j] = _mm512_fmadd_ps(x1[r], hi, _mm512_fmadd_ps(x0[r], lo, part[r][j]));
         }
       }
     }
@@ -229,22 +231,28 @@ void tile_avx512(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t 
     }
   }
   const int64_t stride = m * static_cast<int64_t>(p.experts.size() / p.num_experts);
-  for (int r = 0; r < Rows; ++r) std::memcpy(y + (row0 + r) * stride + c0, acc[r], sizeof(float) * kTileCols);
+  for (int r = 0; r < Rows; ++r) std::memcpy(y + (row0 + r) * stride + c0, acc[r], sizeof(float) * kCols);
 }
 #define MOEJAX_HAVE_AVX512 1
 #endif
 
+// Rows [row0, row0 + Rows) times columns [c0, c1) of one expert's weight.
 template <int Bits, int Rows>
-void tile_any_width(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t c0, float* y) {
-  const int64_t width = std::min(kTileCols, p.m - c0);
+void item_rows(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t c0, int64_t c1, float* y) {
+  int64_t c = c0;
 #ifdef MOEJAX_HAVE_AVX512
-  if (width == kTileCols) return tile_avx512<Bits, Rows>(p, w, row0, c0, y);
+  constexpr int kWideVecs = 16 / (Rows == 1 ? 1 : Rows == 2 ? 2 : 4);  // 16 accumulator registers
+  for (; c + 16 * kWideVecs <= c1; c += 16 * kWideVecs) tile_avx512<Bits, Rows, kWideVecs>(p, w, row0, c, y);
+  for (; c + kTileCols <= c1; c += kTileCols) tile_avx512<Bits, Rows, kTileCols / 16>(p, w, row0, c, y);
 #endif
-  if (width == kTileCols) tile<Bits, Rows, true>(p, w, row0, c0, width, y);
-  else tile<Bits, Rows, false>(p, w, row0, c0, width, y);
+  for (; c < c1; c += kTileCols) {
+    const int64_t width = std::min(kTileCols, c1 - c);
+    if (width == kTileCols) tile<Bits, Rows, true>(p, w, row0, c, width, y);
+    else tile<Bits, Rows, false>(p, w, row0, c, width, y);
+  }
 }
 
-// One work item: every row of expert e times columns [c0, c0 + kTileCols) of matrix `mat`.
+// One work item: every row of expert e times columns [c0, c0 + kItemCols) of matrix `mat`.
 struct Item {
   int64_t mat, expert, c0;
 };
@@ -255,11 +263,12 @@ void column_tile(const Problem& p, const Item& item) {
   float* y = p.y + item.mat * p.m;
   int64_t row = p.row_start[item.expert];
   const int64_t end = row + p.row_count[item.expert];
-  for (; row + kTileRows <= end; row += kTileRows) tile_any_width<Bits, kTileRows>(p, w, row, item.c0, y);
+  const int64_t c0 = item.c0, c1 = std::min(p.m, c0 + kItemCols);
+  for (; row + kTileRows <= end; row += kTileRows) item_rows<Bits, kTileRows>(p, w, row, c0, c1, y);
   switch (end - row) {
-    case 3: tile_any_width<Bits, 3>(p, w, row, item.c0, y); break;
-    case 2: tile_any_width<Bits, 2>(p, w, row, item.c0, y); break;
-    case 1: tile_any_width<Bits, 1>(p, w, row, item.c0, y); break;
+    case 3: item_rows<Bits, 3>(p, w, row, c0, c1, y); break;
+    case 2: item_rows<Bits, 2>(p, w, row, c0, c1, y); break;
+    case 1: item_rows<Bits, 1>(p, w, row, c0, c1, y); break;
     default: break;
   }
 }
@@ -421,7 +430,7 @@ ffi::Error GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group_si
     p.row_count[e] = rows;
     row += rows;
     for (int64_t i = 0; rows > 0 && i < num_mats; ++i)
-      for (int64_t c0 = 0; c0 < p.m; c0 += kTileCols) work->items.push_back({i, e, c0});
+      for (int64_t c0 = 0; c0 < p.m; c0 += kItemCols) work->items.push_back({i, e, c0});
   }
   std::memset(p.y + row * yd[1], 0, sizeof(float) * (n - row) * yd[1]);
   work->problem = &p;
