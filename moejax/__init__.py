@@ -7,6 +7,7 @@ Public API::
     opt(tokens); opt.stages; opt.report()
 """
 from moejax import blocked_ffn, dialect, native_ffn  # these register the fast CPU expert implementations
+from moejax import tokamax_ffn  # noqa: F401  registers impl="tokamax" when tokamax is installed
 from moejax.dialect import Routing
 from moejax.inspection import diff_programs, moe_graph_dot
 from moejax.lowering import inline_dialect

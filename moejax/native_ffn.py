@@ -16,8 +16,9 @@ kernel is unavailable (no C++ compiler). Either way it computes what
 :func:`moejax.dialect.ffn_reference` computes: same formulation
 (:func:`moejax.dialect.expert_ffn_math`), float32 sums in another order.
 
-The kernel has no derivative; differentiate the program before ``select-impl``
-or choose another ``impl``.
+The kernel has no derivative of its own: ``jax.grad`` through the expert op
+works (its JVP rule differentiates the reference), but :func:`ffn_native`
+called directly cannot be differentiated.
 """
 from __future__ import annotations
 
