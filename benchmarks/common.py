@@ -1,13 +1,22 @@
-"""Timing helpers shared by the benchmarks: warm-up, interleaved repeats, medians,
-copy bandwidth, machine description, tables and JSON.
+"""Helpers shared by the benchmarks: thread counts, warm-up, interleaved repeats,
+medians, copy bandwidth, machine description, tables and JSON.
 
 Timings block on the result (``jax.block_until_ready``; PyTorch CPU calls are
 synchronous). Implementations compared in one table are timed *interleaved*
 (round r runs every implementation once) so that load from other processes
-drifts over all of them alike; each reports the median of its repeats.
+drifts over all of them alike; each reports the median of its repeats, and the
+JSON keeps every repeat (``times_s``).
+
+Threads: :func:`set_threads` gives PyTorch, XLA:CPU and moejax's native expert
+kernel the same intra-op thread count. XLA:CPU sizes its intra-op pool once, when
+the backend starts, from the ``NPROC`` environment variable if set, else from the
+CPUs this process may run on (``os.sched_getaffinity``); the native kernel sizes
+its own pool on first use from ``MOEJAX_NUM_THREADS``; so a benchmark must call
+:func:`set_threads` before its first JAX computation to change them.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -22,7 +31,12 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Timing", "block", "time_fn", "time_interleaved", "copy_bandwidth", "machine_info",
-           "format_table", "write_json"]
+           "format_table", "write_json", "available_cpus", "xla_cpu_threads", "add_threads_argument",
+           "set_threads", "set_torch_threads", "result_payload", "pipeline_is_exact", "smoke_model", "default_out",
+           "DEFAULT_REPEATS"]
+
+# Repeats every benchmark keeps by default (the JSON holds each one); smoke runs may ask for 1.
+DEFAULT_REPEATS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +82,17 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Timi
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5,
-                     budget_s: float | None = None) -> dict[str, Timing]:
+                     budget_s: float | None = None, min_repeats: int = DEFAULT_REPEATS) -> dict[str, Timing]:
     """Time several zero-argument callables in interleaved rounds.
 
     Args:
       fns: name -> callable.
       warmup: untimed calls of each before timing (the first one compiles).
       repeats: timed rounds; fewer when ``budget_s`` is given and one round of
-        all callables (measured in warm-up) would overrun it (at least 1 round).
+        all callables (measured in warm-up) would overrun it, but never fewer
+        than ``min(repeats, min_repeats)``.
       budget_s: optional wall-clock budget for the timed rounds.
+      min_repeats: the floor the budget cannot cut below (a median needs a few samples).
 
     Returns:
       name -> :class:`Timing`.
@@ -90,7 +106,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1, r
             t = _once(fn)
         round_s += t
     if budget_s is not None and round_s > 0:
-        repeats = max(1, min(repeats, int(budget_s // round_s)))
+        repeats = max(min(repeats, min_repeats), min(repeats, int(budget_s // round_s)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -141,11 +157,14 @@ def machine_info() -> dict[str, Any]:
         info["load_avg_1_5_15"] = list(os.getloadavg())
     except OSError:
         pass
-    for mod in ("jax", "jaxlib", "torch", "transformers", "numpy"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = None
+    from importlib import metadata
+
+    for dist in ("jax", "jaxlib", "torch", "transformers", "numpy"):
+        try:  # installed versions without importing (torch alone takes seconds to import)
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = None
+    info["available_cpus"] = available_cpus()
     return info
 
 
@@ -173,3 +192,122 @@ def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     return out
+
+
+# --------------------------------------------------------------------------
+# Thread counts: the same for every contender, and recorded.
+# --------------------------------------------------------------------------
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # pragma: no cover - jax is a dependency
+        return False
+    return bool(xla_bridge.backends_are_initialized())
+
+
+def xla_cpu_threads() -> int:
+    """The size of XLA:CPU's intra-op pool: ``NPROC`` if set (read when the backend starts), else the CPUs."""
+    nproc = os.environ.get("NPROC", "")
+    return int(nproc) if nproc.isdigit() and int(nproc) > 0 else available_cpus()
+
+
+def add_threads_argument(ap: argparse.ArgumentParser) -> None:
+    """``--threads N``: intra-op threads for every contender (PyTorch, XLA:CPU and the native kernel alike)."""
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads for PyTorch, XLA:CPU and the native kernel alike (default: the CPUs "
+                         f"this process may use, {available_cpus()} here)")
+
+
+def set_threads(threads: int | None) -> dict[str, Any]:
+    """Give XLA:CPU and moejax's native kernel ``threads`` intra-op threads (None: XLA's default) and
+    return what is set.
+
+    XLA reads ``NPROC`` when its backend starts, and the ``native`` expert kernel
+    (``moejax/csrc``) sizes its own pool from ``MOEJAX_NUM_THREADS`` on its first call
+    (else from the hardware's thread count, which ignores CPU affinity); so this sets
+    both if no JAX computation ran yet, the kernel's to XLA's count. Afterwards the
+    pools are fixed and asking for another count raises ``ValueError`` (a one-line
+    message for ``ap.error``). PyTorch gets the same count from :func:`set_torch_threads`,
+    which a benchmark calls where it builds its PyTorch contenders (so runs without
+    torch never import it).
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    started = _backend_started()
+    if threads is not None and threads != xla_cpu_threads():
+        if started:
+            raise ValueError(f"--threads {threads}: XLA:CPU already started with {xla_cpu_threads()} threads "
+                             "(set NPROC before the first JAX computation)")
+        os.environ["NPROC"] = str(threads)
+    n = xla_cpu_threads()
+    if not started and (threads is not None or "MOEJAX_NUM_THREADS" not in os.environ):
+        os.environ["MOEJAX_NUM_THREADS"] = str(n)
+    native = os.environ.get("MOEJAX_NUM_THREADS", "")
+    return {"threads": n, "xla_cpu_threads": n,
+            "xla_threads_set_by": ("NPROC" if os.environ.get("NPROC", "").isdigit()
+                                   else "default (CPUs of this process)"),
+            "native_kernel_threads": int(native) if native.isdigit() else os.cpu_count(),
+            "torch_threads": None, "available_cpus": available_cpus()}
+
+
+def set_torch_threads(threads_info: dict[str, Any]) -> bool:
+    """Pin PyTorch's intra-op pool to ``threads_info["threads"]``; False without torch. Records the count."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    torch.set_num_threads(int(threads_info["threads"]))
+    threads_info["torch_threads"] = torch.get_num_threads()
+    return True
+
+
+def result_payload(benchmark: str, args: argparse.Namespace | Mapping[str, Any], threads: Mapping[str, Any],
+                   rows: Sequence[Mapping[str, Any]], *, complete: bool = True, **extra: Any) -> dict[str, Any]:
+    """The JSON every benchmark writes: name, date, machine, threads, arguments, rows (+ ``extra``)."""
+    info = machine_info()
+    return {"benchmark": benchmark, "date_utc": info["date_utc"], "complete": complete, "machine": info,
+            "threads": dict(threads), "args": dict(vars(args) if isinstance(args, argparse.Namespace) else args),
+            **extra, "rows": list(rows)}
+
+
+def pipeline_is_exact(pipeline: str) -> bool:
+    """Whether every pass of a pipeline string is exact (``moejax passes`` shows each pass's label).
+
+    Raises ``moejax.PassError`` (one line) for an unknown pass or option.
+    """
+    import moejax
+    import moejax.passes  # noqa: F401  (registers the passes)
+    from moejax.pipeline import is_exact
+
+    return all(is_exact(p) for p in moejax.parse_pipeline(pipeline))
+
+
+def smoke_model(n_experts: int = 4) -> Any:
+    """A tiny random Mixtral-family model for smoke runs: byte vocabulary, d=64, f=128 (int4-g64 divides both)."""
+    from flax import nnx
+
+    from moejax.models import MoEDecoder, tiny_mixtral
+
+    return MoEDecoder(tiny_mixtral(vocab_size=256, d_model=64, d_ff_expert=128, n_experts=n_experts),
+                      rngs=nnx.Rngs(0))
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def default_out(benchmark: str, smoke: bool = False) -> str:
+    """Where a benchmark writes without ``--out``: ``benchmarks/results/<name>.json``, or for a smoke
+    run a file in the temp folder (smoke rows must never replace the committed results)."""
+    if smoke:
+        import tempfile
+
+        return str(Path(tempfile.gettempdir()) / "moejax-benchmark-smoke" / f"{benchmark}.json")
+    return str(RESULTS_DIR / f"{benchmark}.json")

@@ -1,8 +1,10 @@
 """Expert offloading: decode speed, cache hit rate, prefetch quality and bytes moved per token.
 
-    python benchmarks/offload.py                 # default model + a larger Mixtral-shaped model
-    python benchmarks/offload.py --skip-large --tokens 16 --repeats 2
-    python benchmarks/offload.py --smoke --tokens 2 --large-tokens 2 --repeats 1 --budgets 0.25
+Run::
+
+    python benchmarks/offload.py                 # default model + a larger Mixtral-shaped model (committed rows)
+    python benchmarks/offload.py --skip-large --tokens 16 --repeats 3
+    python benchmarks/offload.py --smoke --tokens 2 --large-tokens 2 --repeats 1 --budgets 0.25   # tests
 
 Each row is a pipeline run by ``moejax.optimize`` (``select-impl`` first, the
 exact CPU expert implementation, then ``offload`` with the row's options):
@@ -16,15 +18,18 @@ exact CPU expert implementation, then ``offload`` with the row's options):
 * ``cache R lru + prefetch``: the same plus next-layer prefetch (router's top-k);
 * ``cache R next-use + prefetch top-3``: ``policy=next-use,prefetch_k=3``.
 
-Every offload row must decode the very logits of ``parts, all resident`` (bit
-for bit, or the script stops); their deviation from ``resident`` (the cut) is
-recorded.
+Every row is exact (``exact=True``: ``offload`` is an exact pass). Every offload row
+must decode the very logits of ``parts, all resident`` (bit for bit, or the script
+stops); their deviation from ``resident`` (the cut) is recorded.
 
 Decode is teacher-forced on the shipped held-out text (each step feeds the
 next real byte after a 32-byte prefill, batch 1), so routing sees natural
 text rather than a greedy loop. The disk tier reads with O_DIRECT (page cache
-bypassed). Rows are timed interleaved (every row once per round); tokens/s
-is the median over rounds; the counters are summed over the timed rounds.
+bypassed). Rows are timed interleaved (every row once per round; ``--repeats``,
+at least 3 by default, every round kept in ``times_s``); tokens/s is the median over
+rounds; the counters are summed over the timed rounds. PyTorch is not a contender
+here, so ``--threads`` sets XLA:CPU's (and the native kernel's) threads only, recorded with the
+machine and date.
 
 The projection columns are a cost model, not measurements: ``moved_fraction``
 (bytes moved per token over the naive row's) applied to Mixtral-8x7B in bf16
@@ -35,7 +40,6 @@ GB/s) or an NVMe 4.0 SSD (7 GB/s): no compute, no overlap.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -52,6 +56,7 @@ from moejax import data, offload  # noqa: E402
 from moejax.models import MoEDecoder, default_model  # noqa: E402
 from moejax.models.decoder import MoEConfig  # noqa: E402
 from moejax import dialect  # noqa: E402
+from moejax.pipeline import is_exact, parse_pipeline  # noqa: E402
 
 BANDWIDTHS = {"pcie4_x16": 25e9, "pcie5_x16": 50e9, "nvme4": 7e9}  # bytes/s, typical achievable
 # Mixtral-8x7B, bf16: 32 layers x top-2 experts x (3 x 4096 x 14336 x 2 bytes) read per token if none is resident
@@ -72,21 +77,25 @@ def rows(budgets: list[float], variants: list[tuple[str, str]]) -> list[tuple[st
 VARIANTS = [("lru", ",prefetch=false"), ("lru + prefetch", ""),
             ("next-use + prefetch top-3", ",policy=next-use,prefetch_k=3")]
 LARGE_VARIANTS = [("lru", ",prefetch=false"), ("next-use + prefetch top-3", ",policy=next-use,prefetch_k=3")]
+SMOKE_VARIANTS = LARGE_VARIANTS[1:]  # smoke: one cache row per budget (each row compiles its own parts)
 
 
 def large_model(smoke: bool = False) -> MoEDecoder:
-    """A Mixtral-shaped model with random bf16 weights (4 layers x 8 experts, top-2), 396 MB of experts."""
+    """A Mixtral-shaped model with random bf16 weights (4 layers x 8 experts, top-2), 396 MB of experts.
+
+    ``smoke``: 2 layers x 4 experts of d=64 (every offload configuration compiles its own parts).
+    """
     from flax import nnx
 
     cfg = MoEConfig(vocab_size=256, d_model=768, n_layers=4, n_heads=12, n_kv_heads=4, d_ff_expert=2688,
                     n_experts=8, routing=dialect.Routing(k=2), family="mixtral")
     if smoke:
-        cfg = cfg.replace(d_model=64, d_ff_expert=96, n_layers=2, n_heads=4, n_kv_heads=2)
+        cfg = cfg.replace(d_model=64, d_ff_expert=96, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4)
     return MoEDecoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
 
 
 def bench_model(name: str, model, text: bytes, tokens: int, repeats: int, budgets: list[float],
-                variants: list[tuple[str, str]]) -> list[dict]:
+                variants: list[tuple[str, str]], threads: int) -> list[dict]:
     stream = np.frombuffer(text[: PREFILL + tokens + 1], np.uint8).astype(np.int32)
     prompt = jnp.asarray(stream[None, :PREFILL])
     cache = model.init_cache(1, PREFILL + tokens + 1)
@@ -127,7 +136,8 @@ def bench_model(name: str, model, text: bytes, tokens: int, repeats: int, budget
         fields = offload.report_fields(opt)
         per_token = float(np.median(times[label])) / tokens
         moved = fields.get("bytes_moved_per_token") or 0.0
-        row = {"model": name, "row": label, "pipeline": spec, "decode_tokens_per_s": 1.0 / per_token,
+        row = {"model": name, "row": label, "pipeline": spec, "exact": all(is_exact(p) for p in parse_pipeline(spec)),
+               "threads": threads, "decode_tokens_per_s": 1.0 / per_token,
                "times_s": times[label], "expert_bytes": opt.stages[-1].stats["expert_bytes"],
                "resident_expert_bytes": fields.get("resident_expert_bytes"),
                "expert_cache_hit_rate": fields.get("expert_cache_hit_rate"),
@@ -152,29 +162,46 @@ def bench_model(name: str, model, text: bytes, tokens: int, repeats: int, budget
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=48, help="decode steps per timed run")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=common.DEFAULT_REPEATS, help="timed rounds")
     ap.add_argument("--budgets", default="1.0,0.5,0.25,0.125", help="resident fractions")
     ap.add_argument("--skip-large", action="store_true", help="only the bundled default model")
     ap.add_argument("--large-tokens", type=int, default=8, help="decode steps per timed run, larger model")
     ap.add_argument("--smoke", action="store_true", help="a tiny random model only, for tests")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "offload.json"))
+    common.add_threads_argument(ap)
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/offload.json; --smoke: a temp file)")
     args = ap.parse_args(argv)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    args.out = args.out or common.default_out("offload", args.smoke)
+    try:
+        budgets = [float(b) for b in args.budgets.split(",")]
+    except ValueError:
+        ap.error(f"--budgets must be comma-separated fractions, got {args.budgets!r}")
+    if not budgets or not all(0.0 <= b <= 1.0 for b in budgets):
+        ap.error(f"--budgets must be fractions in [0, 1], got {args.budgets!r}")
+    if min(args.tokens, args.large_tokens, args.repeats) < 1:
+        ap.error("--tokens, --large-tokens and --repeats must be >= 1")
+    try:
+        threads = common.set_threads(args.threads)  # before the first JAX computation: XLA sizes its pool then
+    except ValueError as err:
+        ap.error(str(err))
+    start = time.perf_counter()
     text = data.heldout_bytes()
     results = []
     if not args.smoke:
         results += bench_model("default (f32, 4 layers x 8 experts)", default_model.load_default_model(), text,
-                               args.tokens, args.repeats, budgets, VARIANTS)
+                               args.tokens, args.repeats, budgets, VARIANTS, threads["threads"])
     if not args.skip_large or args.smoke:
-        results += bench_model("mixtral-shaped random (bf16, 4 x 8 experts)", large_model(args.smoke), text,
-                               args.large_tokens, args.repeats, budgets, LARGE_VARIANTS)
+        name = "tiny random (bf16, 2 x 4 experts)" if args.smoke else "mixtral-shaped random (bf16, 4 x 8 experts)"
+        results += bench_model(name, large_model(args.smoke), text,
+                               args.large_tokens, args.repeats, budgets,
+                               SMOKE_VARIANTS if args.smoke else LARGE_VARIANTS, threads["threads"])
     cols = ["model", "row", "decode_tokens_per_s", "speedup_vs_naive", "expert_cache_hit_rate", "prefetch_recall",
             "prefetch_precision", "bytes_moved_per_token", "moved_fraction",
             *(f"mixtral_8x7b_transfer_bound_tok_s_{b}" for b in BANDWIDTHS)]
     print(common.format_table(results, cols))
-    if not args.smoke:
-        common.write_json(args.out, {"benchmark": "offload", "date": datetime.date.today().isoformat(),
-                                     "machine": common.machine_info(), "args": vars(args), "rows": results})
+    path = common.write_json(args.out, common.result_payload("offload", args, threads, results, smoke=args.smoke,
+                                                             elapsed_s=time.perf_counter() - start))
+    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 

@@ -1,151 +1,185 @@
 """Expert quantization on the default model: quality (bits per byte) and decode speed, side by side.
 
-    python benchmarks/quantize_speed.py                       # both tables
-    python benchmarks/quantize_speed.py --skip-speed --eval-bytes 131072
+Run::
+
+    python benchmarks/quantize_speed.py                                   # both tables, the committed rows
+    python benchmarks/quantize_speed.py --skip-speed --eval-bytes 131072  # quality only, more text
     python benchmarks/quantize_speed.py --skip-quality --decode-tokens 32
+    python benchmarks/quantize_speed.py --smoke                           # a tiny random model, seconds
 
-Quality: each pipeline is run by ``moejax.optimize`` on the bundled default
-model and scored on the first ``--eval-bytes`` of the shipped held-out text
-(``moejax.evaluation.bits_per_byte``, windows of 256 bytes, batch 8); the table
-gives expert bytes, bits/byte and the change against float.
+Every row is one pipeline run by ``moejax.optimize`` and labelled with it; the
+``float`` row (``select-impl`` alone) is the only exact one, every ``quantize`` row is
+lossy (``exact=False``).
 
-Speed: greedy-decode steps (one token per sequence per step, KV cache of
-``256 + decode_tokens``) at batch 1 and 8 of the decode program after
-``select-impl`` (the fastest CPU expert implementation) and, for the quantized
-rows, ``quantize``; tokens/s are medians of ``--repeats`` timed runs, and ratios
-are against float in the same run.
+Quality: each pipeline (``QUALITY_ROWS``, then ``select-impl``) on the bundled default
+model, scored on the first ``--eval-bytes`` of the shipped held-out text
+(``moejax.evaluation.bits_per_byte``, windows of 256 bytes, batch 8): expert bytes,
+bits/byte and the change against float. Not timed.
+
+Speed: greedy decode steps (one token per sequence per step, KV cache of
+``256 + decode_tokens``) at batch 1 and 8 through the optimised model's decode
+signature (``SPEED_ROWS``: ``select-impl``, ``quantize(bits=8),select-impl``,
+``quantize(bits=4,group_size=128),select-impl``). The rows of one batch size are
+timed in interleaved rounds (``--repeats``, at least 3 by default; the JSON keeps every
+round); ``x_float`` is float's median over the row's, from the same run. PyTorch is
+not a contender here, so ``--threads`` sets XLA:CPU's (and the native kernel's) threads only (recorded).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import functools
+import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (DEFAULT_REPEATS, add_threads_argument, default_out, format_table,  # noqa: E402
+                    pipeline_is_exact, result_payload, set_threads, smoke_model, time_interleaved, write_json)
 
-import moejax
-from moejax import data, evaluation, lowering
-from moejax.models import default_model
-from moejax.passes import profile as _profile  # noqa: F401  (registers 'profile')
-from moejax.passes import quantize as _quantize  # noqa: F401  (registers 'quantize')
-from moejax.pipeline import PassContext, PassManager
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
+import moejax  # noqa: E402
+from moejax import data, evaluation  # noqa: E402
+
+# (variant label, pipeline); select-impl last: the fastest exact expert implementation here
 QUALITY_ROWS = [
-    ("float", []),
-    ("int8", ["quantize(bits=8)"]),
-    ("int4-g128", ["quantize(bits=4,group_size=128)"]),
-    ("int4-g64", ["quantize(bits=4,group_size=64)"]),
-    ("int4-g64-asym-clip", ["quantize(bits=4,group_size=64,symmetric=false,clip_search=true)"]),
-    ("int3-g64 (uniform)", ["quantize(bits=3,group_size=64)"]),
-    ("mixed 3.0-g64", ["profile", "quantize(bits=3,mixed=true,group_size=64)"]),
-    ("int2-g64 (uniform)", ["quantize(bits=2,group_size=64)"]),
+    ("float", "select-impl"),
+    ("int8", "quantize(bits=8),select-impl"),
+    ("int4-g128", "quantize(bits=4,group_size=128),select-impl"),
+    ("int4-g64", "quantize(bits=4,group_size=64),select-impl"),
+    ("int4-g64-asym-clip", "quantize(bits=4,group_size=64,symmetric=false,clip_search=true),select-impl"),
+    ("int3-g64 (uniform)", "quantize(bits=3,group_size=64),select-impl"),
+    ("mixed 3.0-g64", "profile,quantize(bits=3,mixed=true,group_size=64),select-impl"),
+    ("int2-g64 (uniform)", "quantize(bits=2,group_size=64),select-impl"),
 ]
-SPEED_ROWS = [("float", []), ("int8", ["quantize(bits=8)"]), ("int4-g128", ["quantize(bits=4,group_size=128)"])]
+SPEED_ROWS = [("float", "select-impl"), ("int8", "quantize(bits=8),select-impl"),
+              ("int4-g128", "quantize(bits=4,group_size=128),select-impl")]
+# smoke: the tiny model's d=64 takes groups of 64 at most
+SMOKE_QUALITY_ROWS = [("float", "select-impl"), ("int4-g64", "quantize(bits=4,group_size=64),select-impl")]
+SMOKE_SPEED_ROWS = SMOKE_QUALITY_ROWS
+PROMPT_LEN = 256
 
 
-def quality(model, eval_bytes: int, rows, seq_len: int = 256, batch: int = 8) -> list[dict]:
+def quality(model: Any, eval_bytes: int, rows: Sequence[tuple[str, str]], seq_len: int, batch: int,
+            calibration_bytes: int) -> list[dict[str, Any]]:
+    """Bits per byte of each pipeline on the held-out text (one optimize call each)."""
     text = data.heldout_bytes(eval_bytes)
     example = (jnp.zeros((batch, seq_len), jnp.int32),)
+    calibration = [data.calibration_tokens(calibration_bytes, seq_len)]  # for the mixed row's profile
     out = []
-    for label, passes in rows:
+    for label, pipeline in rows:
         t0 = time.perf_counter()
-        # select-impl last: the fast CPU expert implementation (exact; its check lives in its own tests)
-        opt = moejax.optimize(model, example, list(passes) + ["select-impl"], check_exact=False)
+        # check_exact=False: the score itself measures what each (mostly lossy) pipeline changed
+        opt = moejax.optimize(model, example, pipeline, calibration=calibration, check_exact=False)
         bpb = evaluation.bits_per_byte(opt, text, seq_len=seq_len, batch=batch)
         st = opt.stages[-1].stats
-        out.append({"variant": label, "pipeline": ",".join(passes) or "(none)", "expert_bytes": st["expert_bytes"],
-                    "total_bytes": st["total_bytes"], "bits_per_byte": bpb, "seconds": time.perf_counter() - t0})
+        out.append({"variant": label, "pipeline": pipeline, "exact": pipeline_is_exact(pipeline),
+                    "expert_bytes": st["expert_bytes"], "total_bytes": st["total_bytes"], "bits_per_byte": bpb,
+                    "seconds": time.perf_counter() - t0})
         print(f"  {label:20s} {bpb:.4f} bpb  expert {st['expert_bytes'] / 1e6:.3f} MB  "
-              f"({out[-1]['seconds']:.0f}s)", flush=True)
+              f"({out[-1]['seconds']:.0f}s)", file=sys.stderr, flush=True)
     base = out[0]["bits_per_byte"]
     for r in out:
         r["delta_pct"] = 100.0 * (r["bits_per_byte"] / base - 1.0)
     return out
 
 
-def _decode_program(model, batch: int, passes, max_len: int):
+def _decode_steps(opt: moejax.OptimizedModel, batch: int, tokens: int, cache: Any) -> jax.Array:
+    """``tokens`` greedy decode steps through the optimised model's decode signature."""
     tok = jnp.zeros((batch, 1), jnp.int32)
-    cache = model.init_cache(batch, max_len)
-    idx = jnp.asarray(0, jnp.int32)
-    program = moejax.trace(model, tok, cache=cache, cache_index=idx)
-    ctx = PassContext(example_args=(tok,), example_kwargs={"cache": cache, "cache_index": idx})
-    stages = PassManager(list(passes) + ["select-impl"], check_exact=False).run(program, ctx)
-    return lowering.inline_dialect(stages[-1].program), stages[-1].stats, cache
+    for i in range(tokens):
+        logits, cache = opt(tok, cache=cache, cache_index=jnp.asarray(PROMPT_LEN + i, jnp.int32))
+        tok = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
+    return tok
 
 
-def decode_speed(model, batch: int, passes, tokens: int, repeats: int, prompt_len: int = 256) -> dict:
-    program, st, cache0 = _decode_program(model, batch, passes, prompt_len + tokens)
-    run = jax.jit(program.as_function())
-    weights = program.weight_leaves
-    cache_leaves = jax.tree_util.tree_leaves(cache0)
-    treedef = jax.tree_util.tree_structure(cache0)
+def decode_speed(model: Any, rows: Sequence[tuple[str, str]], batch: int, tokens: int, repeats: int,
+                 threads: int) -> list[dict[str, Any]]:
+    """Decode tokens/s of every pipeline at one batch size, timed interleaved."""
+    tok = jnp.zeros((batch, 1), jnp.int32)
+    cache = model.init_cache(batch, PROMPT_LEN + tokens)
+    fns, stats = {}, {}
+    for label, pipeline in rows:
+        # the decode step is the program timed; optimize's main signature is that step too
+        opt = moejax.optimize(model, (tok,), pipeline, example_kwargs={"cache": cache,
+                                                                       "cache_index": jnp.int32(PROMPT_LEN)},
+                              check_exact=False)
+        fns[label] = functools.partial(_decode_steps, opt, batch, tokens, cache)
+        stats[label] = (pipeline, opt.stages[-1].stats)
+    timings = time_interleaved(fns, warmup=1, repeats=repeats, min_repeats=min(repeats, DEFAULT_REPEATS))
+    base = timings[rows[0][0]].median
+    out = []
+    for label, tm in timings.items():
+        pipeline, st = stats[label]
+        out.append({"variant": label, "pipeline": pipeline, "exact": pipeline_is_exact(pipeline), "batch": batch,
+                    "threads": threads, "decode_tokens": tokens, "tokens_per_s": batch * tokens / tm.median,
+                    "x_float": base / tm.median, "median_s": tm.median, "times_s": list(tm.times),
+                    "expert_bytes": st["expert_bytes"], "ffn_impls": st["ffn_impls"]})
+    return out
 
-    def steps():
-        tok = jnp.zeros((batch, 1), jnp.int32)
-        cache = cache_leaves
-        for i in range(tokens):
-            logits, *cache = run(weights, tok, *cache, jnp.asarray(prompt_len + i, jnp.int32))
-            tok = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
-        return tok
 
-    jax.block_until_ready(steps())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(steps())
-        times.append(time.perf_counter() - t0)
-    del treedef
-    return {"tokens_per_s": batch * tokens / statistics.median(times), "expert_bytes": st["expert_bytes"],
-            "ffn_impls": st["ffn_impls"]}
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eval-bytes", type=int, default=65536, help="held-out bytes scored per variant")
     ap.add_argument("--decode-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="1,8", help="comma-separated decode batch sizes")
+    ap.add_argument("--repeats", type=int, default=5, help=f"timed rounds (>= {DEFAULT_REPEATS} for results)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--rows", default="", help="comma-separated variant labels to run (default: all)")
-    ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model, 2 rows, little text (tests)")
+    add_threads_argument(ap)
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/quantize_speed.json; --smoke: a temp file)")
     args = ap.parse_args(argv)
-    model = default_model.load_default_model()
+    args.out = args.out or default_out("quantize_speed", args.smoke)
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if not batches or min(batches) < 1 or args.repeats < 1 or args.decode_tokens < 1 or args.eval_bytes < 2:
+        ap.error("--batches, --repeats and --decode-tokens must be >= 1, --eval-bytes >= 2")
+    quality_rows, speed_rows = (SMOKE_QUALITY_ROWS, SMOKE_SPEED_ROWS) if args.smoke else (QUALITY_ROWS, SPEED_ROWS)
     pick = [r.strip() for r in args.rows.split(",") if r.strip()]
-    result: dict = {"platform": jax.default_backend(), "devices": str(jax.devices())}
-    if not args.skip_quality:
-        rows = [r for r in QUALITY_ROWS if not pick or r[0] in pick]
-        print(f"quality: first {args.eval_bytes} bytes of held-out text", flush=True)
-        q = quality(model, args.eval_bytes, rows)
-        result["quality"] = q
-        print(f"\n{'variant':20s} {'expert MB':>9s} {'bits/byte':>9s} {'vs float':>9s}")
-        for r in q:
-            print(f"{r['variant']:20s} {r['expert_bytes'] / 1e6:9.3f} {r['bits_per_byte']:9.4f} {r['delta_pct']:+8.2f}%")
-    if not args.skip_speed:
-        speed = []
-        for label, passes in SPEED_ROWS:
-            row = {"variant": label}
-            for b in (1, 8):
-                r = decode_speed(model, b, passes, args.decode_tokens, args.repeats)
-                row[f"b{b}_tokens_per_s"] = r["tokens_per_s"]
-                row["expert_bytes"] = r["expert_bytes"]
-                row["ffn_impls"] = r["ffn_impls"]
-            speed.append(row)
-            print(f"  {label}: {row['b1_tokens_per_s']:.1f} / {row['b8_tokens_per_s']:.1f} tok/s (b1/b8)", flush=True)
-        base = speed[0]
-        print(f"\n{'variant':12s} {'expert MB':>9s} {'b1 tok/s':>9s} {'ratio':>6s} {'b8 tok/s':>9s} {'ratio':>6s}")
-        for r in speed:
-            print(f"{r['variant']:12s} {r['expert_bytes'] / 1e6:9.3f} {r['b1_tokens_per_s']:9.1f} "
-                  f"{r['b1_tokens_per_s'] / base['b1_tokens_per_s']:6.2f} {r['b8_tokens_per_s']:9.1f} "
-                  f"{r['b8_tokens_per_s'] / base['b8_tokens_per_s']:6.2f}")
-        result["speed"] = speed
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-    return result
+    unknown = [p for p in pick if p not in {label for label, _ in quality_rows + speed_rows}]
+    if unknown:
+        ap.error(f"--rows: unknown variant(s) {unknown}; choose from {', '.join(label for label, _ in quality_rows)}")
+    quality_rows = [r for r in quality_rows if not pick or r[0] in pick]
+    speed_rows = [r for r in speed_rows if not pick or r[0] in pick]
+    try:
+        threads = set_threads(args.threads)  # before the first JAX computation: XLA sizes its pool then
+    except ValueError as err:
+        ap.error(str(err))
+
+    start = time.perf_counter()
+    if args.smoke:
+        model, seq_len, batch, calib = smoke_model(), 32, 2, 1024
+    else:
+        from moejax.models import default_model
+
+        model, seq_len, batch, calib = default_model.load_default_model(), 256, 8, 16384
+    result: dict[str, Any] = {"quality": [], "speed": []}
+    if not args.skip_quality and quality_rows:
+        print(f"quality: first {args.eval_bytes} bytes of held-out text", file=sys.stderr, flush=True)
+        result["quality"] = quality(model, args.eval_bytes, quality_rows, seq_len, batch, calib)
+        print(format_table(result["quality"], ["variant", "pipeline", "exact", "expert_bytes", "bits_per_byte",
+                                               "delta_pct"]), "\n")
+    if not args.skip_speed and speed_rows:
+        for b in batches:
+            result["speed"] += decode_speed(model, speed_rows, b, args.decode_tokens, args.repeats,
+                                            threads["threads"])
+        print(format_table(result["speed"], ["variant", "pipeline", "exact", "batch", "expert_bytes", "tokens_per_s",
+                                             "x_float"]))
+    path = write_json(args.out, result_payload("quantize_speed", args, threads, result["speed"], smoke=args.smoke,
+                                               quality=result["quality"], platform=jax.default_backend(),
+                                               elapsed_s=time.perf_counter() - start))
+    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
