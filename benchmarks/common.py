@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -108,9 +109,15 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1, r
     if budget_s is not None and round_s > 0:
         repeats = max(min(repeats, min_repeats), min(repeats, int(budget_s // round_s)))
     times: dict[str, list[float]] = {name: [] for name in fns}
+    # A new order every round (seeded): a contender pays for what ran just before it (caches
+    # evicted, PyTorch's OpenMP threads still spinning after its last op), so no contender may
+    # always follow the same one.
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_once(fn))
+        shuffle(order)
+        for name in order:
+            times[name].append(_once(fns[name]))
     return {name: Timing(tuple(ts)) for name, ts in times.items()}
 
 

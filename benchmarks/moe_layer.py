@@ -159,6 +159,17 @@ def parse_format(name: str) -> Format:
     return Format(f"int{bits}" + (f"-g{group}" if group else ""), spec)
 
 
+def fitted_format(fmt: Format, shape: LayerShape) -> Format:
+    """``fmt`` with its group halved until it divides the shape's d and f (DeepSeek's f=352: int4-g128 -> int4-g32)."""
+    m = re.match(r"^int(\d)-g(\d+)$", fmt.label)
+    if not m:
+        return fmt
+    bits, group = int(m.group(1)), int(m.group(2))
+    while group > 1 and (shape.d % group or shape.f % group):
+        group //= 2
+    return parse_format(f"int{bits}-g{group}")
+
+
 def timed_impls() -> tuple[str, ...]:
     """Registered expert implementations that get a forced ``select-impl(impl=NAME)`` row."""
     return tuple(i for i in dialect.ffn_impls() if i not in SKIPPED_IMPLS)
@@ -537,10 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(err))
     for shape in (SHAPES[s] for s in names):
         for fmt in formats:
-            group = re.search(r"-g(\d+)$", fmt.label)
-            if group and (shape.d % int(group.group(1)) or shape.f % int(group.group(1))):
-                ap.error(f"--formats {fmt.label}: group {group.group(1)} does not divide d={shape.d} and "
-                         f"f={shape.f} of shape {shape.name}")
+            if fmt.label != fitted_format(fmt, shape).label:
+                log_note = f"{fmt.label} runs as {fitted_format(fmt, shape).label} on shape {shape.name}"
+                print(f"note: {log_note} (its group must divide d={shape.d} and f={shape.f})", file=sys.stderr)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -569,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = SHAPES[sname]
         params_np = make_params(shape)
         params = {k: jnp.asarray(v) for k, v in params_np.items()}
-        contenders = build_contenders(shape, params, token_counts, formats, skipped, log)
+        contenders = build_contenders(shape, params, token_counts, [fitted_format(f, shape) for f in formats],
+                                      skipped, log)
         pipelines.update({f"{c.name} [{c.fmt.label}]": c.pipeline for c in contenders})
         tblocks = torch_blocks(shape, params_np) if has_torch else {}
         for tokens in token_counts:

@@ -345,8 +345,9 @@ class Pool {
   void loop() {
     uint64_t seen = 0;
     for (;;) {
-      // Spin about 50 us for the next job before sleeping.
-      for (int spin = 0; spin < 20000 && generation_.load(std::memory_order_acquire) == seen; ++spin) {
+      // Spin a little (tens of microseconds: the gap between the gate/up and the down call)
+      // before sleeping.
+      for (int spin = 0; spin < 4000 && generation_.load(std::memory_order_acquire) == seen; ++spin) {
 #if defined(__x86_64__)
         __builtin_ia32_pause();
 #endif
