@@ -33,7 +33,7 @@ import numpy as np
 
 __all__ = ["Timing", "block", "time_fn", "time_interleaved", "copy_bandwidth", "machine_info",
            "format_table", "write_json", "available_cpus", "xla_cpu_threads", "add_threads_argument",
-           "set_threads", "set_torch_threads", "result_payload", "pipeline_is_exact", "smoke_model", "default_out",
+           "set_threads", "set_threads_or_exit", "set_torch_threads", "result_payload", "pipeline_is_exact", "smoke_model", "default_out",
            "DEFAULT_REPEATS"]
 
 # Repeats every benchmark keeps by default (the JSON holds each one); smoke runs may ask for 1.
@@ -233,13 +233,21 @@ def add_threads_argument(ap: argparse.ArgumentParser) -> None:
                          f"this process may use, {available_cpus()} here)")
 
 
+def set_threads_or_exit(ap: argparse.ArgumentParser, threads: int | None) -> dict[str, Any]:
+    """:func:`set_threads` for a script's ``--threads``: a bad count ends the script with one line."""
+    try:
+        return set_threads(threads)
+    except ValueError as err:
+        ap.error(str(err))
+
+
 def set_threads(threads: int | None) -> dict[str, Any]:
     """Give XLA:CPU and moejax's native kernel ``threads`` intra-op threads (None: XLA's default) and
     return what is set.
 
     XLA reads ``NPROC`` when its backend starts, and the ``native`` expert kernel
     (``moejax/csrc``) sizes its own pool from ``MOEJAX_NUM_THREADS`` on its first call
-    (else from the hardware's thread count, which ignores CPU affinity); so this sets
+    (else from the CPUs this process may use); so this sets
     both if no JAX computation ran yet, the kernel's to XLA's count. Afterwards the
     pools are fixed and asking for another count raises ``ValueError`` (a one-line
     message for ``ap.error``). PyTorch gets the same count from :func:`set_torch_threads`,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_threads_argument, default_out, result_payload, set_threads, smoke_model,  # noqa: E402
+from common import (add_threads_argument, default_out, result_payload, set_threads_or_exit, smoke_model,  # noqa: E402
                     write_json)
 
 import jax.numpy as jnp  # noqa: E402
@@ -190,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.only or any(o in s for o in args.only)]
     if not settings:
         ap.error(f"--only {args.only} matches no setting; settings: {', '.join(SETTINGS)}")
-    try:
-        threads = set_threads(args.threads)  # before the first JAX computation: XLA sizes its pool then
-    except ValueError as err:
-        ap.error(str(err))
+    threads = set_threads_or_exit(ap, args.threads)  # before the first JAX computation: XLA sizes its pool then
 
     start = time.perf_counter()
     if args.smoke:

@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEFAULT_REPEATS, add_threads_argument, default_out, format_table,  # noqa: E402
-                    pipeline_is_exact, result_payload, set_threads, set_torch_threads, smoke_model, write_json)
+                    pipeline_is_exact, result_payload, set_threads_or_exit, set_torch_threads, smoke_model, write_json)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -203,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--pipeline: {err}")
     if len(set(pipelines)) != len(pipelines):
         ap.error("--pipeline: each pipeline once")
-    try:
-        threads = set_threads(args.threads)  # before the first JAX computation: XLA sizes its pool then
-    except ValueError as err:
-        ap.error(str(err))
+    threads = set_threads_or_exit(ap, args.threads)  # before the first JAX computation: XLA sizes its pool then
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

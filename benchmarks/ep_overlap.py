@@ -44,7 +44,7 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEFAULT_REPEATS, add_threads_argument, format_table, pipeline_is_exact,  # noqa: E402
-                    default_out, result_payload, set_threads, smoke_model, time_interleaved, write_json)
+                    default_out, result_payload, set_threads_or_exit, smoke_model, time_interleaved, write_json)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("calibration_bytes", "batch", "seq", "repeats"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
-    try:
-        threads = set_threads(args.threads)  # before the first JAX computation: XLA sizes its pool then
-    except ValueError as err:
-        ap.error(str(err))
+    threads = set_threads_or_exit(ap, args.threads)  # before the first JAX computation: XLA sizes its pool then
     if len(jax.devices()) < 8:
         ap.error(f"needs 8 XLA devices, found {len(jax.devices())}: JAX started before this script set XLA_FLAGS")
 

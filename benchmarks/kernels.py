@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEFAULT_REPEATS, Timing, add_threads_argument, default_out, result_payload,  # noqa: E402
-                    set_threads, time_fn, write_json)
+                    set_threads_or_exit, time_fn, write_json)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -188,10 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.smoke else 10)
     if repeats < 1:
         ap.error("--repeats must be >= 1")
-    try:
-        threads = set_threads(args.threads)  # before the first JAX computation: XLA sizes its pool then
-    except ValueError as err:
-        ap.error(str(err))
+    threads = set_threads_or_exit(ap, args.threads)  # before the first JAX computation: XLA sizes its pool then
     platform = jax.default_backend()
     device = str(jax.devices()[0].device_kind)
     print(f"backend={platform} device={device} jax={jax.__version__}")

@@ -80,7 +80,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (DEFAULT_REPEATS, add_threads_argument, copy_bandwidth, default_out,  # noqa: E402
-                    format_table, result_payload, set_threads, set_torch_threads, time_interleaved, write_json)
+                    format_table, result_payload, set_threads_or_exit, set_torch_threads, time_interleaved, write_json)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -542,10 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (DEFAULT_REPEATS if args.quick else 5)
     if repeats < 1:
         ap.error("--repeats must be >= 1")
-    try:
-        threads = set_threads(args.threads)  # before the first JAX computation: XLA sizes its pool then
-    except ValueError as err:
-        ap.error(str(err))
+    threads = set_threads_or_exit(ap, args.threads)  # before the first JAX computation: XLA sizes its pool then
     for shape in (SHAPES[s] for s in names):
         for fmt in formats:
             if fmt.label != fitted_format(fmt, shape).label:

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEFAULT_REPEATS, add_threads_argument, default_out, format_table,  # noqa: E402
-                    pipeline_is_exact, result_payload, set_threads, smoke_model, time_interleaved, write_json)
+                    pipeline_is_exact, result_payload, set_threads_or_exit, smoke_model, time_interleaved, write_json)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rows: unknown variant(s) {unknown}; choose from {', '.join(label for label, _ in quality_rows)}")
     quality_rows = [r for r in quality_rows if not pick or r[0] in pick]
     speed_rows = [r for r in speed_rows if not pick or r[0] in pick]
-    try:
-        threads = set_threads(args.threads)  # before the first JAX computation: XLA sizes its pool then
-    except ValueError as err:
-        ap.error(str(err))
+    threads = set_threads_or_exit(ap, args.threads)  # before the first JAX computation: XLA sizes its pool then
 
     start = time.perf_counter()
     if args.smoke:

@@ -34,6 +34,10 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -337,6 +341,10 @@ class Pool {
  private:
   Pool() {
     int n = static_cast<int>(std::thread::hardware_concurrency());
+#if defined(__linux__)
+    cpu_set_t allowed;  // the CPUs this process may run on (taskset, containers), not the machine's
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0) n = CPU_COUNT(&allowed);
+#endif
     if (const char* env = std::getenv("MOEJAX_NUM_THREADS")) n = std::atoi(env);
     for (int t = 1; t < std::max(n, 1); ++t) workers_.emplace_back([this] { loop(); });
     for (auto& w : workers_) w.detach();
