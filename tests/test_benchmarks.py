@@ -195,3 +195,16 @@ def test_threads_cannot_change_after_xla_started():
     assert common.set_threads(None)["threads"] == common.xla_cpu_threads()
     with pytest.raises(ValueError, match="already started"):
         common.set_threads(common.xla_cpu_threads() + 1)
+
+
+def test_profile_decode_runs_on_the_tiny_shape(capsys):
+    import profile_decode
+
+    from moejax import native_build
+
+    if not native_build.available() and not os.environ.get("CI"):
+        pytest.skip(f"native kernels unavailable: {native_build.unavailable_reason()}")
+
+    assert profile_decode.main(["--shape", "tiny", "--iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "layer through optimize: warm" in out and "native down call" in out and "without its expert FFN" in out
