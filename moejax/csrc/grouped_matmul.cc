@@ -17,30 +17,32 @@
 // int4/int8 experts decoded no faster than float ones. Here each thread streams
 // its share of the used experts' columns once, dequantizing in registers.
 //
-// Numerics: every product is x * (q - zero), summed in float32 over one
-// quantization group, then scaled by the group's scale and added to the float32
-// result (for float weights: x * w summed over blocks of 256 rows). This is the
+// Numerics: the products x * (q - zero) of one quantization group are summed in
+// float32 (the AVX-512 tiles sum x * q and subtract zero * sum(x) once per
+// group), then scaled by the group's scale and added to the float32 result (for
+// float weights: x * w summed over blocks of 256 rows). This is the
 // dequantize-then-dot function with another float32 summation order.
 //
-// Weight leaves (the remaining arguments) are either stacked, one buffer per
-// leaf ([E, ...]), or per expert: E consecutive tuples of leaves (attribute
-// per_expert), matching moejax.expert_layout.PerExpertWeights.
+// Several matrices of one format and shape (gate and up) can share a call
+// (attribute num_mats): y is [N, num_mats * M], matrix i in columns [i*M, (i+1)*M).
+// Weight leaves (the remaining arguments, matrix by matrix) are either stacked,
+// one buffer per leaf ([E, ...]), or per expert: E consecutive tuples of leaves
+// (attribute per_expert), matching moejax.expert_layout.PerExpertWeights.
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #if defined(__linux__)
 #include <sched.h>
 #endif
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
