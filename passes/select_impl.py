@@ -51,7 +51,7 @@ class SelectImpl(Pass):
     exact: ClassVar[bool] = True
     # Measured on CPU, reference -> ragged/blocked: tiny Mixtral f32 (float, int8 weights) up to 1.8e-6 = 5.5e-7 of
     # max|logit|; the default model 1.4e-5 = 7.5e-7 of max|logit|. ragged <-> blocked and bf16 models: bit-exact.
-    # reference -> native (benchmarks/moe_layer.py, outputs of order 1): up to 1.6e-6 (int8), 1.1e-6 (int4).
+    # reference -> native (benchmarks/moe_layer.py, max abs deviation): up to 1.6e-6 (int8), 1.1e-6 (int4).
     tolerance: ClassVar[Tolerance | None] = Tolerance(1e-5, 1e-7, "ragged/blocked/native multiply only each expert's own rows, the reference all rows per expert: XLA blocks the f32 sums differently for different row counts, and the native kernel sums each quantization group before scaling it")
     # What __post_init__ (layout) and resolve (impl, when the pass runs) accept; shown by `moejax passes`.
     option_ranges: ClassVar[Mapping[str, str]] = {
