@@ -145,3 +145,29 @@ def test_build_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path))
     assert native_build.library_path().parent.name == path.parent.name  # same key, other root
     assert str(native_build.library_path()).startswith(str(tmp_path))
+
+
+def test_portable_tiles_without_avx512(tmp_path):
+    """Machines without AVX-512 run the portable C++ tiles: build them (-mno-avx512f) and check parity."""
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from moejax import dialect, native_build, weight_formats as wf
+        native_build._FLAGS = native_build._FLAGS + ("-mno-avx512f",)
+        assert native_build.unavailable_reason() is None, native_build.unavailable_reason()
+        from moejax.native_ffn import ffn_native
+        rng = np.random.default_rng(0)
+        shapes = ((3, 96, 320), (3, 96, 320), (3, 320, 96))
+        mats = [jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.1) for s in shapes]
+        x = jnp.asarray(rng.standard_normal((9, 96)).astype(np.float32))
+        gs = jnp.asarray(np.array([1, 5, 2], np.int32))
+        for fmt in (lambda w: w, lambda w: wf.quantize(w, 8), lambda w: wf.quantize(w, 4, 16, symmetric=False)):
+            ws = [fmt(w) for w in mats]
+            got = np.asarray(ffn_native(x, gs, ws, activation="swiglu"))
+            want = np.asarray(dialect.ffn_reference(x, gs, ws, activation="swiglu"))
+            assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), np.max(np.abs(got - want))
+        print("portable ok")
+    """)
+    env = {**os.environ, "MOEJAX_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "portable ok" in out.stdout
