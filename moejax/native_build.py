@@ -89,20 +89,29 @@ def library_path() -> Path:
 
 
 def _build(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / _SOURCE
-        src.write_bytes(_source())
-        out = Path(tmp) / target.name
-        cmd = [_compiler(), *_FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(out)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise NativeBuildError(f"compiling {_SOURCE} took over {_BUILD_TIMEOUT_S} s") from None
-        if proc.returncode != 0:
-            first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
-            raise NativeBuildError(f"compiling {_SOURCE} failed: {first} (command: {' '.join(cmd)})")
-        os.replace(out, target)  # atomic: a concurrent build's rename is equally complete
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            _compile_into(Path(tmp), target)
+    except OSError as err:  # an unwritable or odd cache folder: say where, and how to choose another
+        raise NativeBuildError(f"cannot build in {target.parent} ({err.strerror or err}); "
+                               "set $MOEJAX_CACHE_DIR to a writable folder") from None
+
+
+def _compile_into(tmp: Path, target: Path) -> None:
+    """Compile the source in ``tmp`` and rename the library to ``target``."""
+    src = tmp / _SOURCE
+    src.write_bytes(_source())
+    out = tmp / target.name
+    cmd = [_compiler(), *_FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise NativeBuildError(f"compiling {_SOURCE} took over {_BUILD_TIMEOUT_S} s") from None
+    if proc.returncode != 0:
+        first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
+        raise NativeBuildError(f"compiling {_SOURCE} failed: {first} (command: {' '.join(cmd)})")
+    os.replace(out, target)  # atomic: a concurrent build's rename is equally complete
 
 
 @functools.cache

@@ -171,3 +171,14 @@ def test_portable_tiles_without_avx512(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "portable ok" in out.stdout
+
+
+def test_an_unwritable_cache_folder_is_one_line(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    script = ("from moejax import native_build; r = native_build.unavailable_reason(); "
+              "assert r and 'MOEJAX_CACHE_DIR' in r and '\\n' not in r, r; print(r)")
+    env = {**os.environ, "MOEJAX_CACHE_DIR": str(not_a_folder)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cannot build in" in out.stdout
