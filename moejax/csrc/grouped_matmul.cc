@@ -73,6 +73,7 @@ struct ExpertWeight {
 struct Problem {
   const float* x;     // [N, K]
   float* y;           // [N, num_mats * M]: matrix i's result in columns [i*M, (i+1)*M)
+  int64_t y_stride;   // num_mats * M
   int64_t k, m;       // each matrix is [K, M]
   int64_t num_experts;
   int bits;
@@ -112,7 +113,7 @@ inline void load_row(const ExpertWeight& w, int64_t m, int64_t kk, int64_t c0, i
 template <int Bits, int Rows, bool Full>
 void tile(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t c0, int64_t width_arg, float* y) {
   constexpr int64_t kMaxW = kTileCols;
-  const int64_t width = Full ? kMaxW : width_arg;
+  const int64_t width = Full ? kMaxW : width_arg;  // a constant in the Full instantiation
   const int64_t k = p.k, m = p.m;
   const int64_t block = Bits == 0 ? kFloatBlock : p.group_size;
   alignas(64) float acc[Rows][kMaxW] = {};
@@ -126,25 +127,24 @@ void tile(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t c0, int
     const int64_t g = g0 / block;
     const float* zero_row = (Bits != 0 && w.zero) ? w.zero + g * m + c0 : nullptr;
     for (int r = 0; r < Rows; ++r)
-      for (int64_t c = 0; c < (Full ? kMaxW : width); ++c) part[r][c] = 0.f;
+      for (int64_t c = 0; c < width; ++c) part[r][c] = 0.f;
     for (int64_t kk = g0; kk < g1; ++kk) {
-      load_row<Bits>(w, m, kk, c0, Full ? kMaxW : width, zero_row, p.implicit_zero, wrow);
+      load_row<Bits>(w, m, kk, c0, width, zero_row, p.implicit_zero, wrow);
       for (int r = 0; r < Rows; ++r) {
         const float xv = xr[r][kk];
-        for (int64_t c = 0; c < (Full ? kMaxW : width); ++c) part[r][c] += xv * wrow[c];
+        for (int64_t c = 0; c < width; ++c) part[r][c] += xv * wrow[c];
       }
     }
     if constexpr (Bits == 0) {
       for (int r = 0; r < Rows; ++r)
-        for (int64_t c = 0; c < (Full ? kMaxW : width); ++c) acc[r][c] += part[r][c];
+        for (int64_t c = 0; c < width; ++c) acc[r][c] += part[r][c];
     } else {
       const float* s = w.scale + g * m + c0;
       for (int r = 0; r < Rows; ++r)
-        for (int64_t c = 0; c < (Full ? kMaxW : width); ++c) acc[r][c] += part[r][c] * s[c];
+        for (int64_t c = 0; c < width; ++c) acc[r][c] += part[r][c] * s[c];
     }
   }
-  const int64_t stride = m * static_cast<int64_t>(p.experts.size() / p.num_experts);
-  for (int r = 0; r < Rows; ++r) std::memcpy(y + (row0 + r) * stride + c0, acc[r], sizeof(float) * width);
+  for (int r = 0; r < Rows; ++r) std::memcpy(y + (row0 + r) * p.y_stride + c0, acc[r], sizeof(float) * width);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -236,8 +236,7 @@ void tile_avx512(const Problem& p, const ExpertWeight& w, int64_t row0, int64_t 
       }
     }
   }
-  const int64_t stride = m * static_cast<int64_t>(p.experts.size() / p.num_experts);
-  for (int r = 0; r < Rows; ++r) std::memcpy(y + (row0 + r) * stride + c0, acc[r], sizeof(float) * kCols);
+  for (int r = 0; r < Rows; ++r) std::memcpy(y + (row0 + r) * p.y_stride + c0, acc[r], sizeof(float) * kCols);
 }
 #define MOEJAX_HAVE_AVX512 1
 #endif
@@ -319,8 +318,6 @@ class Pool {
     return *pool;
   }
 
-  int threads() const { return static_cast<int>(workers_.size()) + 1; }
-
   void run(const std::shared_ptr<SharedWork>& work) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock() || workers_.empty() || work->items.size() < 2) {
@@ -393,6 +390,7 @@ ffi::Error GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group_si
   Problem p;
   p.x = x.typed_data();
   p.y = y->typed_data();
+  p.y_stride = yd[1];
   p.k = xd[1];
   p.m = yd[1] / num_mats;
   p.bits = bits;
@@ -443,7 +441,7 @@ ffi::Error GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group_si
     for (int64_t i = 0; rows > 0 && i < num_mats; ++i)
       for (int64_t c0 = 0; c0 < p.m; c0 += kItemCols) work->items.push_back({i, e, c0});
   }
-  std::memset(p.y + row * yd[1], 0, sizeof(float) * (n - row) * yd[1]);
+  std::memset(p.y + row * p.y_stride, 0, sizeof(float) * (n - row) * p.y_stride);
   work->problem = &p;
   Pool::get().run(work);
   return ffi::Error::Success();
