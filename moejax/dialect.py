@@ -314,14 +314,14 @@ def ffn_reference(grouped, group_sizes, weights, *, activation: str):
     return out.astype(dtype)
 
 
-def ffn_ragged(grouped, group_sizes, weights, *, activation: str):
-    """Sorted rows against stacked experts with ``jax.lax.ragged_dot``."""
+def ffn_ragged(grouped, group_sizes, weights, *, activation: str, ragged_dot: Callable = jax.lax.ragged_dot):
+    """Sorted rows against stacked experts with ``jax.lax.ragged_dot`` (or another with its signature)."""
     dtype = grouped.dtype
     mats = [materialize(w, dtype) for w in weights]
     gs = group_sizes.astype(jnp.int32)
 
     def mm(a, w):
-        return jax.lax.ragged_dot(a, w, gs, preferred_element_type=jnp.float32)
+        return ragged_dot(a, w, gs, preferred_element_type=jnp.float32)
 
     return expert_ffn_math(grouped, mats, activation, matmul=mm).astype(dtype)
 

@@ -7,7 +7,7 @@ the device (Mosaic GPU on Hopper and later, Triton, Mosaic TPU), falling back
 to XLA's ``ragged_dot`` elsewhere (CPU included).
 
 :func:`ffn_tokamax` computes exactly what :func:`moejax.dialect.ffn_reference`
-computes, written like :func:`moejax.dialect.ffn_ragged` with tokamax's
+computes: it is :func:`moejax.dialect.ffn_ragged` with tokamax's
 ``ragged_dot`` for the grouped matmuls: structured (quantized) weights are
 dequantized to the rows' dtype first, matmuls accumulate in f32, the
 activation runs in f32, the hidden state is cast to the rows' dtype before the
@@ -71,20 +71,11 @@ def ffn_tokamax(grouped: jax.Array, group_sizes: jax.Array, weights: Sequence[An
 
     Returns ``[N, d]`` in ``grouped.dtype``.
     """
-    tokamax = load_tokamax()
-    dtype = grouped.dtype
-    mats = [dialect.materialize(w, dtype) for w in weights]
-    gs = group_sizes.astype(jnp.int32)
-
-    def mm(a: jax.Array, w: jax.Array) -> jax.Array:
-        return tokamax.ragged_dot(a, w, gs, preferred_element_type=jnp.float32)
-
-    out = dialect.expert_ffn_math(grouped, mats, activation, matmul=mm)
+    out = dialect.ffn_ragged(grouped, group_sizes, weights, activation=activation,
+                             ragged_dot=load_tokamax().ragged_dot)
     # XLA's ragged_dot zeroes rows past the groups; a kernel need not write them at all.
     rows = jnp.arange(grouped.shape[0], dtype=jnp.int32)
-    out = jnp.where((rows < jnp.sum(gs))[:, None], out, 0.0)
-    return out.astype(dtype)
-
+    return jnp.where((rows < jnp.sum(group_sizes))[:, None], out, jnp.zeros((), out.dtype))
 
 if AVAILABLE:
     dialect.register_ffn_impl("tokamax", ffn_tokamax)
