@@ -21,7 +21,7 @@ from flax import nnx
 
 from moejax import dialect
 from moejax.models.layers import (NORMS, Attention, DenseFFN, KVCache, Linear, MLAttention, MoAttention, SparseMoE,
-                                  init_cache_from_shapes, make_norm)
+                                  Yarn, init_cache_from_shapes, make_norm)
 
 ATTENTIONS = ("gqa", "mla", "moa")
 
@@ -48,6 +48,7 @@ class MoEConfig:
     d_ff_dense: int | None = None
     qkv_bias: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: Yarn | None = None  # YaRN-scaled RoPE (released DeepSeek-V2/V3, Kimi K2)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     scan_layers: bool = False
@@ -56,6 +57,7 @@ class MoEConfig:
     dense_layers: tuple[int, ...] = ()
     norm: str = "rms"  # "rms" or "layer" (bias-free LayerNorm, DBRX)
     qk_norm: bool = False  # OLMoE: RMS norm on the full q and k projections
+    qk_norm_per_head: bool = False  # with qk_norm, Qwen3-MoE: the norms act on each head (weights [head_dim])
     clip_qkv: float | None = None  # DBRX / OLMoE: clamp q, k, v
     # "gqa", "mla" (DeepSeek-V2/V3 multi-head latent attention) or "moa" (JetMoE attention experts:
     # n_experts experts with routing.k per token, each giving n_kv_heads query heads)
@@ -66,7 +68,7 @@ class MoEConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = True  # MLA: DeepSeek's adjacent-pair rotary layout
-    softmax_scale: float | None = None  # MLA: overrides qk_head_dim ** -0.5 (yarn mscale)
+    softmax_scale: float | None = None  # MLA: overrides qk_head_dim ** -0.5 (and its YaRN mscale)
     expert_out_bias: bool = False  # JetMoE: a bias added to the routed-expert output
 
     def __post_init__(self):
@@ -89,6 +91,8 @@ class MoEConfig:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
         if self.attention == "mla" and not (self.kv_lora_rank and self.qk_rope_head_dim and self.v_head_dim):
             raise ValueError("attention='mla' needs kv_lora_rank, qk_rope_head_dim and v_head_dim > 0")
+        if self.qk_norm_per_head and not (self.qk_norm and self.attention == "gqa"):
+            raise ValueError("qk_norm_per_head needs qk_norm=True and attention='gqa'")
 
     def is_dense(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` has a dense FFN instead of a MoE block."""
@@ -118,15 +122,16 @@ class DecoderLayer(nnx.Module):
                 cfg.d_model, cfg.n_heads, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
                 qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
                 v_head_dim=cfg.v_head_dim, rope_theta=cfg.rope_theta, rope_interleave=cfg.rope_interleave,
-                softmax_scale=cfg.softmax_scale, rngs=rngs, dtype=dtype)
+                softmax_scale=cfg.softmax_scale, rope_scaling=cfg.rope_scaling, rngs=rngs, dtype=dtype)
         elif cfg.attention == "moa":
             self.self_attn = MoAttention(cfg.d_model, cfg.n_experts, cfg.n_kv_heads, cfg.hd, cfg.routing,
-                                         rope_theta=cfg.rope_theta, rngs=rngs,
+                                         rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, rngs=rngs,
                                          name=name.replace("/mlp", "/self_attn"), dtype=dtype)
         else:
             self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, rope_theta=cfg.rope_theta,
                                        rngs=rngs, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
-                                       norm_eps=cfg.norm_eps, clip_qkv=cfg.clip_qkv, dtype=dtype)
+                                       qk_norm_per_head=cfg.qk_norm_per_head, norm_eps=cfg.norm_eps,
+                                       clip_qkv=cfg.clip_qkv, rope_scaling=cfg.rope_scaling, dtype=dtype)
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype)
         if dense:
             self.mlp = DenseFFN(cfg.d_model, cfg.d_ff_dense or cfg.d_ff_expert, rngs=rngs,

@@ -29,7 +29,7 @@ from moejax import dialect, numerics
 from moejax.models import validation
 from moejax.models.byte_level import mark_byte_level
 from moejax.models.decoder import ATTENTIONS, MoEConfig, MoEDecoder
-from moejax.models.layers import NORMS
+from moejax.models.layers import NORMS, Yarn
 from moejax.models.safetensors_io import SafetensorsFile
 from moejax.models.validation import CheckpointError
 
@@ -59,13 +59,16 @@ _CONFIG_KINDS = validation.dataclass_kinds(MoEConfig, {
     "activation": validation.one_of("swiglu", "geglu", "gelu", "relu", "silu"),  # dialect.activation_fn's
     "norm": validation.one_of(*NORMS), "attention": validation.one_of(*ATTENTIONS),
 })
-_ROUTING_KINDS = validation.dataclass_kinds(dialect.Routing)
+# Fields holding a dataclass: JSON objects checked against that dataclass's own table.
+_NESTED: dict[str, tuple[type, dict[str, validation.Kind]]] = {
+    "routing": (dialect.Routing, validation.dataclass_kinds(dialect.Routing)),
+    "rope_scaling": (Yarn, validation.dataclass_kinds(Yarn)),
+}
 
 
 def config_to_dict(cfg: MoEConfig) -> dict[str, Any]:
     """JSON-able dict of a config (``routing`` as a dict; ``scan_layers`` dropped: storage is unrolled)."""
-    d = dataclasses.asdict(cfg)
-    d["routing"] = dataclasses.asdict(cfg.routing)
+    d = dataclasses.asdict(cfg)  # nested dataclasses (routing, rope_scaling) become dicts
     if d["routing"].get("expert_map") is not None:
         d["routing"]["expert_map"] = list(d["routing"]["expert_map"])
     d.pop("scan_layers")
@@ -95,15 +98,21 @@ def config_from_dict(d: dict[str, Any], *, scan_layers: bool = False) -> MoEConf
     if missing := [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]:
         raise CheckpointError(f"config.json lacks fields {missing}; {_CONFIG_FIX}")
     validation.check_fields(d, _CONFIG_KINDS, file="config.json", fix=_CONFIG_FIX)
-    routing = d["routing"]
-    if unknown := sorted(set(routing) - set(_ROUTING_KINDS)):
-        raise CheckpointError(f"config.json: field 'routing' has unknown fields {unknown}; {_CONFIG_FIX}")
-    if "k" not in routing:
-        raise CheckpointError(f"config.json: field 'routing' lacks 'k' (experts per token); {_CONFIG_FIX}")
-    validation.check_fields(d, {f"routing.{k}": v for k, v in _ROUTING_KINDS.items()}, file="config.json",
-                            fix=_CONFIG_FIX)
+    raw = {}  # nested objects, checked
+    for name, (cls, kinds) in _NESTED.items():
+        if d.get(name) is None:
+            continue
+        if unknown := sorted(set(d[name]) - set(kinds)):
+            raise CheckpointError(f"config.json: field {name!r} has unknown fields {unknown}; {_CONFIG_FIX}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        if missing := [f for f in required if f not in d[name]]:
+            raise CheckpointError(f"config.json: field {name!r} lacks {missing}; {_CONFIG_FIX}")
+        validation.check_fields(d, {f"{name}.{k}": v for k, v in kinds.items()}, file="config.json",
+                                fix=_CONFIG_FIX)
+        raw[name] = d[name]
     try:
-        return MoEConfig(**{**_tuples(d), "routing": dialect.Routing(**_tuples(routing)), "scan_layers": scan_layers})
+        nested = {name: _NESTED[name][0](**_tuples(value)) for name, value in raw.items()}
+        return MoEConfig(**{**_tuples(d), **nested, "scan_layers": scan_layers})
     except ValueError as e:  # the cross-field checks of MoEConfig and Routing
         raise CheckpointError(f"config.json: {e}; {_CONFIG_FIX}") from None
 

@@ -27,12 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from moejax import dialect, numerics
 from moejax.models import default_model
 from moejax.models.byte_level import mark_byte_level
 from moejax.models.decoder import MoEConfig, MoEDecoder
+from moejax.models.layers import Yarn
 from moejax.models.safetensors_io import Checkpoint, save_file
+from moejax.models.sharded_load import ShardingRules, load_onto_mesh, shard_model
 from moejax.models.validation import (BOOL, EXPERT_COUNT, LAYER_COUNT, NON_NEGATIVE_INT, NON_NEGATIVE_INTS, NUMBER,
                                       OBJECT, POSITIVE_INT, POSITIVE_NUMBER, STRING, STRINGS, CheckpointError, Kind,
                                       check_fields, describe, one_of, read_json_object)
@@ -61,6 +64,12 @@ _HF_FIELDS: dict[str, Kind] = {
     "rope_theta": POSITIVE_NUMBER, "rope_parameters": OBJECT.or_null(), "rope_scaling": OBJECT.or_null(),
     "rope_parameters.rope_theta": POSITIVE_NUMBER, "rope_parameters.rope_type": STRING.or_null(),
     "rope_scaling.rope_type": STRING.or_null(), "rope_scaling.type": STRING.or_null(),
+    **{f"{group}.{name}": kind for group in ("rope_parameters", "rope_scaling") for name, kind in (
+        ("factor", POSITIVE_NUMBER.or_null()), ("original_max_position_embeddings", POSITIVE_INT.or_null()),
+        ("beta_fast", POSITIVE_NUMBER.or_null()), ("beta_slow", POSITIVE_NUMBER.or_null()),
+        ("mscale", NUMBER.or_null()), ("mscale_all_dim", NUMBER.or_null()),
+        ("attention_factor", POSITIVE_NUMBER.or_null()), ("truncate", BOOL.or_null()))},
+    "max_position_embeddings": POSITIVE_INT.or_null(),
     "sliding_window": NON_NEGATIVE_INT.or_null(), "use_sliding_window": BOOL.or_null(),
     "attention_bias": BOOL.or_null(), "mlp_bias": BOOL.or_null(), "qkv_bias": BOOL.or_null(),
     "clip_qkv": POSITIVE_NUMBER.or_null(),
@@ -90,14 +99,32 @@ _HF_FIELDS: dict[str, Kind] = {
 
 
 def _rope_theta(hf: dict, default: float = 10000.0) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
+    return float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", default)))
+
+
+def _rope_scaling(hf: dict) -> Yarn | None:
+    """The YaRN scaling of ``rope_parameters`` (transformers 5) or ``rope_scaling`` (released configs).
+
+    transformers fills defaults the same way: ``original_max_position_embeddings`` from
+    ``max_position_embeddings``, ``factor`` from their ratio, ``beta_fast`` 32, ``beta_slow`` 1.
+    """
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type == "default":
+        return None
+    if rope_type != "yarn":
         raise NotImplementedError(
-            f"rope_type {rope_type!r} is not implemented (only 'default' RoPE is); "
+            f"rope_type {rope_type!r} is not implemented (only 'default' and 'yarn' RoPE are); "
             "remove rope scaling from config.json only if your sequences stay within the original context")
-    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+    if original is None:
+        raise CheckpointError("config.json: yarn rope scaling needs 'original_max_position_embeddings' (or "
+                              f"'max_position_embeddings'); {_CONFIG_FIX}")
+    factor = params.get("factor") or hf.get("max_position_embeddings", original) / original
+    return Yarn(factor=float(factor), original_max_position_embeddings=original,
+                beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+                attention_factor=params.get("attention_factor"), truncate=params.get("truncate", True) is not False)
 
 
 def _activation(name: str) -> str:
@@ -121,7 +148,8 @@ def _base(hf: dict, arch: str) -> dict[str, Any]:
                 n_heads=hf["num_attention_heads"],
                 n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                 head_dim=hf.get("head_dim"), activation=_activation(hf.get("hidden_act", "silu")),
-                rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=_rope_theta(hf), rope_scaling=_rope_scaling(hf),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
@@ -130,16 +158,32 @@ def _mixtral(hf: dict) -> MoEConfig:
                      routing=dialect.Routing(k=hf["num_experts_per_tok"]), family="mixtral")
 
 
-def _qwen2_moe(hf: dict) -> MoEConfig:
+def _qwen_dense_layers(hf: dict) -> tuple[int, ...]:
+    """Qwen-MoE's dense-FFN layers: those in ``mlp_only_layers`` or off the ``decoder_sparse_step`` grid."""
     step = hf.get("decoder_sparse_step", 1) or 1
     only = set(hf.get("mlp_only_layers") or [])
-    dense = tuple(i for i in range(hf["num_hidden_layers"]) if i in only or (i + 1) % step != 0)
+    return tuple(i for i in range(hf["num_hidden_layers"]) if i in only or (i + 1) % step != 0)
+
+
+def _qwen2_moe(hf: dict) -> MoEConfig:
     shared = hf.get("shared_expert_intermediate_size", 0)
     return MoEConfig(**_base(hf, "Qwen2MoE"), d_ff_expert=hf["moe_intermediate_size"], n_experts=hf["num_experts"],
                      routing=dialect.Routing(k=hf["num_experts_per_tok"], norm_topk=bool(hf.get("norm_topk_prob"))),
                      n_shared_experts=1 if shared else 0, d_ff_shared=shared or None, shared_expert_gate=bool(shared),
-                     dense_layers=dense, d_ff_dense=hf.get("intermediate_size"),
+                     dense_layers=_qwen_dense_layers(hf), d_ff_dense=hf.get("intermediate_size"),
                      qkv_bias=bool(hf.get("qkv_bias", True)), family="qwen2_moe")
+
+
+def _qwen3_moe(hf: dict) -> MoEConfig:
+    """Qwen3-MoE: Qwen2-MoE without shared expert or qkv bias, plus per-head q/k RMS norms."""
+    _no_bias(hf, "attention_bias", "Qwen3MoE")  # it would also add an o_proj bias
+    dense = _qwen_dense_layers(hf)
+    # Released configs say num_experts; transformers 5 writes num_local_experts (its attribute map).
+    n_experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+    return MoEConfig(**_base(hf, "Qwen3MoE"), d_ff_expert=hf["moe_intermediate_size"], n_experts=n_experts,
+                     routing=dialect.Routing(k=hf["num_experts_per_tok"], norm_topk=bool(hf.get("norm_topk_prob"))),
+                     dense_layers=dense, d_ff_dense=hf["intermediate_size"] if dense else None,
+                     qk_norm=True, qk_norm_per_head=True, family="qwen3_moe")
 
 
 def _olmoe(hf: dict) -> MoEConfig:
@@ -204,7 +248,8 @@ def _jetmoe(hf: dict) -> MoEConfig:
     return MoEConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                      n_heads=nkv * k, n_kv_heads=nkv, head_dim=hf.get("kv_channels", 128),
                      d_ff_expert=hf["intermediate_size"], n_experts=hf["num_local_experts"],
-                     routing=dialect.Routing(k=k), activation=act, rope_theta=_rope_theta(hf), norm_eps=1e-6,
+                     routing=dialect.Routing(k=k), activation=act, rope_theta=_rope_theta(hf),
+                     rope_scaling=_rope_scaling(hf), norm_eps=1e-6,
                      tie_embeddings=bool(hf.get("tie_word_embeddings", True)), attention="moa",
                      expert_out_bias=True, family="jetmoe")
 
@@ -255,6 +300,7 @@ def _dbrx(hf: dict) -> MoEConfig:
 _CONFIG_PARSERS: dict[str, Callable[[dict], MoEConfig]] = {
     "MixtralForCausalLM": _mixtral,
     "Qwen2MoeForCausalLM": _qwen2_moe,
+    "Qwen3MoeForCausalLM": _qwen3_moe,
     "OlmoeForCausalLM": _olmoe,
     "DeepseekForCausalLM": _deepseek_moe,
     "DeepseekV2ForCausalLM": lambda hf: _deepseek(hf, v3=False),
@@ -378,7 +424,7 @@ def _ffn_rules(r: list[Rule], dst: str, src: str, names=("gate_proj", "up_proj",
 
 
 def _llama_like_rules(cfg: MoEConfig, arch: str) -> list[Rule]:
-    """Mixtral, Qwen2-MoE, OLMoE and DeepSeek-V2/V3 share the Llama naming scheme."""
+    """Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V2/V3 share the Llama naming scheme."""
     r: list[Rule] = [Rule("embed_tokens/embedding", ("model.embed_tokens.weight",), "copy")]
     e_range = range(cfg.n_experts)
     for i in range(cfg.n_layers):
@@ -500,6 +546,7 @@ def check_checkpoint(path: str) -> None:
 
 
 def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, strict: bool = True,
+                    mesh: Mesh | None = None, rules: ShardingRules | None = None,
                     **config_overrides: Any) -> MoEDecoder:
     """Load a Hugging Face MoE checkpoint folder as a :class:`MoEDecoder`.
 
@@ -514,6 +561,12 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
       dtype: parameter dtype; ``None`` takes ``config.json``'s ``dtype``/``torch_dtype``.
       scan_layers: build stacked layers run under ``jax.lax.scan``.
       strict: raise on checkpoint tensors that map to no parameter.
+      mesh: load straight onto this mesh: every parameter becomes a global array
+        with a ``NamedSharding`` (experts over ``expert``, attention and dense
+        matrices over ``model``, the rest replicated; see
+        :mod:`moejax.models.sharded_load`), and each process reads only the
+        slices its own devices hold. ``None`` loads into one process's memory.
+      rules: ``(regex, spec)`` sharding rules replacing the defaults (with ``mesh``).
       config_overrides: fields of :class:`MoEConfig` to change (e.g. ``routing=``).
 
     Raises:
@@ -530,13 +583,21 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
         if dtype is not None or config_overrides:
             raise NotImplementedError(f"{path} is a moejax-format checkpoint (like the bundled default model); "
                                       "it loads in float32 without config overrides: drop dtype= and overrides")
-        return default_model.load_checkpoint(path, scan_layers=scan_layers)
+        model = default_model.load_checkpoint(path, scan_layers=scan_layers)
+        return model if mesh is None else shard_model(model, mesh, rules)  # small by construction
     cfg = config_from_hf(hf, **config_overrides)
     arch = _architecture(hf)
     dtype = _resolve_dtype(dtype, hf)
     ckpt = Checkpoint(path)
-    rules = weight_rules(cfg.replace(scan_layers=False), arch)
-    values = _apply_rules(rules, ckpt, cfg.replace(scan_layers=False), arch, dtype, strict)
+    tensor_rules = weight_rules(cfg.replace(scan_layers=False), arch)
+    if mesh is not None:
+        check_rules(tensor_rules, ckpt, cfg.replace(scan_layers=False), arch, strict)
+        model = load_onto_mesh(cfg.replace(scan_layers=scan_layers), {r.dst: r for r in tensor_rules}, ckpt, dtype,
+                               mesh, rules, check_finite_tensor)
+        return mark_byte_level(model, path)
+    if rules is not None:
+        raise ValueError("from_pretrained: rules= places parameters on a mesh; pass mesh= too")
+    values = _apply_rules(tensor_rules, ckpt, cfg.replace(scan_layers=False), arch, dtype, strict)
     if scan_layers:
         cfg = cfg.replace(scan_layers=True)
         values = _stack_layers(values, cfg.n_layers)
@@ -554,9 +615,13 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
     return mark_byte_level(nnx.merge(graphdef, nnx.from_flat_state(flat)), path)
 
 
-def _apply_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, dtype, strict: bool
-                 ) -> dict[str, np.ndarray]:
-    abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+def check_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, strict: bool) -> None:
+    """Check, from the headers alone, that ``ckpt`` holds exactly the tensors ``rules`` read, in their shapes.
+
+    Raises :class:`CheckpointError` naming the first missing, unexpected (when
+    ``strict``) or mis-shaped tensor.
+    """
+    abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0)))
     shapes = {_path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
     needed = [s for rule in rules for s in rule.srcs]
     missing = [s for s in dict.fromkeys(needed) if s not in ckpt]
@@ -569,7 +634,6 @@ def _apply_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str,
     if unexpected and strict:
         raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in {ckpt.folder} ({len(unexpected)} in all) "
                               f"for {arch} with this config; pass strict=False to ignore them")
-    values: dict[str, np.ndarray] = {}
     for rule in rules:
         if rule.dst not in shapes:
             raise CheckpointError(f"mapping rule targets unknown parameter {rule.dst}")
@@ -579,13 +643,24 @@ def _apply_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str,
             if tuple(got) != tuple(es):
                 raise CheckpointError(f"tensor {src!r} has shape {tuple(got)}, expected {tuple(es)} "
                                       f"(for parameter {rule.dst}); check config.json against the weights")
-        tensors = [ckpt[s] for s in rule.srcs]
-        for src, t in zip(rule.srcs, tensors):  # the one place checkpoint tensors come in: NaN/Inf stop here
-            if n := numerics.count_nonfinite(t):
-                raise CheckpointError(f"tensor {src!r} (parameter {rule.dst}) holds {n} NaN/Inf values: the "
-                                      f"checkpoint {ckpt.folder} is corrupt; re-download or re-export it")
-        arr = rule.build(tensors)
-        values[rule.dst] = np.asarray(arr).astype(dtype)
+
+
+def check_finite_tensor(t: np.ndarray, src: str, dst: str, folder: str) -> None:
+    """The one place checkpoint tensors come in: NaN/Inf stop here, named."""
+    if n := numerics.count_nonfinite(t):
+        raise CheckpointError(f"tensor {src!r} (parameter {dst}) holds {n} NaN/Inf values: the "
+                              f"checkpoint {folder} is corrupt; re-download or re-export it")
+
+
+def _apply_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, dtype, strict: bool
+                 ) -> dict[str, np.ndarray]:
+    check_rules(rules, ckpt, cfg, arch, strict)
+    values: dict[str, np.ndarray] = {}
+    for rule in rules:
+        tensors = [ckpt.read(s) for s in rule.srcs]  # owned copies: no file pages kept mapped
+        for src, t in zip(rule.srcs, tensors):
+            check_finite_tensor(t, src, rule.dst, ckpt.folder)
+        values[rule.dst] = np.asarray(rule.build(tensors)).astype(dtype)
     return values
 
 

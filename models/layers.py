@@ -6,12 +6,14 @@ are ordinary matmuls.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax import dialect
@@ -78,8 +80,71 @@ class Linear(nnx.Module):
         return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = False) -> jax.Array:
-    """Rotary embedding on ``x [B, S, H, hd]``.
+@dataclasses.dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling (``rope_type: "yarn"``), computed as transformers' ``_compute_yarn_parameters``.
+
+    Rotary frequencies that turn fewer than ``beta_slow`` times over the original context
+    (``original_max_position_embeddings``) are divided by ``factor`` (interpolated), those
+    turning more than ``beta_fast`` times are kept (extrapolated), with a linear ramp over the
+    dimensions between. cos/sin are multiplied by :meth:`attention_scale`; DeepSeek's MLA
+    further multiplies its softmax scale by :meth:`mla_softmax_factor`.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # overrides the mscale-derived cos/sin multiplier
+    truncate: bool = True  # round the ramp's ends to whole dimensions (gpt-oss: False)
+
+    def __post_init__(self):
+        if not (self.factor > 0 and self.original_max_position_embeddings > 0 and self.beta_fast > 0
+                and self.beta_slow > 0):
+            raise ValueError(f"yarn rope scaling needs positive factor, original_max_position_embeddings, "
+                             f"beta_fast and beta_slow, got {self}")
+
+    def inv_freq(self, dim: int, theta: float) -> np.ndarray:
+        """Inverse frequencies ``[dim / 2]`` (float32, the arithmetic of transformers)."""
+        pos_freqs = theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+        extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (np.float32(self.factor) * pos_freqs)
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # as transformers: no zero-width ramp
+        # 0 below ``low`` (high frequencies: extrapolate), 1 above ``high`` (low frequencies: interpolate)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+        return (interpolation * ramp + extrapolation * (1 - ramp)).astype(np.float32)
+
+    def attention_scale(self) -> float:
+        """The factor applied to cos and sin (so attention logits scale by its square)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
+        return _yarn_mscale(self.factor)
+
+    def mla_softmax_factor(self) -> float:
+        """DeepSeek-V2/V3 MLA: softmax scale multiplier ``mscale(factor, mscale_all_dim) ** 2`` (1 without it)."""
+        return _yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = False,
+         scaling: Yarn | None = None) -> jax.Array:
+    """Rotary embedding on ``x [B, S, H, hd]``, optionally YaRN-scaled.
 
     ``interleaved=False``: half-split pairs ``(x_i, x_{i+hd/2})`` (Hugging Face Llama/Mixtral).
     ``interleaved=True``: adjacent pairs ``(x_{2i}, x_{2i+1})`` (DeepSeek), written back as
@@ -89,9 +154,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = F
     attention scores are identical.
     """
     hd = x.shape[-1]
-    inv = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    if scaling is None:
+        inv, mult = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)), 1.0
+    else:  # trace-time constants
+        inv, mult = jnp.asarray(scaling.inv_freq(hd, theta)), scaling.attention_scale()
     ang = positions[..., None].astype(jnp.float32) * inv  # [B, S, hd/2]
     cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    if mult != 1.0:
+        cos, sin = cos * mult, sin * mult
     xf = x.astype(jnp.float32)
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
@@ -103,32 +173,40 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = F
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE and an optional KV cache.
 
-    ``qk_norm`` adds OLMoE's RMS norms on the whole query and key projections;
-    ``clip_qkv`` clamps q, k, v to ``[-c, c]`` (DBRX, OLMoE).
+    ``qk_norm`` adds RMS norms on queries and keys: over the whole projections (OLMoE) or,
+    with ``qk_norm_per_head``, over each head's ``head_dim`` with one weight shared by all
+    heads (Qwen3-MoE), before RoPE either way. ``clip_qkv`` clamps q, k, v to ``[-c, c]``
+    (DBRX, OLMoE). ``rope_scaling``: YaRN-scaled rotary frequencies.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, rope_theta: float,
-                 rngs: nnx.Rngs, qkv_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5,
-                 clip_qkv: float | None = None, dtype=jnp.float32):
+                 rngs: nnx.Rngs, qkv_bias: bool = False, qk_norm: bool = False, qk_norm_per_head: bool = False,
+                 norm_eps: float = 1e-5, clip_qkv: float | None = None, rope_scaling: Yarn | None = None,
+                 dtype=jnp.float32):
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
-        self.clip_qkv = clip_qkv
+        self.clip_qkv, self.rope_scaling, self.qk_norm_per_head = clip_qkv, rope_scaling, qk_norm_per_head
         self.q_proj = Linear(d_model, n_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.k_proj = Linear(d_model, n_kv_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.v_proj = Linear(d_model, n_kv_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.o_proj = Linear(n_heads * head_dim, d_model, rngs=rngs, dtype=dtype)
-        self.q_norm = RMSNorm(n_heads * head_dim, norm_eps, dtype) if qk_norm else None
-        self.k_norm = RMSNorm(n_kv_heads * head_dim, norm_eps, dtype) if qk_norm else None
+        q_dim, k_dim = (head_dim, head_dim) if qk_norm_per_head else (n_heads * head_dim, n_kv_heads * head_dim)
+        self.q_norm = RMSNorm(q_dim, norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(k_dim, norm_eps, dtype) if qk_norm else None
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
                  cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         b, s, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = rope(q.reshape(b, s, self.n_heads, self.head_dim), positions, self.rope_theta)
-        k = rope(k.reshape(b, s, self.n_kv_heads, self.head_dim), positions, self.rope_theta)
+        q = q.reshape(b, s, self.n_heads, self.head_dim)
+        k = k.reshape(b, s, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.qk_norm_per_head:  # norms act on the last axis: head_dim
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
+        k = rope(k, positions, self.rope_theta, scaling=self.rope_scaling)
         v = v.reshape(b, s, self.n_kv_heads, self.head_dim)
         out, cache = attend(q, k, v, positions, cache, cache_index)
         return self.o_proj(out.reshape(b, s, -1)), cache
@@ -147,15 +225,22 @@ class MLAttention(nnx.Module):
     single shared rotary key ``k_rope``; the KV cache stores only ``latent [B, L, r]`` and
     ``k_rope [B, L, d_rope]`` (MLA's memory saving), and re-expands them with ``kv_b_proj``
     at every step (the "naive" form, not the weight-absorbed one).
+
+    With YaRN ``rope_scaling`` the rotary part is YaRN-scaled and, as in DeepSeek's code,
+    the softmax scale is multiplied by ``mscale(factor, mscale_all_dim) ** 2`` (unless
+    ``softmax_scale`` is given explicitly).
     """
 
     def __init__(self, d_model: int, n_heads: int, *, q_lora_rank: int | None, kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope_theta: float,
-                 rope_interleave: bool, rngs: nnx.Rngs, softmax_scale: float | None = None, dtype=jnp.float32):
+                 rope_interleave: bool, rngs: nnx.Rngs, softmax_scale: float | None = None,
+                 rope_scaling: Yarn | None = None, dtype=jnp.float32):
         self.n_heads, self.rope_theta, self.rope_interleave = n_heads, rope_theta, rope_interleave
+        self.rope_scaling = rope_scaling
         self.kv_lora_rank, self.d_nope, self.d_rope, self.d_v = kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
-        self.softmax_scale = softmax_scale or qk_head_dim ** -0.5
+        mscale = rope_scaling.mla_softmax_factor() if rope_scaling is not None else 1.0
+        self.softmax_scale = softmax_scale or qk_head_dim ** -0.5 * mscale
         if q_lora_rank:
             self.q_proj = None
             self.q_a_proj = Linear(d_model, q_lora_rank, rngs=rngs, dtype=dtype)
@@ -176,10 +261,11 @@ class MLAttention(nnx.Module):
         q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(b, s, h, self.d_nope + self.d_rope)
         q_nope, q_rot = q[..., : self.d_nope], q[..., self.d_nope:]
-        q_rot = rope(q_rot, positions, self.rope_theta, self.rope_interleave)
+        q_rot = rope(q_rot, positions, self.rope_theta, self.rope_interleave, self.rope_scaling)
         ckv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(ckv[..., : self.kv_lora_rank])
-        k_rot = rope(ckv[..., self.kv_lora_rank:][:, :, None, :], positions, self.rope_theta, self.rope_interleave)[:, :, 0]
+        k_rot = rope(ckv[..., self.kv_lora_rank:][:, :, None, :], positions, self.rope_theta, self.rope_interleave,
+                     self.rope_scaling)[:, :, 0]
         if cache is not None:
             latent = write_cache(cache["latent"], latent, cache_index)
             k_rot = write_cache(cache["k_rope"], k_rot, cache_index)
@@ -220,9 +306,11 @@ class MoAttention(nnx.Module):
     """
 
     def __init__(self, d_model: int, n_experts: int, n_kv_heads: int, head_dim: int, routing: dialect.Routing, *,
-                 rope_theta: float, rngs: nnx.Rngs, name: str = "", dtype=jnp.float32):
+                 rope_theta: float, rngs: nnx.Rngs, rope_scaling: Yarn | None = None, name: str = "",
+                 dtype=jnp.float32):
         self.routing, self.name, self.n_experts = routing, name, n_experts
-        self.n_kv_heads, self.head_dim, self.rope_theta = n_kv_heads, head_dim, rope_theta
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
         hq = n_kv_heads * head_dim
         self.router = Linear(d_model, n_experts, rngs=rngs, dtype=dtype)
         self.w_in = _init(rngs, (n_experts, d_model, hq), d_model, dtype)
@@ -243,8 +331,8 @@ class MoAttention(nnx.Module):
         q = q.reshape(b, s, k, nkv, hd).swapaxes(2, 3).reshape(b, s, nkv * k, hd)
         kv = self.kv_proj(x)
         kk, vv = kv[..., : nkv * hd], kv[..., nkv * hd:]
-        q = rope(q, positions, self.rope_theta)
-        kk = rope(kk.reshape(b, s, nkv, hd), positions, self.rope_theta)
+        q = rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
+        kk = rope(kk.reshape(b, s, nkv, hd), positions, self.rope_theta, scaling=self.rope_scaling)
         out, cache = attend(q, kk, vv.reshape(b, s, nkv, hd), positions, cache, cache_index)
         out = out.reshape(b, s, nkv, k, hd).swapaxes(2, 3).reshape(b * s * k, nkv * hd)
         y_rows = jax.lax.ragged_dot(jnp.take(out, order, axis=0), self.w_out[...].astype(x.dtype), sizes)

@@ -134,6 +134,7 @@ class SafetensorsFile:
         self.path = path
         self.entries, self.metadata, self._data_start = read_header(path)
         self._mmap: np.memmap | None = None
+        self.bytes_read = 0  # by read(): lets a sharded load show it read only its slices
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -154,6 +155,38 @@ class SafetensorsFile:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         buf = self._mmap[self._data_start + begin: self._data_start + end]
         return buf.view(self.dtype(name)).reshape(e["shape"])
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """A fresh copy of ``tensor[index]`` (basic slices, step 1), read with ``pread``.
+
+        Only the rows of axis 0 that ``index`` selects are read, into memory this
+        array owns: unlike :meth:`get` (a view of the memory map, whose pages stay
+        in the process's resident set while the map lives), a sharded load's
+        resident memory is then the slices it keeps, plus one block in flight.
+        """
+        e = self.entries[name]
+        shape, dtype = tuple(e["shape"]), self.dtype(name)
+        if not shape:
+            return self.get(name).copy()
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        start, stop, step = index[0].indices(shape[0])
+        if step != 1:
+            raise ValueError(f"read({name!r}): only unit-step slices are supported, got {index[0]}")
+        stop = max(start, stop)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        block = np.empty((stop - start,) + shape[1:], dtype)
+        view, offset = memoryview(block.reshape(-1).view(np.uint8)), self._data_start + e["data_offsets"][0]
+        offset += start * row_bytes
+        with open(self.path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(view):  # one pread returns at most ~2 GiB on Linux
+                n = os.preadv(f.fileno(), [view[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} ends early (truncated file); {_FIX}")
+                done += n
+        self.bytes_read += len(view)
+        rest = index[1:]
+        return block if all(s == slice(None) for s in rest) else np.ascontiguousarray(block[(slice(None),) + rest])
 
 
 class Checkpoint(Mapping):
@@ -198,6 +231,15 @@ class Checkpoint(Mapping):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
 
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """``tensor[index]`` read into fresh memory (see :meth:`SafetensorsFile.read`)."""
+        return self._where[name].read(name, index)
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read so far by :meth:`read`, over all files."""
+        return sum(f.bytes_read for f in self.files.values())
+
 
 _INDEX_FIX = "re-download the model's index and shards"
 
@@ -232,7 +274,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: dict[str, 
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.asarray(tensors[name])
+        a = a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (which makes a 0-d array 1-d)
         if a.dtype not in _NAMES:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}

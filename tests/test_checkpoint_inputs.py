@@ -174,6 +174,14 @@ CASES = [
     ("moejax-format-string", lambda f: _moejax_config(f, d_model="128"), "field 'd_model' must be a positive"),
     ("moejax-format-routing-k", lambda f: _moejax_config(f, routing={"k": "2"}), "field 'routing.k' must be"),
     ("moejax-format-activation", lambda f: _moejax_config(f, activation="tanh"), "field 'activation' must be one"),
+    ("moejax-format-yarn-factor", lambda f: _moejax_config(f, rope_scaling={"factor": "4",
+                                                                           "original_max_position_embeddings": 16}),
+     "field 'rope_scaling.factor' must be a finite number"),
+    ("moejax-format-yarn-missing", lambda f: _moejax_config(f, rope_scaling={"factor": 4.0}),
+     "field 'rope_scaling' lacks ['original_max_position_embeddings']"),
+    ("moejax-format-yarn-negative", lambda f: _moejax_config(f, rope_scaling={"factor": -4.0,
+                                                                             "original_max_position_embeddings": 16}),
+     "yarn rope scaling needs positive factor"),
 ]
 
 

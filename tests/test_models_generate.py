@@ -15,8 +15,8 @@ NEW = 6
 
 
 # Unrolled GQA decoding is also checked token for token against transformers in test_models_parity.
-@pytest.mark.parametrize("family,scan", [("mixtral", True), ("deepseek_v3", False)],
-                         ids=["mixtral-scan", "deepseek_v3-mla"])
+@pytest.mark.parametrize("family,scan", [("mixtral", True), ("deepseek_v3", False), ("qwen3_moe", True)],
+                         ids=["mixtral-scan", "deepseek_v3-mla", "qwen3_moe-scan"])
 def test_decode_logits_equal_full_forward(family, scan):
     model = MoEDecoder(tiny(family, scan_layers=scan), rngs=nnx.Rngs(0))
     tokens, logits = generate(model, PROMPT, NEW, return_logits=True)

@@ -188,3 +188,87 @@ def test_deepseekmoe_v1_layout_round_trip(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# The config.json fields of released checkpoints (as published on the Hugging Face Hub; quantization_config and
+# fields no parser reads left out): each translates to exactly its full-size preset.
+_DEEPSEEK_V3_RELEASED = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+    "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+    "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False,
+    "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280}
+_KIMI_K2_RELEASED = {
+    **_DEEPSEEK_V3_RELEASED, "model_type": "kimi_k2", "first_k_dense_replace": 1, "max_position_embeddings": 131072,
+    "n_group": 1, "n_routed_experts": 384, "num_attention_heads": 64, "num_key_value_heads": 64,
+    "num_nextn_predict_layers": 0, "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "topk_group": 1,
+    "vocab_size": 163840,
+    "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"}}
+_QWEN3_30B_RELEASED = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+    "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 6144,
+    "max_position_embeddings": 40960, "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": True,
+    "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+    "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
+    "vocab_size": 151936}
+_QWEN3_235B_RELEASED = {
+    **_QWEN3_30B_RELEASED, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+    "num_attention_heads": 64, "num_hidden_layers": 94}
+
+
+@pytest.mark.parametrize("hf, name", [(_DEEPSEEK_V3_RELEASED, "deepseek-v3"), (_KIMI_K2_RELEASED, "kimi-k2"),
+                                      (_QWEN3_30B_RELEASED, "qwen3-30b-a3b"),
+                                      (_QWEN3_235B_RELEASED, "qwen3-235b-a22b")],
+                         ids=["deepseek-v3", "kimi-k2", "qwen3-30b", "qwen3-235b"])
+def test_released_configs_translate_to_their_presets(hf, name):
+    from moejax.models.presets import preset
+    assert models.config_from_hf(hf) == preset(name)
+
+
+def test_yarn_in_rope_parameters_equals_released_rope_scaling():
+    """transformers 5 writes rope_parameters (rope_type, rope_theta inside); released configs rope_scaling (type)."""
+    hf = {k: v for k, v in _DEEPSEEK_V3_RELEASED.items() if k not in ("rope_scaling", "rope_theta")}
+    params = {**_DEEPSEEK_V3_RELEASED["rope_scaling"], "rope_theta": 10000.0, "rope_type": "yarn"}
+    del params["type"]
+    assert models.config_from_hf({**hf, "rope_parameters": params}) == models.config_from_hf(_DEEPSEEK_V3_RELEASED)
+    del params["factor"]  # as transformers: max_position_embeddings / original_max_position_embeddings
+    assert models.config_from_hf({**hf, "rope_parameters": params}).rope_scaling.factor == 40.0
+
+
+@pytest.mark.parametrize("scaling, error, match", [
+    ({"type": "linear", "factor": 2.0}, NotImplementedError, "rope_type 'linear' is not implemented"),
+    ({"type": "yarn", "factor": "40"}, CheckpointError, "field 'rope_scaling.factor' must be a positive number"),
+    ({"type": "yarn", "factor": 40, "beta_fast": -1}, CheckpointError, "field 'rope_scaling.beta_fast' must be"),
+    ({"type": "yarn", "factor": 40, "original_max_position_embeddings": 0.5}, CheckpointError,
+     "field 'rope_scaling.original_max_position_embeddings' must be a positive integer"),
+], ids=["linear", "factor-string", "negative-beta", "fractional-context"])
+def test_bad_rope_scaling_is_one_clear_line(scaling, error, match):
+    with pytest.raises(error, match=match) as err:
+        models.config_from_hf({**_DEEPSEEK_V3_RELEASED, "rope_scaling": scaling})
+    assert "\n" not in str(err.value)
+
+
+def test_qwen3_moe_attention_bias_is_refused():
+    with pytest.raises(NotImplementedError, match="Qwen3MoE: attention_bias=True is not supported"):
+        models.config_from_hf({**_QWEN3_30B_RELEASED, "attention_bias": True})
+
+
+def test_moejax_format_round_trips_qwen3_moe_with_yarn(tmp_path):
+    """The nested rope_scaling object survives the bundled model's own checkpoint format."""
+    from moejax.models.default_model import save_checkpoint
+    from moejax.models.layers import Yarn
+    from moejax.models.presets import tiny
+    cfg = tiny("qwen3_moe", rope_scaling=Yarn(factor=4.0, original_max_position_embeddings=16, mscale=0.9))
+    model = MoEDecoder(cfg, rngs=nnx.Rngs(0))
+    save_checkpoint(model, tmp_path)
+    loaded = models.from_pretrained(str(tmp_path))
+    assert loaded.config == cfg
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))

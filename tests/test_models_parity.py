@@ -91,6 +91,30 @@ def test_qwen2_moe_parity(tmp_path, norm_topk):
     _check(tmp_path, hf, decode=not norm_topk)
 
 
+def test_qwen3_moe_parity(tmp_path):
+    """Qwen3-MoE: per-head q/k RMS norm before RoPE, renormalised softmax top-k, explicit head_dim."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=8,
+                                      num_experts_per_tok=2, norm_topk_prob=True, head_dim=16, **COMMON)
+    _check(tmp_path, transformers.Qwen3MoeForCausalLM(cfg))
+
+
+def test_qwen3_moe_dense_schedule_and_yarn_parity(tmp_path):
+    """Other sizes and options: decoder_sparse_step=2 plus mlp_only_layers (dense layers use intermediate_size),
+    head_dim 8 != hidden/heads, raw top-k weights, MHA, YaRN RoPE scaling with its attention factor."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(
+        intermediate_size=40, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False,
+        head_dim=8, decoder_sparse_step=2, mlp_only_layers=[3], rms_norm_eps=1e-5, max_position_embeddings=64,
+        rope_parameters=dict(rope_type="yarn", rope_theta=1000.0, factor=4.0, original_max_position_embeddings=16),
+        **{**COMMON, "num_hidden_layers": 4, "num_key_value_heads": 4})
+    hf = transformers.Qwen3MoeForCausalLM(cfg)
+    _check(tmp_path, hf)
+    loaded = models.from_pretrained(str(tmp_path))
+    assert loaded.config.dense_layers == (0, 2, 3) and loaded.config.d_ff_dense == 40
+    assert loaded.config.rope_scaling.factor == 4.0 and loaded.config.rope_scaling.attention_scale() > 1
+
+
 def test_olmoe_parity(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.OlmoeConfig(intermediate_size=16, num_experts=8, num_experts_per_tok=4, clip_qkv=4.0,
@@ -109,11 +133,32 @@ def test_deepseek_v3_parity(tmp_path):
     _check(tmp_path, transformers.DeepseekV3ForCausalLM(cfg), bias_names=("e_score_correction_bias",))
 
 
-def test_deepseek_v2_parity(tmp_path):
+def test_deepseek_v3_yarn_kimi_k2_style_parity(tmp_path):
+    """DeepSeek-V3 / Kimi K2 as released: YaRN RoPE (inv_freq ramp between beta_fast and beta_slow; mscale over
+    mscale_all_dim on cos/sin, mscale_all_dim squared on MLA's softmax scale), one expert group, q LoRA,
+    routed_scaling_factor. Kimi K2's theta, factor and context; mscale != mscale_all_dim so that both the cos/sin
+    factor and the softmax factor differ from 1; with 8 rotary dimensions the ramp spans dimensions 1 to 3."""
     torch.manual_seed(0)
+    yarn = dict(rope_type="yarn", rope_theta=50000.0, factor=32.0, original_max_position_embeddings=4096,
+                beta_fast=32.0, beta_slow=1.0, mscale=0.9, mscale_all_dim=0.7)
+    mla = {**_MLA, "qk_rope_head_dim": 8, "n_group": 1, "topk_group": 1}
+    cfg = transformers.DeepseekV3Config(q_lora_rank=8, n_shared_experts=1, routed_scaling_factor=2.827,
+                                        max_position_embeddings=131072, rope_parameters=yarn, **mla)
+    _check(tmp_path, transformers.DeepseekV3ForCausalLM(cfg), bias_names=("e_score_correction_bias",))
+    scaling = models.from_pretrained(str(tmp_path)).config.rope_scaling
+    assert scaling.attention_scale() != 1 and scaling.mla_softmax_factor() != 1
+
+
+@pytest.mark.parametrize("yarn", [False, True], ids=["rope", "yarn"])
+def test_deepseek_v2_parity(tmp_path, yarn):
+    """With ``yarn``: DeepSeek-V2's released RoPE settings (mscale = mscale_all_dim, so only the softmax scale moves)."""
+    torch.manual_seed(0)
+    rope = dict(max_position_embeddings=163840, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+        beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)) if yarn else {}
     cfg = transformers.DeepseekV2Config(q_lora_rank=8, n_shared_experts=2, topk_method="group_limited_greedy",
-                                        routed_scaling_factor=1.5, **_MLA)
-    _check(tmp_path, transformers.DeepseekV2ForCausalLM(cfg))
+                                        routed_scaling_factor=1.5, **rope, **_MLA)
+    _check(tmp_path, transformers.DeepseekV2ForCausalLM(cfg), decode=not yarn)
 
 
 def test_dbrx_parity(tmp_path):
