@@ -30,7 +30,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moejax import dialect, numerics
-from moejax.models import default_model
+from moejax import weight_formats as wf
+from moejax.models import default_model, fp8_checkpoint
 from moejax.models.byte_level import mark_byte_level
 from moejax.models.decoder import MoEConfig, MoEDecoder
 from moejax.models.layers import Yarn
@@ -73,6 +74,7 @@ _HF_FIELDS: dict[str, Kind] = {
     "sliding_window": NON_NEGATIVE_INT.or_null(), "use_sliding_window": BOOL.or_null(),
     "attention_bias": BOOL.or_null(), "mlp_bias": BOOL.or_null(), "qkv_bias": BOOL.or_null(),
     "clip_qkv": POSITIVE_NUMBER.or_null(),
+    "quantization_config": OBJECT.or_null(),  # its fields: fp8_checkpoint.fp8_blocks_from_config
     # experts and routing
     "intermediate_size": POSITIVE_INT, "moe_intermediate_size": POSITIVE_INT,
     "num_local_experts": EXPERT_COUNT, "num_experts": EXPERT_COUNT, "n_routed_experts": EXPERT_COUNT,
@@ -541,6 +543,7 @@ def check_checkpoint(path: str) -> None:
         default_model.config_from_dict(hf)
     else:
         config_from_hf(hf)
+        fp8_checkpoint.fp8_blocks_from_config(hf)
         _architecture(hf)
     Checkpoint(path)  # reads and checks every header and the index, not the tensors
 
@@ -588,16 +591,18 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
     cfg = config_from_hf(hf, **config_overrides)
     arch = _architecture(hf)
     dtype = _resolve_dtype(dtype, hf)
+    blocks = fp8_checkpoint.fp8_blocks_from_config(hf)
     ckpt = Checkpoint(path)
     tensor_rules = weight_rules(cfg.replace(scan_layers=False), arch)
+    check_rules(tensor_rules, ckpt, cfg.replace(scan_layers=False), arch, strict, blocks)
+    reader = RuleReader(ckpt, blocks, dtype)
     if mesh is not None:
-        check_rules(tensor_rules, ckpt, cfg.replace(scan_layers=False), arch, strict)
-        model = load_onto_mesh(cfg.replace(scan_layers=scan_layers), {r.dst: r for r in tensor_rules}, ckpt, dtype,
-                               mesh, rules, check_finite_tensor)
+        model = load_onto_mesh(cfg.replace(scan_layers=scan_layers), {r.dst: r for r in tensor_rules}, reader, mesh,
+                               rules)
         return mark_byte_level(model, path)
     if rules is not None:
         raise ValueError("from_pretrained: rules= places parameters on a mesh; pass mesh= too")
-    values = _apply_rules(tensor_rules, ckpt, cfg.replace(scan_layers=False), arch, dtype, strict)
+    values = {rule.dst: reader.value(rule) for rule in tensor_rules}
     if scan_layers:
         cfg = cfg.replace(scan_layers=True)
         values = _stack_layers(values, cfg.n_layers)
@@ -611,15 +616,19 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
         arr = values[key]
         if tuple(arr.shape) != tuple(var.shape):
             raise CheckpointError(f"parameter {key}: built shape {arr.shape}, model expects {var.shape}")
-        flat.append((p, var.replace(jnp.asarray(arr, dtype=var.dtype))))
+        value = (jax.tree_util.tree_map(jnp.asarray, arr) if wf.is_structured(arr)  # FP8 experts, as shipped
+                 else jnp.asarray(arr, dtype=var.dtype))
+        flat.append((p, var.replace(value)))
     return mark_byte_level(nnx.merge(graphdef, nnx.from_flat_state(flat)), path)
 
 
-def check_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, strict: bool) -> None:
+def check_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, strict: bool,
+                blocks: fp8_checkpoint.Fp8Blocks | None = None) -> None:
     """Check, from the headers alone, that ``ckpt`` holds exactly the tensors ``rules`` read, in their shapes.
 
-    Raises :class:`CheckpointError` naming the first missing, unexpected (when
-    ``strict``) or mis-shaped tensor.
+    FP8 tensors need their block scales beside them (``blocks``: the config's
+    block shape). Raises :class:`CheckpointError` naming the first missing,
+    unexpected (when ``strict``) or mis-shaped tensor.
     """
     abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0)))
     shapes = {_path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
@@ -629,7 +638,7 @@ def check_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, 
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"checkpoint {ckpt.folder} is missing tensor {missing[0]!r}{more} "
                               f"needed by {arch}")
-    used = set(needed)
+    used = set(needed) | {scale for src in needed if (scale := fp8_checkpoint.check_scale(ckpt, src, blocks))}
     unexpected = sorted(k for k in ckpt if k not in used and not _ignorable(k, cfg, arch))
     if unexpected and strict:
         raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in {ckpt.folder} ({len(unexpected)} in all) "
@@ -645,6 +654,51 @@ def check_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, 
                                       f"(for parameter {rule.dst}); check config.json against the weights")
 
 
+class RuleReader:
+    """Builds a parameter (or a block of one) from the checkpoint tensors its :class:`Rule` names.
+
+    Every tensor read is checked for NaN/Inf. FP8 tensors are dequantized with
+    their block scales, except a layer's routed experts, which stay one
+    :class:`~moejax.weight_formats.Fp8BlockTensor` (see :mod:`moejax.models.fp8_checkpoint`).
+    """
+
+    def __init__(self, ckpt: Checkpoint, blocks: fp8_checkpoint.Fp8Blocks | None, dtype: Any):
+        self.ckpt, self.blocks, self.dtype = ckpt, blocks, dtype
+
+    def tensor(self, src: str, dst: str, index: tuple[slice, ...] = (), float_only: bool = True) -> np.ndarray:
+        """``src[index]`` as stored (owned memory; an FP8 tensor dequantized when ``float_only``)."""
+        if fp8_checkpoint.is_fp8(self.ckpt, src) and float_only:
+            whole = self.tensor(src, dst, float_only=False)  # the scales' blocks need the whole matrix
+            scale = self.tensor(fp8_checkpoint.scale_name(src), dst)
+            return fp8_checkpoint.dequantize(whole, scale, self.blocks)[index]
+        t = self.ckpt.read(src, index)
+        check_finite_tensor(t, src, dst, self.ckpt.folder)
+        return t
+
+    def is_fp8_experts(self, rule: Rule) -> bool:
+        return rule.kind == "experts" and all(fp8_checkpoint.is_fp8(self.ckpt, s) for s in rule.srcs)
+
+    def fp8_experts(self, rule: Rule, experts: range | None = None) -> wf.Fp8BlockTensor:
+        """Experts ``experts`` (default all) of an FP8 experts rule, stacked, still FP8."""
+        chosen = [rule.srcs[e] for e in (experts if experts is not None else range(len(rule.srcs)))]
+        return fp8_checkpoint.stack_experts(
+            [self.tensor(s, rule.dst, float_only=False) for s in chosen],
+            [self.tensor(fp8_checkpoint.scale_name(s), rule.dst) for s in chosen], self.blocks)
+
+    def fp8_experts_shapes(self, rule: Rule, experts: int = 1) -> wf.Fp8BlockTensor:
+        """The leaves' shapes of ``experts`` stacked FP8 experts (from the headers: nothing is read)."""
+        w, s = rule.srcs[0], fp8_checkpoint.scale_name(rule.srcs[0])
+        return fp8_checkpoint.stack_experts(
+            [jax.ShapeDtypeStruct((experts, *self.ckpt.shape(w)), self.ckpt.dtype(w))],
+            [jax.ShapeDtypeStruct((experts, *self.ckpt.shape(s)), np.float32)], self.blocks, stacked=True)
+
+    def value(self, rule: Rule) -> Any:
+        """The whole parameter ``rule.dst``."""
+        if self.is_fp8_experts(rule):
+            return self.fp8_experts(rule)
+        return np.asarray(rule.build([self.tensor(s, rule.dst) for s in rule.srcs])).astype(self.dtype)
+
+
 def check_finite_tensor(t: np.ndarray, src: str, dst: str, folder: str) -> None:
     """The one place checkpoint tensors come in: NaN/Inf stop here, named."""
     if n := numerics.count_nonfinite(t):
@@ -652,20 +706,8 @@ def check_finite_tensor(t: np.ndarray, src: str, dst: str, folder: str) -> None:
                               f"checkpoint {folder} is corrupt; re-download or re-export it")
 
 
-def _apply_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, dtype, strict: bool
-                 ) -> dict[str, np.ndarray]:
-    check_rules(rules, ckpt, cfg, arch, strict)
-    values: dict[str, np.ndarray] = {}
-    for rule in rules:
-        tensors = [ckpt.read(s) for s in rule.srcs]  # owned copies: no file pages kept mapped
-        for src, t in zip(rule.srcs, tensors):
-            check_finite_tensor(t, src, rule.dst, ckpt.folder)
-        values[rule.dst] = np.asarray(rule.build(tensors)).astype(dtype)
-    return values
-
-
-def _stack_layers(values: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
+def _stack_layers(values: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     per: dict[str, list] = {}
     for k, v in values.items():
         m = re.match(r"layers/(\d+)/(.*)", k)
@@ -673,8 +715,8 @@ def _stack_layers(values: dict[str, np.ndarray], n_layers: int) -> dict[str, np.
             per.setdefault(m.group(2), [None] * n_layers)[int(m.group(1))] = v
         else:
             out[k] = v
-    for suffix, arrs in per.items():
-        out[f"layers/{suffix}"] = np.stack(arrs)
+    for suffix, arrs in per.items():  # (FP8 experts: each leaf stacked)
+        out[f"layers/{suffix}"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *arrs)
     return out
 
 

@@ -404,7 +404,7 @@ class Experts(nnx.Module):
 
     def weights(self) -> tuple[Any, ...]:
         mats = (self.w_gate, self.w_up, self.w_down) if self.w_gate is not None else (self.w_up, self.w_down)
-        return tuple(m[...] for m in mats)
+        return tuple(m.get_value() for m in mats)  # (a structured weight, e.g. FP8 blocks, cannot be indexed)
 
 
 class SparseMoE(nnx.Module):

@@ -231,6 +231,9 @@ class Checkpoint(Mapping):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._where[name].dtype(name)
+
     def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
         """``tensor[index]`` read into fresh memory (see :meth:`SafetensorsFile.read`)."""
         return self._where[name].read(name, index)

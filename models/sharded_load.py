@@ -100,13 +100,10 @@ def _norm_index(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice
     return tuple(slice(*s.indices(d)[:2]) for s, d in zip(tuple(index) + (slice(None),) * len(shape), shape))
 
 
-def _block_reader(rule: Any, ckpt: Checkpoint, dst: str, check: Callable[..., None]
-                  ) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    """A function ``index -> dst[index]`` that reads only what ``index`` needs from ``ckpt``."""
+def _block_reader(rule: Any, reader: Any, dst: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """A function ``index -> dst[index]`` that reads only what ``index`` needs (see ``hf.RuleReader``)."""
     def read(src: str, index: tuple[slice, ...]) -> np.ndarray:
-        block = ckpt.read(src, index)
-        check(block, src, dst, ckpt.folder)
-        return block
+        return reader.tensor(src, dst, index)
 
     if rule.kind == "copy":
         return lambda idx: read(rule.srcs[0], idx)
@@ -121,15 +118,49 @@ def _block_reader(rule: Any, ckpt: Checkpoint, dst: str, check: Callable[..., No
     return custom
 
 
-def load_onto_mesh(cfg: MoEConfig, rules_by_param: dict[str, Any], ckpt: Checkpoint, dtype: Any, mesh: Mesh,
-                   sharding_rules: ShardingRules | None, check: Callable[..., None]) -> MoEDecoder:
-    """A ``MoEDecoder(cfg)`` whose parameters are global arrays on ``mesh``, read slice by slice from ``ckpt``.
+def _global_array(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
+                  block: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """A global array whose blocks (only those of this process's devices) come from ``block(index)``."""
+    # Devices holding the same block (replicas) share one read; the blocks of one
+    # parameter together are at most that parameter, dropped once it is placed.
+    memo: dict[tuple, np.ndarray] = {}
+
+    def callback(index):
+        index = _norm_index(index, shape)
+        k = tuple((s.start, s.stop) for s in index)
+        if k not in memo:
+            memo[k] = np.ascontiguousarray(block(index), dtype=dtype)
+        return memo[k]
+
+    return jax.make_array_from_callback(shape, sharding, callback)
+
+
+def _fp8_experts(rule: Any, reader: Any, sharding: NamedSharding) -> Any:
+    """An FP8 experts parameter, each leaf split along the experts as the float one would be."""
+    n = len(rule.srcs)
+    abstract = reader.fp8_experts_shapes(rule, n)
+    spec = P(tuple(sharding.spec)[0] if len(sharding.spec) else None)  # the expert axis only
+
+    def leaf(i: int, struct: Any) -> jax.Array:
+        def block(idx):
+            part = reader.fp8_experts(rule, range(*idx[0].indices(n)))
+            return jax.tree_util.tree_leaves(part)[i][(slice(None),) + idx[1:]]
+        return _global_array(tuple(struct.shape), struct.dtype, NamedSharding(sharding.mesh, spec), block)
+
+    leaves, tree = jax.tree_util.tree_flatten(abstract)
+    return jax.tree_util.tree_unflatten(tree, [leaf(i, x) for i, x in enumerate(leaves)])
+
+
+def load_onto_mesh(cfg: MoEConfig, rules_by_param: dict[str, Any], reader: Any, mesh: Mesh,
+                   sharding_rules: ShardingRules | None) -> MoEDecoder:
+    """A ``MoEDecoder(cfg)`` whose parameters are global arrays on ``mesh``, read slice by slice.
 
     ``rules_by_param`` maps each per-layer parameter path to its checkpoint
     :class:`~moejax.models.hf.Rule` (already checked against the headers);
-    ``check(block, src, dst, folder)`` rejects NaN/Inf in every block read.
+    ``reader`` (a :class:`~moejax.models.hf.RuleReader`) reads, checks and
+    dequantizes the tensors.
     """
-    abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0), dtype=reader.dtype))
     graphdef, state = nnx.split(abstract)
     shardings = parameter_shardings(abstract, mesh, sharding_rules)
     from moejax.program import path_to_str
@@ -137,33 +168,28 @@ def load_onto_mesh(cfg: MoEConfig, rules_by_param: dict[str, Any], ckpt: Checkpo
     flat = []
     for p, var in nnx.to_flat_state(state):
         key, shape = path_to_str(p), tuple(var.shape)
-        block = _stacked_reader(key, cfg, rules_by_param, ckpt, check)
-        # Devices holding the same block (replicas) share one read; the blocks of one
-        # parameter together are at most that parameter, dropped once it is placed.
-        memo: dict[tuple, np.ndarray] = {}
-
-        def callback(index, block=block, shape=shape, dtype=var.dtype, memo=memo):
-            index = _norm_index(index, shape)
-            k = tuple((s.start, s.stop) for s in index)
-            if k not in memo:
-                memo[k] = np.ascontiguousarray(block(index), dtype=dtype)
-            return memo[k]
-
-        array = jax.make_array_from_callback(shape, shardings[key], callback)
-        memo.clear()
-        flat.append((p, var.replace(array)))
+        rule = rules_by_param.get(key)
+        if rule is not None and reader.is_fp8_experts(rule):
+            value = _fp8_experts(rule, reader, shardings[key])
+        else:
+            value = _global_array(shape, var.dtype, shardings[key],
+                                  _stacked_reader(key, cfg, rules_by_param, reader))
+        flat.append((p, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _stacked_reader(key: str, cfg: MoEConfig, rules_by_param: dict[str, Any], ckpt: Checkpoint,
-                    check: Callable[..., None]) -> Callable[[tuple[slice, ...]], np.ndarray]:
+def _stacked_reader(key: str, cfg: MoEConfig, rules_by_param: dict[str, Any], reader: Any
+                    ) -> Callable[[tuple[slice, ...]], np.ndarray]:
     if key in rules_by_param:
-        return _block_reader(rules_by_param[key], ckpt, key, check)
+        return _block_reader(rules_by_param[key], reader, key)
     m = re.match(r"layers/(.*)", key)
     per_layer = [f"layers/{i}/{m.group(1)}" for i in range(cfg.n_layers)] if m and cfg.scan_layers else []
     if not per_layer or any(k not in rules_by_param for k in per_layer):
         raise CheckpointError(f"no checkpoint tensor maps to parameter {key} (internal mapping gap for {cfg.family})")
-    readers = [_block_reader(rules_by_param[k], ckpt, k, check) for k in per_layer]
+    if any(reader.is_fp8_experts(rules_by_param[k]) for k in per_layer):
+        raise NotImplementedError(f"parameter {key}: FP8 experts onto a mesh need unstacked layers; load with "
+                                  "scan_layers=False")
+    readers = [_block_reader(rules_by_param[k], reader, k) for k in per_layer]
     return lambda idx: np.stack([readers[i](idx[1:]) for i in range(*idx[0].indices(len(readers)))])
 
 

@@ -106,9 +106,24 @@ def case_deepseek_v3():
     return {"dev": _dev(forward(model, TOKENS), ref), "specs": _specs(model)}
 
 
+def case_deepseek_v3_fp8():
+    """The released FP8 layout: each process's experts stay FP8 and are split over 'expert'."""
+    try:
+        from fp8_util import write_fp8_pair
+    except ImportError:
+        return {"skipped": "torch/transformers not installed"}
+    fp8, _ = write_fp8_pair(os.path.join(TMP, "fp8"))
+    ref = forward(from_pretrained(fp8, dtype=jnp.float32), TOKENS)
+    model = from_pretrained(fp8, dtype=jnp.float32, mesh=MESH)
+    w = nnx.state(model, nnx.Param)["layers"][1]["mlp"]["experts"]["w_up"].get_value()
+    return {"dev": _dev(forward(model, TOKENS), ref), "format": getattr(w, "format", type(w).__name__),
+            "leaf_specs": [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(w)],
+            "leaf_dtypes": [str(x.dtype) for x in jax.tree_util.tree_leaves(w)]}
+
+
 if __name__ == "__main__":
     results = {}
-    for name in ("mixtral", "deepseek_v3"):
+    for name in ("mixtral", "deepseek_v3", "deepseek_v3_fp8"):
         try:
             results[name] = globals()[f"case_{name}"]()
         except Exception as e:  # reported to the test, which fails with the message

@@ -138,3 +138,13 @@ def test_deepseek_v3_mla_shared_and_dense_layers(report):
     assert specs["layers/1/mlp/experts/w_gate"] == "P('expert',)"
     assert specs["layers/1/mlp/shared/down_proj/kernel"] == "P('model',)"
     assert specs["layers/1/self_attn/kv_b_proj/kernel"] == "P(None, 'model')"
+
+
+def test_fp8_experts_load_onto_the_mesh_as_fp8(report):
+    r = _case(report, "deepseek_v3_fp8")
+    if "skipped" in r:
+        pytest.skip(r["skipped"])
+    assert r["dev"] <= TOL
+    assert r["format"] == "fp8-e4m3-b8"
+    assert r["leaf_dtypes"] == ["float8_e4m3fn", "float32"]  # values and block scales, no float copy
+    assert all(spec.startswith("P('expert'") for spec in r["leaf_specs"])
