@@ -599,7 +599,7 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
     if mesh is not None:
         model = load_onto_mesh(cfg.replace(scan_layers=scan_layers), {r.dst: r for r in tensor_rules}, reader, mesh,
                                rules)
-        return mark_byte_level(model, path)
+        return _loaded(model, path, hf)
     if rules is not None:
         raise ValueError("from_pretrained: rules= places parameters on a mesh; pass mesh= too")
     values = {rule.dst: reader.value(rule) for rule in tensor_rules}
@@ -619,7 +619,13 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
         value = (jax.tree_util.tree_map(jnp.asarray, arr) if wf.is_structured(arr)  # FP8 experts, as shipped
                  else jnp.asarray(arr, dtype=var.dtype))
         flat.append((p, var.replace(value)))
-    return mark_byte_level(nnx.merge(graphdef, nnx.from_flat_state(flat)), path)
+    return _loaded(nnx.merge(graphdef, nnx.from_flat_state(flat)), path, hf)
+
+
+def _loaded(model: MoEDecoder, path: str, hf: dict) -> MoEDecoder:
+    """Record where ``model`` came from: byte-level or not, and its config.json (export_hf writes it back)."""
+    model.hf_config_json = json.dumps(hf)  # text: a static attribute, not model state
+    return mark_byte_level(model, path)
 
 
 def check_rules(rules: list[Rule], ckpt: Checkpoint, cfg: MoEConfig, arch: str, strict: bool,
@@ -724,13 +730,18 @@ def _stack_layers(values: dict[str, Any], n_layers: int) -> dict[str, Any]:
 # Export (Mixtral family)
 # --------------------------------------------------------------------------
 def save_pretrained_hf(model: MoEDecoder, path: str, dtype: Any = None) -> None:
-    """Write a Mixtral-family ``MoEDecoder`` as a Hugging Face ``MixtralForCausalLM`` checkpoint.
+    """Write ``model`` as a Hugging Face checkpoint (``config.json`` + ``model.safetensors`` in ``path``).
 
-    Produces ``config.json`` and ``model.safetensors`` in ``path`` that transformers'
-    ``MixtralForCausalLM.from_pretrained`` loads. Only models whose routing is plain
-    softmax top-k with renormalisation, swiglu experts, GQA attention without biases
-    or q/k norms, no shared experts and no dense layers can be expressed as Mixtral.
+    A model :func:`from_pretrained` loaded is written in its own architecture's
+    layout (see :func:`moejax.models.export_hf.export_hf`, which also writes
+    optimized models). A model built in code is written as ``MixtralForCausalLM``,
+    which needs plain softmax top-k routing with renormalisation, swiglu experts, GQA
+    attention without biases or q/k norms, no shared experts and no dense layers.
     """
+    from moejax.models.export_hf import export_hf, hf_config_of
+
+    if hf_config_of(model) is not None:
+        return export_hf(model, path, dtype=dtype)
     cfg: MoEConfig = model.config
     r = cfg.routing
     problems = [name for name, bad in (
@@ -768,19 +779,37 @@ def save_pretrained_hf(model: MoEDecoder, path: str, dtype: Any = None) -> None:
         json.dump(hf, f, indent=2)
 
 
+def parameter_values(model: MoEDecoder) -> dict[str, Any]:
+    """``{parameter path: value}`` of ``model`` (arrays as numpy; structured weights, e.g. FP8 experts, as is)."""
+    return {_path_str(p): v.get_value() if wf.is_structured(v.get_value()) else np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def export_tensors(model: MoEDecoder, architecture: str) -> dict[str, np.ndarray]:
-    """The checkpoint tensors of ``architecture``'s layout holding ``model``'s parameters.
+    """The checkpoint tensors of ``architecture``'s layout holding ``model``'s parameters (see
+    :func:`export_tensors_from`)."""
+    return export_tensors_from(parameter_values(model), model.config, architecture)
+
+
+def export_tensors_from(state: dict[str, Any], cfg: MoEConfig, architecture: str, keep_fp8: bool = False
+                        ) -> dict[str, np.ndarray]:
+    """The checkpoint tensors of ``architecture``'s layout holding parameters ``state`` of a ``cfg`` model.
 
     Inverts the loading rules; architectures whose rules split fused tensors (DBRX)
-    are not exportable.
+    are not exportable. Structured expert weights are dequantized, except FP8
+    experts when ``keep_fp8`` (written with their block scales, as loaded).
     """
-    cfg: MoEConfig = model.config
-    state = {_path_str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    from moejax.models.export_hf import fp8_expert_tensors
+
     if cfg.scan_layers:
         state = _unstack_layers(state)
     tensors: dict[str, np.ndarray] = {}
     for rule in weight_rules(cfg.replace(scan_layers=False), architecture):
         val = state[rule.dst]
+        if keep_fp8 and rule.kind == "experts" and isinstance(val, wf.Fp8BlockTensor):
+            tensors.update(fp8_expert_tensors(val, rule.srcs))
+            continue
+        val = np.asarray(wf.dequantize(val)) if wf.is_structured(val) else np.asarray(val)
         if rule.kind == "copy":
             tensors[rule.srcs[0]] = val
         elif rule.kind == "linear":
@@ -793,12 +822,12 @@ def export_tensors(model: MoEDecoder, architecture: str) -> dict[str, np.ndarray
     return tensors
 
 
-def _unstack_layers(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _unstack_layers(state: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in state.items():
         if k.startswith("layers/"):
             for i in range(v.shape[0]):
-                out[f"layers/{i}/{k[len('layers/'):]}"] = v[i]
+                out[f"layers/{i}/{k[len('layers/'):]}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], v)
         else:
             out[k] = v
     return out

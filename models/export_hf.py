@@ -1,0 +1,172 @@
+"""Optimized models back out as Hugging Face checkpoints (``moejax export-hf``).
+
+:func:`export_hf` writes what moejax made of a checkpoint (a pruned, merged or
+FP8 model) in the layout it was loaded from, so transformers (or any stack that
+reads that architecture) loads it: the checkpoint's own ``config.json`` with
+the new expert count, and the weights through the inverse of the loading rules.
+
+* **prune** drops experts and their router columns: the config's expert count
+  becomes the surviving count (every MoE layer must keep the same number; a
+  Hugging Face config has one count).
+* **merge** keeps every router column and maps several to one merged expert
+  (``Routing.expert_map``); transformers has no such map, so each column gets
+  its own copy of its merged expert: exact, but no smaller on disk.
+* **quantized experts**: FP8 block-scaled experts of a DeepSeek-V3-family model are
+  written as FP8 with ``weight_scale_inv`` and ``quantization_config``, as released;
+  other formats (int8/int4, ...) have no standard Hugging Face layout and are written
+  dequantized, with a warning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+from moejax import weight_formats as wf
+from moejax.models.fp8_checkpoint import scale_name
+
+__all__ = ["export_hf", "ExportError", "EXPERT_COUNT_FIELDS"]
+
+# Where each family's config.json keeps its routed expert count.
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+FP8_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+
+
+class ExportError(ValueError):
+    """The model cannot be written in its checkpoint's layout (one line saying why and what to do)."""
+
+
+def hf_config_of(model: Any) -> dict[str, Any] | None:
+    """The Hugging Face ``config.json`` a model was loaded from (recorded by ``from_pretrained``)."""
+    text = getattr(model, "hf_config_json", None)
+    return json.loads(text) if text else None
+
+
+def export_hf(source: Any, path: str, *, dtype: Any = None) -> None:
+    """Write ``source`` to folder ``path`` as a checkpoint of the architecture it was loaded from.
+
+    Args:
+      source: an :class:`~moejax.OptimizedModel` (its last stage is written), or a
+        ``MoEDecoder`` that :func:`~moejax.models.from_pretrained` loaded.
+      path: output folder (created); gets ``config.json`` and ``model.safetensors``.
+      dtype: float dtype of the written float tensors (default: as they are).
+
+    Raises:
+      ExportError: the model was not loaded from a Hugging Face checkpoint, its MoE
+        layers kept different expert counts, or a pass left weights the layout cannot
+        hold (e.g. expert-parallel slots).
+    """
+    from moejax.models import hf
+
+    model, program = (source.model, source.program) if hasattr(source, "stages") else (source, None)
+    config = hf_config_of(model)
+    if config is None:
+        raise ExportError("export_hf: this model was not loaded from a Hugging Face checkpoint, so its layout is "
+                          "unknown; load it with moejax.models.from_pretrained (a Mixtral-family model built in "
+                          "code can be written with save_pretrained_hf)")
+    arch = hf._architecture(config)
+    cfg = model.config
+    if program is None:
+        state = hf.parameter_values(model)
+    else:
+        state, n_experts = _program_weights(program)
+        if n_experts is not None and n_experts != cfg.n_experts:
+            cfg = cfg.replace(n_experts=n_experts)
+            _set_expert_count(config, n_experts, cfg)
+    fp8 = arch in FP8_ARCHITECTURES
+    lossy = sorted({wf.format_of(v) for v in state.values()
+                    if wf.is_structured(v) and not (fp8 and isinstance(v, wf.Fp8BlockTensor))})
+    if lossy:
+        warnings.warn(f"export_hf: {arch} has no standard layout for {', '.join(lossy)} experts; they are written "
+                      "dequantized to float (same values, float size)", stacklevel=2)
+    tensors = hf.export_tensors_from(state, cfg, arch, keep_fp8=fp8)
+    out_dtype = np.dtype(dtype) if dtype is not None else None
+    if out_dtype is not None:
+        tensors = {k: v.astype(out_dtype) if v.dtype.kind == "f" and v.dtype.itemsize > 1 and not
+                   k.endswith("_scale_inv") else v for k, v in tensors.items()}
+    if any(k.endswith("_scale_inv") for k in tensors):
+        config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "weight_block_size": list(_fp8_blocks(state))}
+    else:
+        config.pop("quantization_config", None)
+    floats = [v.dtype for k, v in tensors.items() if v.dtype.kind == "f" and v.dtype.itemsize > 1]
+    if floats:
+        name = {np.dtype("float32"): "float32", np.dtype("float16"): "float16"}.get(np.dtype(floats[0]), "bfloat16")
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
+    os.makedirs(path, exist_ok=True)
+    hf.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _set_expert_count(config: dict[str, Any], n: int, cfg: Any) -> None:
+    fields = [f for f in EXPERT_COUNT_FIELDS if f in config]
+    if not fields:
+        raise ExportError(f"export_hf: config.json names its expert count in none of {EXPERT_COUNT_FIELDS}")
+    groups = config.get("n_group") or 1
+    if n % groups:
+        raise ExportError(f"export_hf: {n} experts do not split into the config's n_group={groups} routing "
+                          f"groups; prune or merge to a multiple of {groups} experts")
+    if config.get("num_experts_per_tok", 0) > n:
+        raise ExportError(f"export_hf: {n} experts are fewer than num_experts_per_tok="
+                          f"{config['num_experts_per_tok']}")
+    for f in fields:
+        config[f] = n
+
+
+def _program_weights(program: Any) -> tuple[dict[str, Any], int | None]:
+    """``(parameter path -> value, routed expert count)`` of a program, merged experts expanded per router column."""
+    from moejax.expert_layout import PerExpertWeights
+    from moejax.passes.prune import find_moe_layers
+    from moejax.pipeline import PassError
+
+    try:
+        layers = find_moe_layers(program, "export_hf")
+    except PassError as e:  # e.g. an ep or fused region: the layer's ops are no longer visible
+        raise ExportError(f"{str(e).split('; run export_hf')[0]}; export the stage before that pass: "
+                          "export_hf(opt.at_stage(i), ...)") from None
+    state = {}
+    for path, w in program.weights.items():
+        if isinstance(w, PerExpertWeights):  # select-impl's layout: back to one stacked weight
+            parts = list(w.experts)
+            w = (wf.Fp8BlockTensor(*(np.stack([np.asarray(getattr(p, f)) for p in parts]) for f in ("weight",
+                                                                                                  "scale_inv")),
+                                   block_n=parts[0].block_n, block_k=parts[0].block_k)
+                 if all(isinstance(p, wf.Fp8BlockTensor) for p in parts) else w.dequantize())
+        state[path] = w
+    counts = {}
+    for layer in layers.values():
+        counts[layer.name] = layer.num_router
+        if layer.routing.expert_map is not None:  # merged: one copy of its expert per router column
+            index = np.asarray(layer.routing.expert_map)
+            for p in layer.experts:
+                state[p] = _take_experts(state[p], index, axis=1 if layer.stacked else 0)
+    if len(set(counts.values())) > 1:
+        raise ExportError(f"export_hf: MoE layers keep different expert counts ({counts}); a Hugging Face config has "
+                          "one count: prune or merge every layer to the same number")
+    return state, next(iter(counts.values()), None)
+
+
+def _take_experts(w: Any, index: np.ndarray, axis: int) -> Any:
+    if isinstance(w, wf.Fp8BlockTensor):
+        return wf.Fp8BlockTensor(np.take(np.asarray(w.weight), index, axis), np.take(np.asarray(w.scale_inv), index,
+                                                                                   axis),
+                                 block_n=w.block_n, block_k=w.block_k)
+    return np.take(np.asarray(wf.dequantize(w) if wf.is_structured(w) else w), index, axis)
+
+
+def _fp8_blocks(state: dict[str, Any]) -> tuple[int, int]:
+    w = next(v for v in state.values() if isinstance(v, wf.Fp8BlockTensor))
+    return w.block_n, w.block_k
+
+
+def fp8_expert_tensors(value: wf.Fp8BlockTensor, srcs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per-expert FP8 tensors and scales of a stacked ``Fp8BlockTensor`` (the checkpoint's orientation)."""
+    weight, scale = np.asarray(value.weight), np.asarray(value.scale_inv)
+    out = {}
+    for e, src in enumerate(srcs):
+        out[src], out[scale_name(src)] = weight[e], scale[e]
+    return out
