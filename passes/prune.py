@@ -13,7 +13,9 @@ The pruned experts' weight slices, router columns and selection-bias entries
 are removed, so routing renormalises over the survivors; ``moe_dispatch`` gets
 the new expert count. Layers stacked under ``scan`` keep the same count per
 layer; each layer keeps its own experts (the stacked weights are sliced row by
-row).
+row). Quantized experts in a stacked format (int8/int4, FP8 blocks loaded from a
+DeepSeek-V3 checkpoint, ...) are sliced as stored, so a model pruned from an FP8
+checkpoint stays FP8 (the reconstruction method scores their dequantized values).
 
 This module also holds what the merge pass shares: :func:`find_moe_layers`
 (which program weights feed each MoE layer), :func:`check_float_experts` and
@@ -37,7 +39,8 @@ from moejax.passes.gating import PROFILE_KEY, refresh_profile
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
-__all__ = ["PruneExperts", "MoELayer", "find_moe_layers", "check_float_experts", "expert_outputs",
+__all__ = ["PruneExperts", "MoELayer", "find_moe_layers", "check_float_experts", "check_sliceable_experts",
+           "expert_outputs",
            "layer_output", "prune_plan_reconstruction", "apply_expert_rewrite", "layer_profile"]
 
 
@@ -136,6 +139,24 @@ def check_float_experts(program: Program, layers: dict[str, MoELayer], who: str)
                             f"e.g. 'profile,{who}(...),quantize(...)'")
 
 
+def check_sliceable_experts(program: Program, layers: dict[str, MoELayer], who: str) -> None:
+    """Reject expert weights that cannot be cut along their expert axis leaf by leaf.
+
+    Float experts and every stacked storage format (int8/int4, FP8 blocks as a
+    DeepSeek-V3 checkpoint ships them, MXFP4, ...) keep the expert axis leading in
+    each leaf, so keeping experts is slicing; a width per expert (mixed) or one
+    buffer per expert (select-impl's layout) is not.
+    """
+    for layer in layers.values():
+        for p in layer.experts:
+            w = program.weights[p]
+            if isinstance(w, wf.MixedExpertTensor) or (wf.is_structured(w) and getattr(w, "layout", "") ==
+                                                       "per-expert"):
+                raise PassError(f"{who}: expert weight {p} of layer {layer.name!r} is stored as {w.format} "
+                                f"({type(w).__name__}), which cannot be cut along one expert axis; run {who} before "
+                                f"quantize(mixed=true) and select-impl")
+
+
 def layer_profile(program: Program, layer: MoELayer, who: str, keys: Sequence[str]) -> analysis.LayerRouting:
     """The routing-profile entry of ``layer``, checked to describe the current experts and to hold ``keys``."""
     profile = analysis.read(program.metadata, analysis.RoutingProfile)
@@ -160,7 +181,8 @@ def layer_profile(program: Program, layer: MoELayer, who: str, keys: Sequence[st
 # Expert outputs and layer outputs on the profile's hidden-state sample.
 # --------------------------------------------------------------------------
 def _row(program: Program, path: str, layer: MoELayer, s: int) -> np.ndarray:
-    w = np.asarray(program.weights[path], np.float32)
+    w = program.weights[path]
+    w = np.asarray(wf.dequantize(w) if wf.is_structured(w) else w, np.float32)  # quantized experts: their values
     return w[s] if layer.stacked else w
 
 
@@ -317,7 +339,7 @@ class PruneExperts(Pass):
 
     def check(self, program: Program, ctx: PassContext) -> None:
         layers = find_moe_layers(program, self.name)
-        check_float_experts(program, layers, self.name)
+        check_sliceable_experts(program, layers, self.name)
         for layer in layers.values():
             _check_target(layer, self.num_experts, self.name)
             r = layer.routing
@@ -367,10 +389,12 @@ class PruneExperts(Pass):
             counts[name] = self.num_experts
 
             def take(path, axis, use_cols, layer=layer, rows=rows):
-                w = np.asarray(program.weights[path])
-                picked = [np.take(w[s] if layer.stacked else w, cols if use_cols else keep, axis=axis)
-                          for s, (keep, cols) in enumerate(rows)]
-                return jnp.asarray(np.stack(picked) if layer.stacked else picked[0])
+                def leaf(a):  # a structured (quantized) expert weight is cut leaf by leaf, each expert-major
+                    a = np.asarray(a)
+                    picked = [np.take(a[s] if layer.stacked else a, cols if use_cols else keep, axis=axis)
+                              for s, (keep, cols) in enumerate(rows)]
+                    return jnp.asarray(np.stack(picked) if layer.stacked else picked[0])
+                return jax.tree_util.tree_map(leaf, program.weights[path])
 
             new_weights[layer.router] = take(layer.router, 1, True)
             if layer.bias:

@@ -31,7 +31,7 @@ def tiny_deepseek_v3(folder: str, **overrides) -> None:
         "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
         "num_key_value_heads": 4, "q_lora_rank": 8, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
         "v_head_dim": 8, "intermediate_size": 64, "moe_intermediate_size": 16, "n_routed_experts": 8,
-        "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1, "n_shared_experts": 1,
+        "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
         "routed_scaling_factor": 2.5, "initializer_range": 0.2, **overrides})
     transformers.DeepseekV3ForCausalLM(cfg).save_pretrained(folder)
 

@@ -74,18 +74,22 @@ def test_round_trip_through_transformers(tmp_path, family, pipeline):
 
 
 def test_fp8_experts_are_written_as_released(tmp_path):
-    """DeepSeek-V3 FP8: prune, export; the export keeps FP8 experts with block scales and reloads identically."""
+    """DeepSeek-V3 FP8: prune, export; the export keeps the 6 FP8 experts with block scales and reloads identically."""
     from fp8_util import write_fp8_pair
 
     fp8, _ = write_fp8_pair(str(tmp_path / "pair"))
     model = from_pretrained(fp8, dtype=jnp.float32)
     tokens = jnp.asarray(TOKENS, jnp.int32)
-    opt = moejax.optimize(model, (tokens,), "select-impl(impl=blocked)")  # exact; experts stay FP8, one per buffer
+    # prune slices the FP8 experts; select-impl stores them one buffer per expert: both stay FP8
+    opt = moejax.optimize(model, (tokens,), "profile,prune(num_experts=6),select-impl(impl=blocked)")
     out = str(tmp_path / "export")
     export_hf(opt, out)
     ckpt = Checkpoint(out)
     name = "model.layers.1.mlp.experts.3.up_proj.weight"
     assert str(ckpt.dtype(name)) == "float8_e4m3fn" and ckpt.shape(name + "_scale_inv") == (2, 4)
+    assert "model.layers.1.mlp.experts.5.up_proj.weight" in ckpt and "model.layers.1.mlp.experts.6.up_proj.weight" \
+        not in ckpt
+    assert json.load(open(os.path.join(out, "config.json")))["n_routed_experts"] == 6
     assert json.load(open(os.path.join(out, "config.json")))["quantization_config"]["weight_block_size"] == [8, 8]
     again = from_pretrained(out, dtype=jnp.float32)
     assert isinstance(again.layers[1].mlp.experts.w_up.get_value(), wf.Fp8BlockTensor)

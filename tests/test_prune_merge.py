@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import moejax
+from moejax import weight_formats as wf
 from moejax import dialect, rewrite
 from moejax.models import MoEDecoder, tiny_mixtral
 from moejax.passes.merge import (MergeExperts, align_hidden_units, average_linkage, cosine_distances,
@@ -211,14 +212,20 @@ def test_errors_target_above_count_missing_profile_stale_profile_and_options():
         PruneExperts(num_experts=2, method="random")
 
 
-def test_merge_and_prune_after_quantization_are_rejected():
+def test_merge_after_quantization_is_rejected_prune_slices_quantized_experts():
+    """Quantization is per expert, so pruning commutes with it: prune(quantize(W)) == quantize(prune(W))."""
     from moejax.passes.quantize import QuantizeExperts
 
     program, x = _moe_program(_weights())
-    quantized = QuantizeExperts(bits=8).run(program, _ctx(x))
-    for p in (MergeExperts(num_experts=2), PruneExperts(num_experts=2)):
-        with pytest.raises(PassError, match=rf"quantized expert weights .*must run before quantize"):
-            p.check(quantized, _ctx(x))
+    quantized = QuantizeExperts(bits=4, group_size=4).run(program, _ctx(x))
+    with pytest.raises(PassError, match=rf"quantized expert weights .*must run before quantize"):
+        MergeExperts(num_experts=2).check(quantized, _ctx(x))
+    prune = PruneExperts(num_experts=2)
+    prune.check(quantized, _ctx(x))
+    pruned_after = prune.run(quantized, _ctx(x))
+    pruned_first = QuantizeExperts(bits=4, group_size=4).run(prune.run(program, _ctx(x)), _ctx(x))
+    assert all(wf.is_structured(w) and w.shape[0] == 2 for p, w in pruned_after.weights.items() if "w_" in p)
+    np.testing.assert_array_equal(np.asarray(pruned_after(x)), np.asarray(pruned_first(x)))
 
 
 # ---- scanned (stacked) layers ------------------------------------------------------
