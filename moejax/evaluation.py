@@ -32,6 +32,7 @@ __all__ = [
     "EvalResult",
     "evaluate",
     "bits_per_byte",
+    "token_quality",
     "ngram_bits_per_byte",
     "KneserNeyBytes",
     "expert_load",
@@ -129,9 +130,9 @@ def _as_bytes(text: bytes | str) -> bytes:
     return bytes(text)
 
 
-def _windows(data: bytes, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inputs, targets and masks ``[W, seq_len]`` covering every byte after the first once."""
-    arr = np.frombuffer(data, np.uint8).astype(np.int32)
+def _windows(data: bytes | np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs, targets and masks ``[W, seq_len]`` covering every byte (or token id) after the first once."""
+    arr = (np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.asarray(data)).astype(np.int32)
     n_pred = len(arr) - 1
     n_win = -(-n_pred // seq_len)
     padded = np.zeros(n_win * seq_len + 1, np.int32)
@@ -165,18 +166,46 @@ def bits_per_byte(model: Any, text: bytes | str, *, eval_bytes: int | None = Non
     """
     data = _as_bytes(text)[:eval_bytes]
     _check_text(data, seq_len, batch)
-    calls = calls or jitted_calls(model)
-    inputs, targets, mask = _windows(data, seq_len)
+    total, scored = _nll_total(calls or jitted_calls(model), data, seq_len, batch, min_vocab=VOCAB)
+    return total / LN2 / scored
+
+
+def _nll_total(calls: _Calls, ids: bytes | np.ndarray, seq_len: int, batch: int, min_vocab: int
+               ) -> tuple[float, int]:
+    """``(summed next-token NLL in nats, predictions scored)`` over windows of ``ids``."""
+    inputs, targets, mask = _windows(ids, seq_len)
     total = 0.0
     for i in range(0, len(inputs), batch):
         x, y, m = (np.zeros((batch, seq_len), a.dtype) for a in (inputs, targets, mask))
         n = min(batch, len(inputs) - i)
         x[:n], y[:n], m[:n] = inputs[i:i + n], targets[i:i + n], mask[i:i + n]
         logits = calls.forward(jnp.asarray(x))
-        if logits.shape[-1] < VOCAB:
-            raise ValueError(f"model vocabulary {logits.shape[-1]} is smaller than the 256 byte values")
+        if logits.shape[-1] < min_vocab:
+            raise ValueError(f"model vocabulary {logits.shape[-1]} is smaller than the {min_vocab} ids of the text")
         total += float(np.sum(np.asarray(_nll_sum(logits, jnp.asarray(y), jnp.asarray(m)), np.float64)))
-    return total / LN2 / int(mask.sum())
+    return total, int(mask.sum())
+
+
+def token_quality(model: Any, tokenizer: Any, text: str, *, max_tokens: int | None = None, seq_len: int = 256,
+                  batch: int = 8, calls: _Calls | None = None) -> dict[str, float]:
+    """Quality on ``text`` for a model with a tokenizer: per-token cross-entropy and bits per byte.
+
+    ``text`` is encoded with ``tokenizer`` (a :class:`moejax.models.tokenizer.TextTokenizer`),
+    cut into windows of ``seq_len`` predictions as :func:`bits_per_byte` does, and
+    every token after the first is scored once. ``bits_per_byte`` divides the summed
+    cross-entropy (in bits) by the UTF-8 bytes those tokens cover (from the second
+    token's start to the end), so it compares across tokenizers and with byte models.
+    """
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    ids, offsets = ids[:max_tokens], offsets[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 tokens of text to score, got {len(ids)}")
+    _check_text(b"..", seq_len, batch)
+    total, scored = _nll_total(calls or jitted_calls(model), np.asarray(ids), seq_len, batch,
+                               min_vocab=max(ids) + 1)
+    covered = len(text[offsets[1][0]:offsets[-1][1]].encode("utf-8"))
+    return {"tokens_scored": scored, "bytes_scored": covered, "cross_entropy_nats_per_token": total / scored,
+            "bits_per_byte": total / LN2 / max(covered, 1)}
 
 
 # ---------------------------------------------------------------------------
