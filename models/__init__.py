@@ -10,6 +10,7 @@
 * :func:`is_byte_level`: whether a loaded model's token ids are raw bytes (bits per byte apply).
 * :class:`CheckpointError`: a checkpoint file is missing, corrupt or malformed (one-line message).
 """
+from moejax.models.abstract import abstract_model
 from moejax.models.byte_level import is_byte_level
 from moejax.models.decoder import DecoderLayer, MoEConfig, MoEDecoder, tiny_mixtral
 from moejax.models.default_model import DEFAULT_MODEL_DIR, load_default_model
@@ -18,4 +19,4 @@ from moejax.models.hf import SUPPORTED_ARCHITECTURES, check_checkpoint, config_f
 from moejax.models.validation import CheckpointError
 
 __all__ = ["load_default_model", "DEFAULT_MODEL_DIR", "MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral", "generate", "stream", "sample_next", "from_pretrained", "check_checkpoint",
-           "save_pretrained_hf", "config_from_hf", "SUPPORTED_ARCHITECTURES", "CheckpointError", "is_byte_level"]
+           "save_pretrained_hf", "config_from_hf", "SUPPORTED_ARCHITECTURES", "CheckpointError", "is_byte_level", "abstract_model"]

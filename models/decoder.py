@@ -70,6 +70,8 @@ class MoEConfig:
     rope_interleave: bool = True  # MLA: DeepSeek's adjacent-pair rotary layout
     softmax_scale: float | None = None  # MLA: overrides qk_head_dim ** -0.5 (and its YaRN mscale)
     expert_out_bias: bool = False  # JetMoE: a bias added to the routed-expert output
+    # Partial rotary (GLM-4.5, MiniMax-M2): RoPE on the first rotary_dim dimensions of each head (None: all).
+    rotary_dim: int | None = None
 
     def __post_init__(self):
         if self.d_model % self.n_heads and self.head_dim is None:
@@ -93,6 +95,10 @@ class MoEConfig:
             raise ValueError("attention='mla' needs kv_lora_rank, qk_rope_head_dim and v_head_dim > 0")
         if self.qk_norm_per_head and not (self.qk_norm and self.attention == "gqa"):
             raise ValueError("qk_norm_per_head needs qk_norm=True and attention='gqa'")
+        if self.rotary_dim is not None and not (self.attention == "gqa" and self.rotary_dim % 2 == 0
+                                                and 0 < self.rotary_dim <= self.hd):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even, in 1..head_dim={self.hd}, and needs "
+                             "attention='gqa'")
 
     def is_dense(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` has a dense FFN instead of a MoE block."""
@@ -131,7 +137,8 @@ class DecoderLayer(nnx.Module):
             self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, rope_theta=cfg.rope_theta,
                                        rngs=rngs, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
                                        qk_norm_per_head=cfg.qk_norm_per_head, norm_eps=cfg.norm_eps,
-                                       clip_qkv=cfg.clip_qkv, rope_scaling=cfg.rope_scaling, dtype=dtype)
+                                       clip_qkv=cfg.clip_qkv, rope_scaling=cfg.rope_scaling,
+                                       rotary_dim=cfg.rotary_dim, dtype=dtype)
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype)
         if dense:
             self.mlp = DenseFFN(cfg.d_model, cfg.d_ff_dense or cfg.d_ff_expert, rngs=rngs,

@@ -50,6 +50,9 @@ __all__ = ["from_pretrained", "save_pretrained_hf", "export_tensors", "config_fr
 # --------------------------------------------------------------------------
 _CONFIG_FIX = "fix the checkpoint's config.json"
 
+# Partial rotary fraction of each head (GLM-4.5, MiniMax-M2 via rotary_dim / head_dim).
+_FRACTION = Kind("a number in (0, 1]", lambda v: NUMBER.accepts(v) and 0 < v <= 1)
+
 # Every config.json field the parsers below read, and what it may hold. Fields the
 # parsers read with ``hf[...]`` or use unguarded are not nullable; ``.get(...) or default``
 # ones are. Dotted names reach into DBRX's nested objects.
@@ -69,11 +72,13 @@ _HF_FIELDS: dict[str, Kind] = {
         ("factor", POSITIVE_NUMBER.or_null()), ("original_max_position_embeddings", POSITIVE_INT.or_null()),
         ("beta_fast", POSITIVE_NUMBER.or_null()), ("beta_slow", POSITIVE_NUMBER.or_null()),
         ("mscale", NUMBER.or_null()), ("mscale_all_dim", NUMBER.or_null()),
-        ("attention_factor", POSITIVE_NUMBER.or_null()), ("truncate", BOOL.or_null()))},
+        ("attention_factor", POSITIVE_NUMBER.or_null()), ("truncate", BOOL.or_null()),
+        ("partial_rotary_factor", _FRACTION.or_null()))},
+    "partial_rotary_factor": _FRACTION.or_null(), "rotary_dim": POSITIVE_INT.or_null(),
     "max_position_embeddings": POSITIVE_INT.or_null(),
     "sliding_window": NON_NEGATIVE_INT.or_null(), "use_sliding_window": BOOL.or_null(),
     "attention_bias": BOOL.or_null(), "mlp_bias": BOOL.or_null(), "qkv_bias": BOOL.or_null(),
-    "clip_qkv": POSITIVE_NUMBER.or_null(),
+    "clip_qkv": POSITIVE_NUMBER.or_null(), "use_qk_norm": BOOL.or_null(),
     "quantization_config": OBJECT.or_null(),  # its fields: fp8_checkpoint.fp8_blocks_from_config
     # experts and routing
     "intermediate_size": POSITIVE_INT, "moe_intermediate_size": POSITIVE_INT,
@@ -127,6 +132,24 @@ def _rope_scaling(hf: dict) -> Yarn | None:
                 beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
                 mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
                 attention_factor=params.get("attention_factor"), truncate=params.get("truncate", True) is not False)
+
+
+def _rotary_dim(hf: dict, head_dim: int, default_factor: float = 1.0) -> int | None:
+    """Rotated dimensions per head (``None``: all), with transformers' precedence.
+
+    ``rope_parameters`` / ``rope_scaling`` ``partial_rotary_factor``, then the top-level
+    ``partial_rotary_factor`` (released GLM-4.5), then ``rotary_dim`` (released MiniMax-M2),
+    then the family's default factor (GLM-4.5: 0.5).
+    """
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    factor = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor")
+    if factor is None and hf.get("rotary_dim"):
+        factor = hf["rotary_dim"] / head_dim
+    dim = int(head_dim * (factor or default_factor))  # transformers truncates the same way
+    if dim % 2 or not 0 < dim <= head_dim:
+        raise CheckpointError(f"config.json: partial rotary gives {dim} rotary dimensions of head_dim={head_dim}; "
+                              f"they must be even, positive and at most head_dim; {_CONFIG_FIX}")
+    return None if dim == head_dim else dim
 
 
 def _activation(name: str) -> str:
@@ -195,6 +218,14 @@ def _olmoe(hf: dict) -> MoEConfig:
                      qk_norm=True, clip_qkv=hf.get("clip_qkv"), family="olmoe")
 
 
+def _v3_routing(hf: dict) -> dialect.Routing:
+    """DeepSeek-V3's router (also GLM-4.5's): sigmoid scores, group-limited selection (group score = sum of its
+    top 2), renormalised top-k, ``routed_scaling_factor``; the correction bias is ``MoEConfig.selection_bias``."""
+    return dialect.Routing(k=hf["num_experts_per_tok"], score="sigmoid", norm_topk=bool(hf.get("norm_topk_prob", True)),
+                           scale=float(hf.get("routed_scaling_factor", 1.0)), n_group=hf.get("n_group") or 1,
+                           topk_group=hf.get("topk_group") or 1, group_score="top2_sum")
+
+
 def _deepseek(hf: dict, v3: bool) -> MoEConfig:
     arch = "DeepseekV3" if v3 else "DeepseekV2"
     _no_bias(hf, "attention_bias", arch)
@@ -204,10 +235,7 @@ def _deepseek(hf: dict, v3: bool) -> MoEConfig:
     base["head_dim"] = None
     n_group = hf.get("n_group") or 1
     if v3:
-        routing = dialect.Routing(k=hf["num_experts_per_tok"], score="sigmoid",
-                                  norm_topk=bool(hf.get("norm_topk_prob", True)),
-                                  scale=float(hf.get("routed_scaling_factor", 1.0)), n_group=n_group,
-                                  topk_group=hf.get("topk_group") or 1, group_score="top2_sum")
+        routing = _v3_routing(hf)
     else:
         # transformers' DeepseekV2 router never renormalises (norm_topk_prob is unused there).
         grouped = hf.get("topk_method", "greedy") == "group_limited_greedy"
@@ -238,6 +266,37 @@ def _deepseek_moe(hf: dict) -> MoEConfig:
                      n_shared_experts=hf.get("n_shared_experts") or 0, d_ff_shared=hf["moe_intermediate_size"],
                      first_dense_layers=first, dense_layers=dense, d_ff_dense=hf["intermediate_size"],
                      family="deepseek_moe")
+
+
+def _glm4_moe(hf: dict) -> MoEConfig:
+    """GLM-4.5 / GLM-4.5-Air: GQA with q/k/v bias, optional per-head q/k norm and partial rotary (default half of
+    each head), DeepSeek-V3 routing and shared experts, leading dense layers (``first_k_dense_replace``)."""
+    n_shared = hf.get("n_shared_experts", 1)
+    if not n_shared:  # transformers would still build a zero-width shared MLP
+        raise NotImplementedError("Glm4Moe: n_shared_experts=0 is not supported (transformers' Glm4Moe always has "
+                                  "shared experts)")
+    base = _base(hf, "Glm4Moe")
+    qk_norm = bool(hf.get("use_qk_norm", False))
+    hd = base["head_dim"] or base["d_model"] // base["n_heads"]
+    return MoEConfig(**base, d_ff_expert=hf["moe_intermediate_size"], n_experts=hf["n_routed_experts"],
+                     routing=_v3_routing(hf), n_shared_experts=n_shared, d_ff_shared=hf["moe_intermediate_size"],
+                     selection_bias=True, first_dense_layers=hf.get("first_k_dense_replace", 1),
+                     d_ff_dense=hf["intermediate_size"], qkv_bias=bool(hf.get("attention_bias", False)),
+                     qk_norm=qk_norm, qk_norm_per_head=qk_norm, rotary_dim=_rotary_dim(hf, hd, default_factor=0.5),
+                     family="glm4_moe")
+
+
+def _minimax_m2(hf: dict) -> MoEConfig:
+    """MiniMax-M2: GQA with RMS q/k norms over the whole projections, partial rotary (``rotary_dim``), sigmoid
+    routing with a selection-only correction bias, always renormalised; every layer MoE, no shared expert."""
+    base = _base(hf, "MiniMaxM2")
+    base["head_dim"] = hf.get("head_dim", 128)  # transformers' MiniMaxM2Config default, not hidden / heads
+    base["rope_theta"] = _rope_theta(hf, default=5e6)
+    hd = base["head_dim"] or base["d_model"] // base["n_heads"]
+    n_experts = hf["num_local_experts"] if "num_local_experts" in hf else hf["num_experts"]
+    return MoEConfig(**base, d_ff_expert=hf["intermediate_size"], n_experts=n_experts,
+                     routing=dialect.Routing(k=hf["num_experts_per_tok"], score="sigmoid", norm_topk=True),
+                     selection_bias=True, qk_norm=True, rotary_dim=_rotary_dim(hf, hd), family="minimax_m2")
 
 
 def _jetmoe(hf: dict) -> MoEConfig:
@@ -309,6 +368,8 @@ _CONFIG_PARSERS: dict[str, Callable[[dict], MoEConfig]] = {
     "DeepseekV3ForCausalLM": lambda hf: _deepseek(hf, v3=True),
     "DbrxForCausalLM": _dbrx,
     "JetMoeForCausalLM": _jetmoe,
+    "Glm4MoeForCausalLM": _glm4_moe,
+    "MiniMaxM2ForCausalLM": _minimax_m2,
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_CONFIG_PARSERS)
 
@@ -425,8 +486,12 @@ def _ffn_rules(r: list[Rule], dst: str, src: str, names=("gate_proj", "up_proj",
         _linear(r, f"{dst}/{ours}", f"{src}.{theirs}")
 
 
+# Architectures whose routed experts are block_sparse_moe.experts.{e}.w1/w3/w2 (gate/up/down).
+_MIXTRAL_NAMING = ("MixtralForCausalLM", "MiniMaxM2ForCausalLM")
+
+
 def _llama_like_rules(cfg: MoEConfig, arch: str) -> list[Rule]:
-    """Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V2/V3 share the Llama naming scheme."""
+    """Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4.5 and MiniMax-M2 share the Llama naming scheme."""
     r: list[Rule] = [Rule("embed_tokens/embedding", ("model.embed_tokens.weight",), "copy")]
     e_range = range(cfg.n_experts)
     for i in range(cfg.n_layers):
@@ -438,7 +503,7 @@ def _llama_like_rules(cfg: MoEConfig, arch: str) -> list[Rule]:
         if cfg.is_dense(i):
             _ffn_rules(r, m, f"{p}.mlp")
             continue
-        if arch == "MixtralForCausalLM":
+        if arch in _MIXTRAL_NAMING:
             s, names = f"{p}.block_sparse_moe", ("w1", "w3", "w2")
         else:
             s, names = f"{p}.mlp", ("gate_proj", "up_proj", "down_proj")
@@ -446,8 +511,9 @@ def _llama_like_rules(cfg: MoEConfig, arch: str) -> list[Rule]:
         for ours, theirs in zip(("w_gate", "w_up", "w_down"), names):
             r.append(Rule(f"{m}/experts/{ours}", tuple(f"{s}.experts.{e}.{theirs}.weight" for e in e_range),
                           "experts"))
-        if cfg.selection_bias:
-            r.append(Rule(f"{m}/selection_bias", (f"{s}.gate.e_score_correction_bias",), "copy"))
+        if cfg.selection_bias:  # MiniMax-M2 keeps it on the MoE block, DeepSeek-V3 and GLM-4.5 on the gate
+            bias = "e_score_correction_bias" if arch == "MiniMaxM2ForCausalLM" else "gate.e_score_correction_bias"
+            r.append(Rule(f"{m}/selection_bias", (f"{s}.{bias}",), "copy"))
         if cfg.n_shared_experts:
             shared = "shared_expert" if arch == "Qwen2MoeForCausalLM" else "shared_experts"
             _ffn_rules(r, f"{m}/shared", f"{s}.{shared}")
@@ -497,9 +563,10 @@ def weight_rules(cfg: MoEConfig, architecture: str) -> list[Rule]:
     raise NotImplementedError(f"unsupported architecture {architecture!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
 
 
-# Checkpoint tensors that carry no model parameter (rotary caches, DeepSeek-V3's
+# Checkpoint tensors that carry no model parameter (rotary caches, DeepSeek-V3's and GLM-4.5's
 # multi-token-prediction layers past num_hidden_layers, a tied lm_head copy).
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
+_MTP_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM")
 
 
 def _ignorable(name: str, cfg: MoEConfig, architecture: str) -> bool:
@@ -508,7 +575,7 @@ def _ignorable(name: str, cfg: MoEConfig, architecture: str) -> bool:
     if cfg.tie_embeddings and name == "lm_head.weight":
         return True
     m = re.match(r"model\.layers\.(\d+)\.", name)
-    return architecture == "DeepseekV3ForCausalLM" and m is not None and int(m.group(1)) >= cfg.n_layers
+    return architecture in _MTP_ARCHITECTURES and m is not None and int(m.group(1)) >= cfg.n_layers
 
 
 # --------------------------------------------------------------------------

@@ -143,7 +143,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = False,
-         scaling: Yarn | None = None) -> jax.Array:
+         scaling: Yarn | None = None, rotary_dim: int | None = None) -> jax.Array:
     """Rotary embedding on ``x [B, S, H, hd]``, optionally YaRN-scaled.
 
     ``interleaved=False``: half-split pairs ``(x_i, x_{i+hd/2})`` (Hugging Face Llama/Mixtral).
@@ -152,7 +152,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = F
     DeepSeek-V2's complex-number form writes the pairs back interleaved instead; the two
     layouts differ by one fixed permutation applied to queries and keys alike, so
     attention scores are identical.
+
+    ``rotary_dim`` (partial rotary, GLM-4.5 and MiniMax-M2): only the first ``rotary_dim``
+    dimensions of each head rotate, as a RoPE of that width (its frequencies and half-split
+    pairs over ``rotary_dim``); the rest pass through unchanged.
     """
+    if rotary_dim is not None and rotary_dim < x.shape[-1]:
+        rotated = rope(x[..., :rotary_dim], positions, theta, interleaved, scaling)
+        return jnp.concatenate([rotated, x[..., rotary_dim:]], -1)
     hd = x.shape[-1]
     if scaling is None:
         inv, mult = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)), 1.0
@@ -173,18 +180,20 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = F
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE and an optional KV cache.
 
-    ``qk_norm`` adds RMS norms on queries and keys: over the whole projections (OLMoE) or,
-    with ``qk_norm_per_head``, over each head's ``head_dim`` with one weight shared by all
-    heads (Qwen3-MoE), before RoPE either way. ``clip_qkv`` clamps q, k, v to ``[-c, c]``
-    (DBRX, OLMoE). ``rope_scaling``: YaRN-scaled rotary frequencies.
+    ``qk_norm`` adds RMS norms on queries and keys: over the whole projections (OLMoE,
+    MiniMax-M2) or, with ``qk_norm_per_head``, over each head's ``head_dim`` with one weight
+    shared by all heads (Qwen3-MoE, GLM-4.5), before RoPE either way. ``clip_qkv`` clamps
+    q, k, v to ``[-c, c]`` (DBRX, OLMoE). ``rope_scaling``: YaRN-scaled rotary frequencies.
+    ``rotary_dim``: partial rotary, RoPE on the first ``rotary_dim`` dimensions of each head.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, rope_theta: float,
                  rngs: nnx.Rngs, qkv_bias: bool = False, qk_norm: bool = False, qk_norm_per_head: bool = False,
                  norm_eps: float = 1e-5, clip_qkv: float | None = None, rope_scaling: Yarn | None = None,
-                 dtype=jnp.float32):
+                 rotary_dim: int | None = None, dtype=jnp.float32):
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
         self.clip_qkv, self.rope_scaling, self.qk_norm_per_head = clip_qkv, rope_scaling, qk_norm_per_head
+        self.rotary_dim = rotary_dim
         self.q_proj = Linear(d_model, n_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.k_proj = Linear(d_model, n_kv_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.v_proj = Linear(d_model, n_kv_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
@@ -205,8 +214,8 @@ class Attention(nnx.Module):
         k = k.reshape(b, s, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.qk_norm_per_head:  # norms act on the last axis: head_dim
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
-        k = rope(k, positions, self.rope_theta, scaling=self.rope_scaling)
+        q = rope(q, positions, self.rope_theta, scaling=self.rope_scaling, rotary_dim=self.rotary_dim)
+        k = rope(k, positions, self.rope_theta, scaling=self.rope_scaling, rotary_dim=self.rotary_dim)
         v = v.reshape(b, s, self.n_kv_heads, self.head_dim)
         out, cache = attend(q, k, v, positions, cache, cache_index)
         return self.o_proj(out.reshape(b, s, -1)), cache

@@ -119,6 +119,40 @@ def kimi_k2(**kw: Any) -> MoEConfig:
                      family="deepseek_v3", **_MLA).replace(**kw)
 
 
+def _glm4_moe(d: int, layers: int, ff_dense: int, ff: int, experts: int, first_dense: int, scale: float,
+              qk_norm: bool, **kw: Any) -> MoEConfig:
+    """GLM-4.5 family: 96 query and 8 KV heads of 128 with q/k/v bias, RoPE (theta 1e6) on half of each head,
+    DeepSeek-V3 routing (sigmoid, correction bias, one group, renormalised top-8) plus one shared expert."""
+    return MoEConfig(vocab_size=151552, d_model=d, n_layers=layers, n_heads=96, n_kv_heads=8, head_dim=128,
+                     d_ff_expert=ff, n_experts=experts,
+                     routing=Routing(k=8, score="sigmoid", norm_topk=True, scale=scale, group_score="top2_sum"),
+                     n_shared_experts=1, d_ff_shared=ff, selection_bias=True, first_dense_layers=first_dense,
+                     d_ff_dense=ff_dense, qkv_bias=True, qk_norm=qk_norm, qk_norm_per_head=qk_norm, rotary_dim=64,
+                     rope_theta=1e6, norm_eps=1e-5, family="glm4_moe").replace(**kw)
+
+
+def glm_4_5(**kw: Any) -> MoEConfig:
+    """GLM-4.5 (zai-org/GLM-4.5 config.json, without its MTP layer): 92 layers (3 dense), 160 experts of 1536,
+    routed_scaling_factor 2.5, per-head q/k norm."""
+    return _glm4_moe(5120, 92, 12288, 1536, 160, 3, 2.5, True, **kw)
+
+
+def glm_4_5_air(**kw: Any) -> MoEConfig:
+    """GLM-4.5-Air (zai-org/GLM-4.5-Air config.json, without its MTP layer): 46 layers (1 dense), 128 experts of
+    1408, routed_scaling_factor 1.0, no q/k norm (the last two as remembered from the release, not re-checked)."""
+    return _glm4_moe(4096, 46, 10944, 1408, 128, 1, 1.0, False, **kw)
+
+
+def minimax_m2(**kw: Any) -> MoEConfig:
+    """MiniMax-M2 (MiniMaxAI/MiniMax-M2 config.json, without its MTP modules; transformers' MiniMaxM2Config
+    defaults are the same values): 62 layers, 48 query and 8 KV heads of 128, q/k norm over all heads, RoPE
+    (theta 5e6) on 64 of 128 dimensions, 256 experts of 1536, sigmoid top-8 with correction bias, no shared expert."""
+    return MoEConfig(vocab_size=200064, d_model=3072, n_layers=62, n_heads=48, n_kv_heads=8, head_dim=128,
+                     d_ff_expert=1536, n_experts=256, routing=Routing(k=8, score="sigmoid", norm_topk=True),
+                     selection_bias=True, qk_norm=True, rotary_dim=64, rope_theta=5e6, norm_eps=1e-6,
+                     family="minimax_m2").replace(**kw)
+
+
 def olmoe_1b_7b(**kw: Any) -> MoEConfig:
     """OLMoE-1B-7B: 64 experts top-8, no renormalisation, q/k norm."""
     return MoEConfig(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, d_ff_expert=1024,
@@ -151,6 +185,9 @@ PRESETS: dict[str, Callable[..., MoEConfig]] = {
     "deepseek-v2": deepseek_v2,
     "deepseek-v3": deepseek_v3,
     "kimi-k2": kimi_k2,
+    "glm-4.5": glm_4_5,
+    "glm-4.5-air": glm_4_5_air,
+    "minimax-m2": minimax_m2,
     "olmoe-1b-7b": olmoe_1b_7b,
     "dbrx": dbrx,
     "jetmoe-8b": jetmoe_8b,
@@ -164,6 +201,9 @@ PUBLISHED_PARAMS: dict[str, float] = {
     # Kimi K2: 1.026T, the total of the released checkpoint's weights as third-party cards quote it (e.g.
     # unsloth/Kimi-K2-Instruct-GGUF); Moonshot's model card says "1T" and the K2 tech report 1.04T (1.3% above).
     "kimi-k2": 1026.0,
+    # The totals on the zai-org/GLM-4.5 model card (355B, and 106B for GLM-4.5-Air) and the MiniMaxAI/MiniMax-M2
+    # card (230B); the presets leave out the MTP layers, which these totals do not count either.
+    "glm-4.5": 355.0, "glm-4.5-air": 106.0, "minimax-m2": 230.0,
 }
 
 
@@ -208,6 +248,17 @@ TINY: dict[str, Callable[..., MoEConfig]] = {
                                              "first_dense_layers": 1, "d_ff_dense": 64, "attention": "mla",
                                              "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
                                              "v_head_dim": 8, "family": "deepseek_v3", **kw}),
+    "glm4_moe": lambda **kw: MoEConfig(**{**_T, "head_dim": 16, "d_ff_expert": 16, "n_experts": 8,
+                                          "routing": Routing(k=2, score="sigmoid", scale=2.5, n_group=4, topk_group=2,
+                                                             group_score="top2_sum"),
+                                          "n_shared_experts": 1, "d_ff_shared": 16, "selection_bias": True,
+                                          "first_dense_layers": 1, "d_ff_dense": 64, "qkv_bias": True,
+                                          "qk_norm": True, "qk_norm_per_head": True, "rotary_dim": 8,
+                                          "family": "glm4_moe", **kw}),
+    "minimax_m2": lambda **kw: MoEConfig(**{**_T, "head_dim": 16, "d_ff_expert": 16, "n_experts": 8,
+                                            "routing": Routing(k=2, score="sigmoid"), "selection_bias": True,
+                                            "qk_norm": True, "rotary_dim": 8, "norm_eps": 1e-6,
+                                            "family": "minimax_m2", **kw}),
     "jetmoe": lambda **kw: MoEConfig(**{**_T, "head_dim": 8, "d_ff_expert": 48, "n_experts": 4,
                                         "routing": Routing(k=2), "attention": "moa", "expert_out_bias": True,
                                         "tie_embeddings": True, "norm_eps": 1e-6, "family": "jetmoe", **kw}),

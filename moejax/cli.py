@@ -91,21 +91,35 @@ def _version() -> str:
 # --------------------------------------------------------------------------
 # Loading models.
 # --------------------------------------------------------------------------
-def load_model(spec: str):
+def load_model(spec: str, mesh_text: str | None = None):
     """``default`` -> the bundled model; otherwise a checkpoint folder (Hugging Face, or the bundled format).
 
     Commands run :func:`check_model` first, before any slow work; loading maps what is
-    left (a tensor missing or mis-shaped) to the same one-line error.
+    left (a tensor missing or mis-shaped) to the same one-line error. ``mesh_text``
+    (``"expert=8"``) loads the parameters straight onto that device mesh.
     """
     from moejax import models
 
+    mesh = None
+    if mesh_text is not None:
+        from moejax.sharding.mesh import mesh_from_text
+
+        try:
+            mesh = mesh_from_text(mesh_text)
+        except ValueError as e:
+            raise CLIError(f"--mesh: {e}") from None
     if spec == "default":
         try:
-            return models.load_default_model()
+            model = models.load_default_model()
         except models.CheckpointError as e:
             raise CLIError(f"the bundled default model cannot be loaded ({e}); reinstall moejax") from e
+        if mesh is None:
+            return model
+        from moejax.models.sharded_load import shard_model
+
+        return shard_model(model, mesh)
     with _checkpoint_errors(spec):
-        return models.from_pretrained(spec)
+        return models.from_pretrained(spec, mesh=mesh)
 
 
 def check_model(spec: str) -> None:
@@ -218,6 +232,13 @@ def _check_optimize_args(args) -> list[Any]:
 
     passes = moejax.parse_pipeline(args.passes)  # a bad spec fails here, with "did you mean"
     check_model(args.model)
+    if args.mesh is not None:
+        from moejax.sharding.mesh import parse_mesh_text
+
+        try:
+            parse_mesh_text(args.mesh)
+        except ValueError as e:
+            raise CLIError(f"--mesh: {e}") from None
     if args.dump is not None:
         dump.check_dump_target(args.dump, args.overwrite)
     elif args.overwrite:
@@ -242,7 +263,7 @@ def cmd_optimize(args) -> int:
     t0 = time.perf_counter()
     with _progress(args) as progress:
         progress.start(f"loading model {args.model!r}")
-        model = load_model(args.model)
+        model = load_model(args.model, args.mesh)
         cfg = getattr(model, "config", None)
         byte_level = models.is_byte_level(model)
         text = data.heldout_bytes() if byte_level and args.eval_bytes > 0 else None
@@ -411,6 +432,23 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """``moejax plan``: per-device memory of a model on a mesh (see :mod:`moejax.sharding.plan`)."""
+    import jax.numpy as jnp
+
+    from moejax.sharding import plan as planner
+
+    try:
+        mesh = planner.parse_mesh(args.mesh) if args.mesh else {"expert": args.device_count or 1, "data": 1}
+        planner.device(args.device)  # an unknown device fails before any model work
+        result = planner.plan_memory(args.model, mesh=mesh, device_name=args.device, batch=args.batch,
+                                     context=args.context, pipeline=args.pipeline, dtype=jnp.dtype(args.dtype))
+    except planner.PlanError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps(result.to_json(), indent=1) if args.json else planner.format_plan(result))
+    return 0
+
+
 def _select_stage(stages: list[dict[str, Any]], key: str, signature: str) -> dict[str, Any]:
     """A stage by index, by pass (full spelling or bare name when unique) or by file stem."""
     for how in (lambda m: str(m["index"]) == key, lambda m: m["pass"] == key, lambda m: m["_stem"] == key,
@@ -498,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch", type=positive, default=4, help="sequences per batch for tracing and timing (default 4)")
     o.add_argument("--seq-len", type=positive, default=256, help="tokens per sequence for prefill (default 256)")
     o.add_argument("--decode-tokens", type=positive, default=32, help="tokens decoded when timing decode (default 32)")
+    o.add_argument("--mesh", default=None, metavar="AXES",
+                   help="load the model straight onto a device mesh, e.g. expert=8 or expert=4,model=2 (experts "
+                        "over 'expert', attention/dense matrices over 'model'; each process reads only its slices). "
+                        "On CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N first")
     o.add_argument("--dump", default=None, metavar="DIR",
                    help="write every stage's program (text, structure, stats) to DIR, which must be empty or new")
     o.add_argument("--overwrite", action="store_true", help="replace an earlier moejax dump in --dump DIR")
@@ -527,6 +569,26 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("passes", help="list the passes with every option's type, default and range")
     ps.add_argument("name", nargs="?", default=None, help="show only this pass")
     ps.set_defaults(func=cmd_passes)
+
+    pl = sub.add_parser("plan", help="per-device memory of a model on a mesh, and the smallest mesh that fits",
+                        description="Plan a model's memory per device: weights by format (after the pipeline, "
+                                    "experts split over the expert axis), KV cache, activations and all-to-all "
+                                    "buffers of a prefill of batch x context tokens; whether it fits the device "
+                                    "and the smallest expert axis that does. Shapes only: nothing is allocated.")
+    pl.add_argument("--model", required=True, help="a preset name (e.g. deepseek-v3) or a checkpoint folder")
+    where = pl.add_mutually_exclusive_group()
+    where.add_argument("--mesh", default=None, help="mesh axes, e.g. expert=64 or expert=32,data=2")
+    where.add_argument("--device-count", type=positive, default=None, help="devices, all on the expert axis")
+    pl.add_argument("--device", default="h200", help="h100, h200, b200, a100-80gb, a100-40gb, tpu-v4, tpu-v5e, "
+                    "tpu-v5p, tpu-v6e (default h200)")
+    pl.add_argument("--batch", type=positive, default=1, help="sequences (default 1)")
+    pl.add_argument("--context", type=positive, default=4096, help="tokens per sequence (default 4096)")
+    pl.add_argument("--pipeline", default="", help="pass pipeline, e.g. 'quantize(bits=4),ep' (ep is placed "
+                    "on the mesh; added first when missing)")
+    pl.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                    help="weight and activation dtype (default bfloat16)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("inspect", help="show the stages of a pipeline dumped with --dump",
                        description="Show a dump written by `moejax optimize --dump DIR`: the stage table, one "

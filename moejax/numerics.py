@@ -33,8 +33,8 @@ def is_float(x: Any) -> bool:
 
 
 def count_nonfinite(x: Any) -> int:
-    """Number of NaN/Inf elements of a float array (0 for non-float arrays)."""
-    if not is_float(x):
+    """Number of NaN/Inf elements of a float array (0 for non-float arrays and for shapes, ``ShapeDtypeStruct``)."""
+    if not is_float(x) or isinstance(x, jax.ShapeDtypeStruct):  # a shape has no values to check
         return 0
     if isinstance(x, np.ndarray):
         # numpy cannot run isfinite on ml_dtypes (bfloat16) arrays: widen first

@@ -1,6 +1,7 @@
 """``moejax.optimize``: trace a model, run a pass pipeline, hand back a jitted model."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +33,11 @@ class OptimizedModel:
         self.entries = entries
         self.passes = passes
         self.signatures = list(signatures)  # one name per entry: "forward", "decode", "prefill", ...
-        self._final = [lowering.inline_dialect(stages[-1].program) for stages in entries]
+
+    @functools.cached_property
+    def _final(self) -> list[Program]:
+        # Inlined on first use: an abstract (shapes-only) model is never run, so never pays for it.
+        return [lowering.inline_dialect(stages[-1].program) for stages in self.entries]
 
     @property
     def stages(self) -> list[Stage]:
@@ -149,7 +154,11 @@ def optimize(model: Any, example_args: Sequence[Any], passes: str | Sequence[Pas
         example inputs and on a batch derived from them: exact passes must be bit-exact
         (or within their declared ``tolerance``) and NaN/Inf outputs stop the pipeline
         at the pass that introduced them. False skips these runs; weights are still
-        checked for NaN/Inf.
+        checked for NaN/Inf. A model whose parameters are ``jax.ShapeDtypeStruct`` (an
+        abstract model, e.g. ``moejax.models.abstract_model("deepseek-v3")``) is never
+        run: its stages are recorded with bytes and FLOPs but no checks, whatever
+        ``check_exact`` says, and passes that need weight values are refused
+        (see :mod:`moejax.abstract`).
       verbose: called with a line per traced signature and per pass.
       progress: called as ``progress(description, done, total)`` before each step
         (tracing a signature, running a pass on it); ``total`` counts all of them.

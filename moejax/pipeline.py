@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from moejax import expert_layout, lowering, numerics, stats
+from moejax import abstract, expert_layout, lowering, numerics, stats
 from moejax.analysis import AnalysisStore
 from moejax.dump import StageDump
 from moejax.numerics import NonFiniteError
@@ -177,6 +177,10 @@ class Pass:
       lossy_options: options that make an exact pass lossy when set away from their default.
       needs / provides: metadata keys read from earlier passes / added by this one.
       changes_signature: the pass may change the program's inputs or outputs.
+      needs_weight_values: the pass reads weight values (calibration, pruning ...); it is
+        refused on an abstract program (shapes only, :mod:`moejax.abstract`). Passes that
+        only read shapes declare False and transform weights with
+        :func:`moejax.abstract.eval_or_shape`.
     """
 
     name: ClassVar[str] = ""
@@ -188,6 +192,8 @@ class Pass:
     provides: ClassVar[tuple[str, ...]] = ()
     # Passes that read or reshape expert weights as stacked [E, k, n] arrays set this.
     needs_stacked_experts: ClassVar[bool] = False
+    # True (the safe default) refuses the pass on abstract programs; shape-only passes set False.
+    needs_weight_values: ClassVar[bool] = True
     # For `moejax passes` (moejax.pass_options): each option's allowed values, the options that
     # must be given, and descriptions where the docstring's "Options:" entry does not serve.
     option_ranges: ClassVar[Mapping[str, str]] = {}
@@ -555,7 +561,10 @@ class PassManager:
     :func:`check_batches` are finite; and, for an exact pass, its outputs equal
     the previous stage's bit for bit (or within its declared ``tolerance``).
     ``check_exact=False`` skips running the stages (exactness and output
-    NaN/Inf checks); weights are still checked for NaN/Inf.
+    NaN/Inf checks); weights are still checked for NaN/Inf. An abstract program
+    (weights or example inputs are shapes only, :mod:`moejax.abstract`) is never
+    run: its stages are not checked (``checked_batches=0``) whatever
+    ``check_exact`` says, and passes that declare ``needs_weight_values`` are refused.
     """
 
     def __init__(self, passes: str | Sequence[Pass | str], *, dump_dir: str | Path | None = None,
@@ -594,8 +603,11 @@ class PassManager:
         ``finish_dump=False`` leaves the dump's manifest to the caller (several signatures, one dump).
         """
         suffix = f" ({label} program)" if label else ""
-        batches = check_batches(program, ctx) if self.check_exact else []
-        if self.check_exact and len(batches) < 2 and program.in_avals and any(is_exact(p) for p in self.passes):
+        # Shapes only: nothing to run, so exactness and output checks are skipped, not failed.
+        shapes_only = program.is_abstract or abstract.is_abstract((ctx.example_args, ctx.example_kwargs))
+        batches = check_batches(program, ctx) if self.check_exact and not shapes_only else []
+        if (self.check_exact and not shapes_only and len(batches) < 2 and program.in_avals
+                and any(is_exact(p) for p in self.passes)):
             warnings.warn(
                 f"PassManager: exactness and NaN/Inf output checks skipped{suffix}: the PassContext has no example "
                 "inputs; give it example_args/example_kwargs" if not batches else
@@ -607,6 +619,10 @@ class PassManager:
         stages = [Stage("input", program, stats.program_stats(program), 0.0, checked_batches=len(batches))]
         self._dump(stages[-1], 0, label)
         for i, p in enumerate(self.passes, start=1):
+            if p.needs_weight_values and program.is_abstract:
+                raise PassError(f"{self._where(i)} reads weight values, but {abstract.LOAD_HINT}; or drop "
+                                f"{p.name} from the pipeline (shape-only passes: "
+                                f"{', '.join(n for n, c in registered_passes().items() if not c.needs_weight_values)})")
             self._check_needs(p, program, i)
             self._hook(i, "check", p.check, program, ctx)
             if self.verbose:

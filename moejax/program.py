@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from moejax import expert_layout, numerics, rewrite, weight_formats
+from moejax import abstract, expert_layout, numerics, rewrite, weight_formats
 
 __all__ = ["Program", "trace", "InputSignatureError", "path_to_str"]
 
@@ -75,6 +75,12 @@ class Program:
     def num_weight_leaves(self) -> int:
         return len(self.weight_leaves)
 
+    @property
+    def is_abstract(self) -> bool:
+        """Whether the weights are shapes only (``jax.ShapeDtypeStruct``): the program can be
+        rewritten, inspected and counted but not run, saved or exported (see :mod:`moejax.abstract`)."""
+        return abstract.is_abstract(self.weights)
+
     def weight_leaf_paths(self) -> list[str]:
         """One path per weight leaf (``path`` or ``path.field`` for structured weights)."""
         out = []
@@ -115,6 +121,8 @@ class Program:
         return arrays
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.is_abstract:
+            raise abstract.refuse("run this program")
         inputs = self.check_inputs(args, kwargs)
         outs = self._jitted_eval(self.weight_leaves, inputs)
         return jax.tree_util.tree_unflatten(self.out_tree, outs)
@@ -157,6 +165,8 @@ class Program:
         """Save weights (orbax) and structure; see :func:`moejax.serialization.save_program`."""
         from moejax.serialization import save_program
 
+        if self.is_abstract:
+            raise abstract.refuse("save this program (saving writes its weight values)")
         save_program(self, directory)
 
     @staticmethod
@@ -173,6 +183,9 @@ class Program:
         """
         from moejax.serialization import export_program
 
+        if self.is_abstract:
+            raise abstract.refuse("export this program with its weights (to lower it for other platforms without "
+                                  "values use moejax.sharding.export_program)")
         return str(export_program(self, directory, platforms=platforms))
 
     # ---- rewriting --------------------------------------------------------
@@ -186,6 +199,8 @@ class Program:
 
     def run_with_taps(self, rules: Mapping[str, rewrite.Rule], *args: Any, **kwargs: Any):
         """Run once with tapping ``rules``; returns (outputs, taps dict of arrays)."""
+        if self.is_abstract:
+            raise abstract.refuse("run this program (with taps)")
         inputs = self.check_inputs(args, kwargs)
         key = tuple(sorted(rules.items(), key=lambda kv: kv[0]))
         fn = self._tapped_fns.get(key)
@@ -307,7 +322,8 @@ def _split_model(model: Any, params: Any):
         if params is not None:
             raise TypeError("trace(nnx_module, ...) takes no params; the module holds its own state")
         graphdef, state = nnx.split(model)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+        # A structured weight (e.g. FP8 experts loaded as shipped) stays one weight of the program.
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=weight_formats.is_structured)
 
         def rebuild(leaves):
             return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
@@ -338,6 +354,10 @@ def trace(model: Any, *example_args: Any, params: Any = None, **example_kwargs: 
     a pure function ``fn(params, *args)`` (with ``params=...``). Keyword inputs
     (e.g. ``cache=...``, ``cache_index=...``) become free inputs too.
 
+    Weights (or inputs) given as ``jax.ShapeDtypeStruct`` (a model built under
+    ``nnx.eval_shape``, see ``moejax.models.abstract_model``) give an abstract
+    program: ``program.is_abstract``, shapes only (see :mod:`moejax.abstract`).
+
     Raises:
       moejax.numerics.NonFiniteError: a float weight holds NaN/Inf (named by path).
     """
@@ -345,12 +365,12 @@ def trace(model: Any, *example_args: Any, params: Any = None, **example_kwargs: 
     paths = [path_to_str(p) for p, _ in flat]
     if len(set(paths)) != len(paths):
         paths = [f"{p}#{i}" for i, p in enumerate(paths)]
-    leaves = [jnp.asarray(x) for _, x in flat]
+    leaves = [_leaf(x) for _, x in flat]
     # A NaN/Inf weight spreads silently through every later pass (quantize makes it finite garbage): stop here.
     numerics.check_finite_weights(dict(zip(paths, leaves)), "the traced model")
     in_leaves_with_path, in_tree = jax.tree_util.tree_flatten_with_path((tuple(example_args), dict(example_kwargs)))
     input_names = tuple(_input_name(p) for p, _ in in_leaves_with_path)
-    in_leaves = [jnp.asarray(x) for _, x in in_leaves_with_path]
+    in_leaves = [_leaf(x) for _, x in in_leaves_with_path]
 
     def fn(weight_leaves, input_leaves):
         args, kwargs = jax.tree_util.tree_unflatten(in_tree, input_leaves)
@@ -361,6 +381,12 @@ def trace(model: Any, *example_args: Any, params: Any = None, **example_kwargs: 
     return Program(jaxpr=closed, weights=dict(zip(paths, leaves)), in_tree=in_tree,
                    in_avals=tuple(_aval(x) for x in in_leaves), out_tree=out_tree, input_names=input_names,
                    metadata={})
+
+
+def _leaf(x: Any) -> Any:
+    """An array for a traced weight or input; a ``ShapeDtypeStruct`` (an abstract program) or a
+    structured weight stays one."""
+    return x if isinstance(x, jax.ShapeDtypeStruct) or weight_formats.is_structured(x) else jnp.asarray(x)
 
 
 def _input_name(path) -> str:

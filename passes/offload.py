@@ -20,7 +20,7 @@ from moejax.offload import OffloadedProgram, OffloadRuntime
 from moejax.partition import partition
 from moejax.pipeline import Pass, PassContext, PassError, Tolerance, register_pass
 from moejax.program import Program
-from moejax.weight_formats import MixedExpertTensor, format_of
+from moejax.weight_formats import MixedExpertTensor, format_of, nbytes_of
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -71,6 +71,8 @@ class Offload(Pass):
     tolerance: ClassVar[Tolerance | None] = Tolerance(1e-5, 1e-7, "the program runs as separately compiled parts; "
                                                       "XLA may vectorize the ops next to a cut differently")
     provides: ClassVar[tuple[str, ...]] = ("offload",)
+    # An abstract program gets the plan only (budget and expert bytes in its metadata): see run().
+    needs_weight_values: ClassVar[bool] = False
     # What __post_init__, check and resident_bytes (when the pass runs) accept; shown by `moejax passes`.
     option_ranges: ClassVar[Mapping[str, str]] = {
         "resident": "fraction in [0, 1], bytes > 1, or a size such as 64MB or 1.5GiB (b, kb, mb, gb, kib, mib, gib)",
@@ -115,6 +117,8 @@ class Offload(Pass):
                             f"e.g. 'profile,offload({what if what != 'pin' else 'pin=4'})'")
 
     def run(self, program: Program, ctx: PassContext) -> Program:
+        if program.is_abstract:
+            return self._plan_only(program, ctx)
         try:
             part = partition(program)
         except ValueError as e:
@@ -134,9 +138,22 @@ class Offload(Pass):
         fields["metadata"] = metadata
         return OffloadedProgram(**fields, partition=part, runtime=runtime)
 
+    def _tier(self, ctx: PassContext) -> str:
+        return self.tier if self.tier != "auto" else ("disk" if ctx.platform == "cpu" else "host")
+
+    def _plan_only(self, program: Program, ctx: PassContext) -> Program:
+        """An abstract (shapes-only) program: nothing to store or run, so only the plan goes into its
+        metadata, with the keys a real offload describes (``resident_expert_bytes``, ``expert_bytes``);
+        the program is unchanged."""
+        expert_bytes = sum(nbytes_of(program.weights[p]) for p in stats.expert_weight_sites(program))
+        plan = {"resident_expert_bytes": min(resident_bytes(self.resident, expert_bytes), expert_bytes),
+                "expert_bytes": expert_bytes, "policy": self.policy, "prefetch": self.prefetch,
+                "tier": self._tier(ctx), "abstract": True}
+        return program.replace(metadata={**program.metadata, "offload": plan})
+
     def _runtime(self, part, program: Program, ctx: PassContext) -> OffloadRuntime:
         sites = [split_site_experts(s.weights, s.num_experts) for s in part.sites]
-        tier = self.tier if self.tier != "auto" else ("disk" if ctx.platform == "cpu" else "host")
+        tier = self._tier(ctx)
         store = DiskExpertStore(sites, self.dir) if tier == "disk" else HostExpertStore(sites)
         capacity = resident_bytes(self.resident, store.total_bytes)
         profile = _profile_loads(program, part) if self.policy == "profile" or self.pin else None

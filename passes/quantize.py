@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import analysis, dialect, rewrite
+from moejax import abstract, analysis, dialect, rewrite
 from moejax import weight_formats as wf
 from moejax.stats import expert_weight_sites
 # The storage formats live in the core; re-exported here for existing imports.
@@ -258,6 +258,9 @@ class QuantizeExperts(Pass):
 
     name: ClassVar[str] = "quantize"
     exact: ClassVar[bool] = False
+    # Uniform widths only need shapes (abstract weights get jax.eval_shape of the quantizer, so their
+    # packed bytes are exact); mixed=true needs the profile, which needs values and refuses first.
+    needs_weight_values: ClassVar[bool] = False
     needs_stacked_experts: ClassVar[bool] = True
     # What __post_init__ (and check, for group_size) accepts; shown by `moejax passes`.
     option_ranges: ClassVar[Mapping[str, str]] = {
@@ -366,7 +369,7 @@ class QuantizeExperts(Pass):
                 w = program.weights[path]
                 new[path] = ctx.derived_weight(  # shared by the programs of one optimize call
                     f"quantize-{b}-{self._group(b)}-{self._symmetric(b)}-{self.clip_search}", w,
-                    lambda w=w: quantize_weight(w, b, self._group(b), self._symmetric(b), self.clip_search))
+                    lambda w=w: self._quantize(w, b, self._group(b)))
         if self.include_shared:
             b = self._uniform_bits()
             for path, w in program.weights.items():
@@ -375,12 +378,17 @@ class QuantizeExperts(Pass):
                     if gs is not None and w.shape[-2] % gs:
                         raise PassError(f"pass {self}: group_size={gs} does not divide the contraction dim "
                                         f"{w.shape[-2]} of shared/dense FFN weight {path} {list(w.shape)}")
-                    new[path] = quantize_weight(w, b, gs, self._symmetric(b), self.clip_search)
+                    new[path] = self._quantize(w, b, gs)
         meta = {"quantization": {"pass": str(self), "formats": {p: v.format for p, v in new.items()}}}
         if allocation is not None:
             meta = analysis.write(meta, allocation)
             meta["quantization"]["expert_bits"] = notes
         return program.rewrite({dialect.expert_ffn_p.name: _requantize_rule}, weights=new, metadata=meta)
+
+    def _quantize(self, w: Any, bits: int, group_size: int | None) -> Any:
+        """``w`` quantized uniformly; an abstract ``w`` gives the abstract result (exact packed shapes)."""
+        return abstract.eval_or_shape(
+            lambda v: quantize_weight(v, bits, group_size, self._symmetric(bits), self.clip_search), w)
 
     def _allocation_inputs(self, program: Program, layer: str, paths: list[str]):
         """(importance [S,E], error [S,E,C], weights per expert) of one MoE layer.

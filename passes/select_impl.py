@@ -5,7 +5,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from moejax import dialect, expert_layout, native_build, rewrite, stats
+from moejax import abstract, dialect, expert_layout, native_build, rewrite, stats
 from moejax.pipeline import Pass, PassContext, PassError, Tolerance, register_pass
 from moejax.program import Program
 
@@ -49,6 +49,7 @@ class SelectImpl(Pass):
 
     name: ClassVar[str] = "select-impl"
     exact: ClassVar[bool] = True
+    needs_weight_values: ClassVar[bool] = False  # a layout change is a re-arrangement: shapes suffice
     # Measured on CPU, reference -> ragged/blocked: tiny Mixtral f32 (float, int8 weights) up to 1.8e-6 = 5.5e-7 of
     # max|logit|; the default model 1.4e-5 = 7.5e-7 of max|logit|. ragged <-> blocked and bf16 models: bit-exact.
     # reference -> native (benchmarks/moe_layer.py, max abs deviation): up to 1.6e-6 (int8), 1.1e-6 (int4).
@@ -97,7 +98,8 @@ class SelectImpl(Pass):
                 # once per source weight: the programs of one optimize call share the new buffers
                 relaid[path] = ctx.derived_weight(
                     "split-experts" if want else "stack-experts", w,
-                    lambda w=w, want=want: expert_layout.with_layout_of(w, want))
+                    lambda w=w, want=want: abstract.eval_or_shape(
+                        lambda v: expert_layout.with_layout_of(v, want), w))
             layout[path] = "per-expert" if want else "stacked"
         return program.rewrite({dialect.expert_ffn_p.name: lambda rc: rewrite.rebind_expert_ffn(rc, impl=impl)},
                                weights=relaid, metadata={"expert_layout": layout})

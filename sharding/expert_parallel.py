@@ -171,6 +171,15 @@ def _rules(configs: Mapping[str, EPConfig], placed: bool, tap: bool) -> dict[str
 # --------------------------------------------------------------------------
 # Weights: lay out by placement, shard along the expert dim.
 # --------------------------------------------------------------------------
+def _weights_mesh(program: Program) -> Mesh | None:
+    """The device mesh the program's weights are sharded over, if any (the first one found)."""
+    for leaf in program.weight_leaves:
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
 def _place_leaf(leaf, axis: int, placement: Placement, mesh, expert_axis: str, path: str):
     if leaf.ndim <= axis or leaf.shape[axis] != placement.num_experts:
         raise PassError(f"ep: weight {path!r} of shape {tuple(leaf.shape)} has no expert dimension of size "
@@ -181,6 +190,11 @@ def _place_leaf(leaf, axis: int, placement: Placement, mesh, expert_axis: str, p
     sharding = NamedSharding(mesh, spec)
     if isinstance(mesh, AbstractMesh) or isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=sharding)
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        # Spread over several processes (loaded with from_pretrained(mesh=...)): no process can see
+        # it whole, so the slot gather runs as one collective program that every process joins.
+        slots = np.asarray(placement.slot_expert)
+        return jax.jit(lambda a: jnp.take(a, slots, axis=axis), out_shardings=sharding)(leaf)
     host = np.asarray(leaf)
     if not placement.is_identity:
         host = np.take(host, np.asarray(placement.slot_expert), axis=axis)
@@ -337,6 +351,7 @@ class ExpertParallel(Pass):
 
     name: ClassVar[str] = "ep"
     needs_stacked_experts: ClassVar[bool] = True
+    needs_weight_values: ClassVar[bool] = False  # abstract weights become sharded ShapeDtypeStructs
     provides: ClassVar[tuple[str, ...]] = ("expert_parallel", "device_mesh")
     lossy_options: ClassVar[tuple[str, ...]] = ("capacity_factor",)  # dropless (None) is exact; a capacity drops slots
     # Measured on CPU (2-4 virtual devices, shard/replicate): tiny Mixtral up to 5.0e-7 of max|logit|, default model 8.4e-7.
@@ -388,11 +403,21 @@ class ExpertParallel(Pass):
         elif self.num_devices is not None and self.num_devices < 1:
             raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")
 
-    def resolve_mesh(self) -> Mesh | AbstractMesh:
+    def resolve_mesh(self, abstract: bool = False, program: Program | None = None) -> Mesh | AbstractMesh:
+        """``mesh``; else the mesh the program's weights already live on (``from_pretrained(mesh=...)``)
+        if it has this pass's expert axis (of ``num_devices`` devices, when given); else one over
+        ``num_devices`` devices: an AbstractMesh for an ``abstract`` program (shapes only: it is
+        never run, so it may plan for more devices than this host has)."""
         if self.mesh is not None:
             return self.mesh
+        loaded = _weights_mesh(program) if program is not None else None
+        if loaded is not None and self.axis in loaded.axis_names and (
+                self.num_devices is None or int(loaded.shape[self.axis]) == self.num_devices):
+            return mesh_lib.auto_axes(loaded)
         if self.data_axis is not None:
             raise PassError("ep: data_axis needs an explicit mesh with that axis (mesh=expert_mesh(n, data=m))")
+        if abstract and self.num_devices is not None:
+            return mesh_lib.abstract_expert_mesh(self.num_devices, axis=self.axis)
         return mesh_lib.expert_mesh(self.num_devices, axis=self.axis)
 
     def resolve_exchange(self, platform: str) -> str:
@@ -409,7 +434,7 @@ class ExpertParallel(Pass):
                 or ctx.analysis.latest(analysis.RoutingProfile))
 
     def check(self, program: Program, ctx: PassContext) -> None:
-        mesh = self.resolve_mesh()
+        mesh = self.resolve_mesh(program.is_abstract, program)
         try:
             mesh_lib.check_axes(mesh, self.axis, self.data_axis)
         except (TypeError, ValueError) as e:
@@ -433,7 +458,7 @@ class ExpertParallel(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         out = expert_parallel_program(
-            program, self.resolve_mesh(), axis=self.axis, data_axis=self.data_axis,
+            program, self.resolve_mesh(program.is_abstract, program), axis=self.axis, data_axis=self.data_axis,
             capacity_factor=self.capacity_factor, overlap_chunks=self.overlap_chunks,
             replicate_hot=self.replicate_hot, placement=self.placement, layout=self.layout,
             profile=self._profile(program, ctx), exchange=self.resolve_exchange(ctx.platform))

@@ -3,11 +3,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import re
+
 import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
-__all__ = ["expert_mesh", "abstract_expert_mesh", "auto_axes", "check_axes", "describe_mesh"]
+__all__ = ["expert_mesh", "abstract_expert_mesh", "auto_axes", "check_axes", "describe_mesh", "MESH_AXES",
+           "parse_mesh_text", "mesh_from_text"]
+
+# The axes moejax's passes and loading rules use, outermost first: "data" splits the
+# batch, "expert" the experts (ep), "model" attention and dense matrices (tensor parallel).
+MESH_AXES = ("data", "expert", "model")
 
 
 def expert_mesh(num_devices: int | None = None, axis: str = "expert", data: int = 1,
@@ -72,3 +79,38 @@ def check_axes(mesh: Any, axis: str, data_axis: str | None, who: str = "ep") -> 
 def describe_mesh(mesh: Any) -> dict[str, int]:
     """``{axis name: size}``."""
     return {str(k): int(v) for k, v in dict(mesh.shape).items()}
+
+
+def parse_mesh_text(text: str, axes: tuple[str, ...] = MESH_AXES) -> dict[str, int]:
+    """``"expert=8,model=2"`` -> ``{"expert": 8, "model": 2}``; raises ``ValueError`` (one line) on bad text."""
+    mesh: dict[str, int] = {}
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*", item)
+        if not m:
+            raise ValueError(f"mesh {text!r}: {item.strip()!r} is not axis=size; write e.g. expert=8 or "
+                             "expert=4,model=2")
+        axis, size = m.group(1), int(m.group(2))
+        if axis not in axes:
+            raise ValueError(f"mesh {text!r}: unknown axis {axis!r}; the axes are {', '.join(axes)}")
+        if size < 1 or axis in mesh:
+            raise ValueError(f"mesh {text!r}: axis {axis} must appear once with a size >= 1")
+        mesh[axis] = size
+    return mesh
+
+
+def mesh_from_text(text: str, devices: Any = None) -> Mesh:
+    """A mesh over the first devices (of every process) from ``"data=2,expert=4"``-style text.
+
+    Axes are ordered ``data, expert, model`` whatever the text's order, so that
+    ``model`` (the most communication-heavy) spans neighbouring devices.
+    """
+    sizes = parse_mesh_text(text)
+    names = tuple(a for a in MESH_AXES if a in sizes)
+    shape = tuple(sizes[a] for a in names)
+    devs = list(jax.devices() if devices is None else devices)
+    need = int(np.prod(shape))
+    if need > len(devs):
+        raise ValueError(f"mesh {text!r} needs {need} devices but {len(devs)} are visible; on CPU set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={need} before JAX starts")
+    return Mesh(np.array(devs[:need], dtype=object).reshape(shape), names,
+                axis_types=(AxisType.Auto,) * len(names))

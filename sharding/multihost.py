@@ -46,6 +46,12 @@ def start_cluster(coordinator_address: str, num_processes: int, process_id: int,
     Must run before any other JAX call in the process. If a peer has not joined
     within ``timeout_s`` seconds, raises :class:`ClusterError` naming the
     coordinator, the process count and the fix (instead of hanging).
+
+    A peer that dies later (crash, preemption) stops sending heartbeats; after
+    ``max(10, timeout_s)`` seconds JAX's coordination service ends every other
+    process (non-zero exit, "Terminating process because the JAX distributed
+    service detected fatal errors ... another task died") rather than letting
+    it wait in a collective forever (tests/test_sharding_multihost.py).
     """
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise ClusterError(f"start_cluster: process_id={process_id} must be in [0, num_processes={num_processes})")

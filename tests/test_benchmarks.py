@@ -208,3 +208,26 @@ def test_profile_decode_runs_on_the_tiny_shape(capsys):
     assert profile_decode.main(["--shape", "tiny", "--iters", "2"]) == 0
     out = capsys.readouterr().out
     assert "layer through optimize: warm" in out and "native down call" in out and "without its expert FFN" in out
+
+
+def test_sharded_load_memory_stays_within_the_bound(tmp_path):
+    """Loading onto a mesh grows a process's resident memory by at most 1.5 x its share + one tensor.
+
+    (``growth`` excludes the ~200 MB JAX itself holds before the load; the committed
+    3 GB run in benchmarks/results/sharded_load.json meets the bound on the absolute peak too.)
+    """
+    out = tmp_path / "sharded_load.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sharded_load.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = _load(out)
+    rows = {(r["mode"], r["process"]): r for r in result["rows"]}
+    assert len(rows) == 4
+    for (mode, _), r in rows.items():
+        if "mesh" in mode and "no mesh" not in mode:
+            assert r["growth_mb"] <= r["bound_mb"], r
+            assert r["device_bytes_mb"] <= r["growth_mb"] * 1.05  # what was loaded is what stays resident
+    two = [r for (mode, _), r in rows.items() if mode.startswith("2 processes")]
+    one = rows[("one process, mesh expert=8", 0)]
+    assert all(r["device_bytes_mb"] < 0.6 * one["device_bytes_mb"] for r in two)  # each holds about half

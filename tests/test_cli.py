@@ -81,10 +81,12 @@ def tiny_byte_checkpoint(tmp_path_factory) -> Path:
     (["inspect", "/tmp", "--text"], "--text only applies to --diff"),
     (["nonsense"], "invalid choice"),
     (["optimize", "--passes", "merge(num_experts=0)"], "pass merge: num_experts"),
+    (["optimize", "--mesh", "foo=8"], "unknown axis 'foo'"),
+    (["optimize", "--mesh", "expert8"], "is not axis=size"),
 ])
 def test_bad_argument_is_one_line_and_exit_2(capsys, monkeypatch, argv, needle):
     # Nothing may load a model for these: make loading fail loudly if it were tried.
-    monkeypatch.setattr(cli, "load_model", lambda spec: pytest.fail("a model was loaded for a bad argument"))
+    monkeypatch.setattr(cli, "load_model", lambda *a: pytest.fail("a model was loaded for a bad argument"))
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert_one_error_line(err, needle)
@@ -324,3 +326,21 @@ def test_passes_lists_types_defaults_and_ranges(capsys):
     code, _, err = run_cli(capsys, "passes", "prunee")
     assert code == 2
     assert_one_error_line(err, "no pass 'prunee'")
+
+
+def test_mesh_larger_than_the_visible_devices_is_one_line(capsys):
+    code, _, err = run_cli(capsys, "optimize", "--mesh", "expert=512", "--quiet")
+    assert code == 2
+    assert_one_error_line(err, "needs 512 devices but")
+
+
+def test_optimize_onto_a_mesh_is_exact(tmp_path):
+    """--mesh expert=4,model=2 on 8 simulated devices: the loaded model and its ep stage score the same."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-m", "moejax.cli", "optimize", "--mesh", "expert=4,model=2", "--passes",
+                           "ep", "--eval-bytes", "1024", "--batch", "1", "--seq-len", "16", "--decode-tokens", "2",
+                           "--json", "--quiet"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert [r["pass"] for r in rows] == ["input", "ep"]
+    assert abs(rows[1]["bits_per_byte"] - rows[0]["bits_per_byte"]) < 1e-5

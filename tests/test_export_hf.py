@@ -38,6 +38,12 @@ FAMILIES = {
         intermediate_size=16, num_experts=8, num_experts_per_tok=2, pad_token_id=None, eos_token_id=None, **COMMON)),
     "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
         q_lora_rank=8, n_shared_experts=1, routed_scaling_factor=2.5, n_group=1, topk_group=1, **_MLA)),
+    "glm4_moe": lambda: transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
+        intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, head_dim=16,
+        use_qk_norm=True, attention_bias=True, routed_scaling_factor=2.5, first_k_dense_replace=1, **COMMON)),
+    "minimax_m2": lambda: transformers.MiniMaxM2ForCausalLM(transformers.MiniMaxM2Config(
+        intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=16, rotary_dim=8,
+        bos_token_id=None, eos_token_id=None, **COMMON)),
 }
 CASES = [(f, "") for f in FAMILIES] + [(f, "profile,prune(num_experts=6)") for f in FAMILIES] + [
     ("mixtral", "profile,merge(num_experts=6)"), ("deepseek_v3", "profile,merge(num_experts=6)")]

@@ -222,11 +222,36 @@ _QWEN3_235B_RELEASED = {
     **_QWEN3_30B_RELEASED, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536,
     "num_attention_heads": 64, "num_hidden_layers": 94}
 
+# GLM-4.5 and GLM-4.5-Air (zai-org): values as released, from memory of the published config.json files (Air's
+# routed_scaling_factor and use_qk_norm not re-checked against the Hub).
+_GLM_4_5_RELEASED = {
+    "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "attention_bias": True, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 5120, "partial_rotary_factor": 0.5, "intermediate_size": 12288,
+    "max_position_embeddings": 131072, "moe_intermediate_size": 1536, "norm_topk_prob": True,
+    "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 160, "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "num_hidden_layers": 92,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000,
+    "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_qk_norm": True,
+    "vocab_size": 151552}
+_GLM_4_5_AIR_RELEASED = {
+    **_GLM_4_5_RELEASED, "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+    "n_routed_experts": 128, "routed_scaling_factor": 1.0, "first_k_dense_replace": 1, "num_hidden_layers": 46,
+    "use_qk_norm": False}
+# MiniMax-M2 (MiniMaxAI/MiniMax-M2): the fields the parser reads, as released (transformers' defaults agree).
+_MINIMAX_M2_RELEASED = {
+    "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2", "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 3072, "intermediate_size": 1536, "max_position_embeddings": 196608, "num_attention_heads": 48,
+    "num_experts_per_tok": 8, "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256,
+    "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "scoring_func": "sigmoid",
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_qk_norm": True, "vocab_size": 200064}
+
 
 @pytest.mark.parametrize("hf, name", [(_DEEPSEEK_V3_RELEASED, "deepseek-v3"), (_KIMI_K2_RELEASED, "kimi-k2"),
                                       (_QWEN3_30B_RELEASED, "qwen3-30b-a3b"),
-                                      (_QWEN3_235B_RELEASED, "qwen3-235b-a22b")],
-                         ids=["deepseek-v3", "kimi-k2", "qwen3-30b", "qwen3-235b"])
+                                      (_QWEN3_235B_RELEASED, "qwen3-235b-a22b"), (_GLM_4_5_RELEASED, "glm-4.5"),
+                                      (_GLM_4_5_AIR_RELEASED, "glm-4.5-air"), (_MINIMAX_M2_RELEASED, "minimax-m2")],
+                         ids=["deepseek-v3", "kimi-k2", "qwen3-30b", "qwen3-235b", "glm-4.5", "glm-4.5-air",
+                              "minimax-m2"])
 def test_released_configs_translate_to_their_presets(hf, name):
     from moejax.models.presets import preset
     assert models.config_from_hf(hf) == preset(name)
@@ -272,3 +297,20 @@ def test_moejax_format_round_trips_qwen3_moe_with_yarn(tmp_path):
     assert loaded.config == cfg
     tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
     np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
+
+
+@pytest.mark.parametrize("hf, error, match", [
+    ({**_GLM_4_5_RELEASED, "partial_rotary_factor": 1.5}, CheckpointError,
+     "field 'partial_rotary_factor' must be a number in \\(0, 1\\]"),
+    ({**_GLM_4_5_RELEASED, "rope_parameters": {"rope_theta": 1e6, "partial_rotary_factor": "half"}}, CheckpointError,
+     "field 'rope_parameters.partial_rotary_factor' must be"),
+    ({**_GLM_4_5_RELEASED, "use_qk_norm": "yes"}, CheckpointError, "field 'use_qk_norm' must be true or false"),
+    ({**_GLM_4_5_RELEASED, "n_shared_experts": 0}, NotImplementedError, "n_shared_experts=0 is not supported"),
+    ({**_MINIMAX_M2_RELEASED, "rotary_dim": 63}, CheckpointError, "partial rotary gives 63 rotary dimensions"),
+    ({**_MINIMAX_M2_RELEASED, "rotary_dim": 256}, CheckpointError,
+     "partial rotary gives 256 rotary dimensions of head_dim=128"),
+], ids=["factor-range", "factor-string", "qk-norm-string", "glm-no-shared", "odd-rotary-dim", "rotary-dim-too-big"])
+def test_bad_glm_and_minimax_fields_are_one_clear_line(hf, error, match):
+    with pytest.raises(error, match=match) as err:
+        models.config_from_hf(hf)
+    assert "\n" not in str(err.value)

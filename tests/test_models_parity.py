@@ -182,3 +182,64 @@ def test_jetmoe_parity(tmp_path):
             if name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn_like(p))
     _check(tmp_path, hf)
+
+
+def _random_biases(hf_model) -> None:
+    """transformers zero-initialises linear biases; make the q/k/v biases matter."""
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+
+
+_GLM = dict(intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, **COMMON)
+
+
+def test_glm4_moe_parity(tmp_path):
+    """GLM-4.5: per-head q/k norm, q/k/v bias, partial rotary (transformers' default half of each head: 8 of 16,
+    half-split pairs within the rotated part), DeepSeek-V3 routing with 4 groups, scaling 2.5, a shared expert and a
+    leading dense layer."""
+    torch.manual_seed(0)
+    cfg = transformers.Glm4MoeConfig(head_dim=16, use_qk_norm=True, attention_bias=True, n_group=4, topk_group=2,
+                                     routed_scaling_factor=2.5, n_shared_experts=1, first_k_dense_replace=1, **_GLM)
+    hf = transformers.Glm4MoeForCausalLM(cfg)
+    _random_biases(hf)
+    _check(tmp_path, hf, bias_names=("e_score_correction_bias",))
+    loaded = models.from_pretrained(str(tmp_path)).config
+    assert loaded.rotary_dim == 8 and loaded.qk_norm_per_head and loaded.qkv_bias
+
+
+def test_glm4_moe_air_style_and_mtp_layers_parity(tmp_path):
+    """GLM-4.5-Air-style options and other sizes: no q/k norm or bias, a quarter of each head rotated (4 of 16, set
+    in rope_parameters), one group, raw top-k weights, two shared experts, two leading dense layers of 4; the
+    released checkpoints' MTP layer (model.layers.{num_hidden_layers}.*) is ignored on load."""
+    from moejax.models.safetensors_io import Checkpoint, save_file
+
+    torch.manual_seed(0)
+    cfg = transformers.Glm4MoeConfig(
+        head_dim=16, use_qk_norm=False, attention_bias=False, norm_topk_prob=False, n_shared_experts=2,
+        first_k_dense_replace=2, rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.25),
+        **{**_GLM, "num_hidden_layers": 4, "num_experts_per_tok": 3, "n_routed_experts": 6})
+    hf = transformers.Glm4MoeForCausalLM(cfg)
+    _check(tmp_path, hf, bias_names=("e_score_correction_bias",))
+    model = models.from_pretrained(str(tmp_path))
+    assert model.config.rotary_dim == 4 and model.config.first_dense_layers == 2 and not model.config.qk_norm
+    ckpt = Checkpoint(str(tmp_path))
+    tensors = {k: ckpt.read(k) for k in ckpt}
+    mtp = {f"model.layers.4.{k[len('model.layers.3.'):]}": v for k, v in tensors.items()
+           if k.startswith("model.layers.3.")}
+    save_file({**tensors, **mtp, "model.layers.4.eh_proj.weight": np.zeros((32, 64), np.float32)},
+              str(tmp_path / "model.safetensors"))
+    tokens = jnp.asarray(np.arange(16).reshape(2, 8), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(models.from_pretrained(str(tmp_path))(tokens)), np.asarray(model(tokens)))
+
+
+def test_minimax_m2_parity(tmp_path):
+    """MiniMax-M2: RMS q/k norms over the flattened heads (weights [heads * head_dim]), partial rotary (rotary_dim 8
+    of head_dim 16), sigmoid routing with the block's correction bias, renormalised; experts named w1/w3/w2."""
+    torch.manual_seed(0)
+    cfg = transformers.MiniMaxM2Config(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                                       rotary_dim=8, bos_token_id=None, eos_token_id=None, **COMMON)
+    _check(tmp_path, transformers.MiniMaxM2ForCausalLM(cfg), bias_names=("e_score_correction_bias",))
+    loaded = models.from_pretrained(str(tmp_path)).config
+    assert loaded.rotary_dim == 8 and loaded.qk_norm and not loaded.qk_norm_per_head

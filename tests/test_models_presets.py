@@ -12,7 +12,7 @@ from moejax.models import MoEDecoder
 from moejax.models import presets as P
 
 
-NEWER = ("qwen3-30b-a3b", "qwen3-235b-a22b", "kimi-k2")
+NEWER = ("qwen3-30b-a3b", "qwen3-235b-a22b", "kimi-k2", "glm-4.5", "glm-4.5-air", "minimax-m2")
 
 
 @pytest.mark.parametrize("name", sorted(P.PRESETS))

@@ -5,13 +5,10 @@ subprocess (tests/ep_worker.py) and each test checks one part of its report.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from worker_util import run_worker
 
 WORKER = Path(__file__).with_name("ep_worker.py")
 CASES = ("mixtral", "fine64", "optimize_decode", "capacity", "replicate", "default")
@@ -20,12 +17,7 @@ TOL = 1e-4  # f32 logits of magnitude ~3; the region only reorders the same floa
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, str(WORKER), *CASES], capture_output=True, text=True, timeout=900,
-                          env=env, cwd=WORKER.parent.parent)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(WORKER, CASES, timeout=900)
 
 
 def _case(report, name):
