@@ -44,24 +44,30 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> Callable[[int], str]:
-        """``push(token_id) -> new text``: the text a decoded stream adds with each token.
+    def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> tuple[Callable[[int], str], Callable[[], str]]:
+        """``(push, flush)``: ``push(token_id)`` returns the text a decoded stream adds with each token,
+        ``flush()`` what is still held back at the end.
 
-        Tokens that hold part of a UTF-8 character (byte-fallback BPE) decode to
-        U+FFFD alone; text is released only once it no longer ends in one.
+        Tokens that hold part of a UTF-8 character (byte-level BPE) decode to U+FFFD
+        until the character is complete, so text ending in one is held back; what a
+        finished stream still holds (a character never completed) comes out in ``flush``.
         """
         ids, shown = list(prompt_ids), self.decode(prompt_ids)
 
-        def push(token: int) -> str:
+        def release(final: bool) -> str:
             nonlocal shown
-            ids.append(int(token))
             text = self.decode(ids)
-            if text.endswith("\ufffd") or not text.startswith(shown):
+            if not final and (text.endswith("\ufffd") or not text.startswith(shown)):
                 return ""
-            new, shown = text[len(shown):], text
+            new = text[len(os.path.commonprefix([shown, text])):]  # (a decoder that rewrote earlier text: its tail)
+            shown = text
             return new
 
-        return push
+        def push(token: int) -> str:
+            ids.append(int(token))
+            return release(final=False)
+
+        return push, lambda: release(final=True)
 
 
 def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer | None:

@@ -122,6 +122,19 @@ def load_model(spec: str, mesh_text: str | None = None):
         return models.from_pretrained(spec, mesh=mesh)
 
 
+def _tokenizer(spec: str):
+    """The checkpoint's tokenizer.json as a TextTokenizer, or None (the bundled model and byte-level folders)."""
+    if spec == "default":
+        return None
+    from moejax.models import CheckpointError
+    from moejax.models.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(spec)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+
+
 def check_model(spec: str) -> None:
     """Refuse a bad ``--model`` before any slow work: the folder, its config.json and safetensors headers."""
     from moejax import models
@@ -372,12 +385,19 @@ def cmd_generate(args) -> int:
         raise CLIError("--prompt is empty; give some text to continue")
     passes = moejax.parse_pipeline(args.passes) if args.passes else []
     check_model(args.model)
-    prompt = jnp.asarray([list(args.prompt.encode("utf-8"))], jnp.int32)
+    tokenizer = _tokenizer(args.model)
+    ids = tokenizer.encode(args.prompt) if tokenizer else list(args.prompt.encode("utf-8"))
+    if not ids:
+        raise CLIError("--prompt encodes to no tokens; give some text to continue")
+    prompt = jnp.asarray([ids], jnp.int32)
     with _progress(args) as progress:
         progress.start(f"loading model {args.model!r}")
         model = load_model(args.model)
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if isinstance(vocab, int) and int(prompt.max()) >= vocab:
+            if tokenizer:
+                raise CLIError(f"{tokenizer.path} gives token id {int(prompt.max())}, but the model's vocabulary "
+                               f"has only {vocab} tokens: the tokenizer does not belong to this model")
             raise CLIError(f"the prompt holds byte {int(prompt.max())}, but the model's vocabulary has only {vocab} "
                            f"tokens (generate feeds UTF-8 bytes as token ids); use a byte-level model such as "
                            f"--model default, or a prompt of bytes below {vocab}")
@@ -396,23 +416,65 @@ def cmd_generate(args) -> int:
         tokens = models.stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                key=jax.random.PRNGKey(args.seed), max_len=max_len)
         first = next(tokens)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(args.prompt + decoder.decode(bytes([int(first[0]) % 256])))
+    if tokenizer:
+        push, flush = tokenizer.stream_decoder(ids)
+    else:  # byte-level: token ids are UTF-8 bytes
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        push, flush = (lambda t: decoder.decode(bytes([t % 256]))), (lambda: decoder.decode(b"", final=True))
+    sys.stdout.write(args.prompt + push(int(first[0])))
     sys.stdout.flush()
     count, t0, timed = 1, time.perf_counter(), 0
     for token in tokens:  # the text itself shows progress: it is written as it is decoded
-        sys.stdout.write(decoder.decode(bytes([int(token[0]) % 256])))
+        sys.stdout.write(push(int(token[0])))
         sys.stdout.flush()
         count += 1
         if count == 2:  # the first decode step compiled: time the steady state from here
             t0 = time.perf_counter()
         else:
             timed += 1
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    sys.stdout.write(flush() + "\n")
     seconds = time.perf_counter() - t0
     if not args.quiet:
         speed = f", decode {timed / seconds:.0f} tok/s" if timed and seconds > 0 else ""
         print(f"[{count} tokens{speed}]", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# export-hf
+# --------------------------------------------------------------------------
+def cmd_export_hf(args) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+
+    import moejax
+    from moejax import data
+    from moejax.models.export_hf import ExportError, export_hf
+
+    passes = moejax.parse_pipeline(args.passes) if args.passes else []
+    check_model(args.model)
+    if args.model == "default":
+        raise CLIError("export-hf writes a Hugging Face checkpoint back in its own layout; --model must be a "
+                       "Hugging Face checkpoint folder")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLIError(f"--out {args.out!r} exists and is not an empty folder; choose a new folder")
+    with _progress(args) as progress:
+        progress.start(f"loading model {args.model!r}")
+        model = load_model(args.model)
+        tokenizer = _tokenizer(args.model)
+        # calibration for analysis passes (profile): held-out text, through the checkpoint's tokenizer if it has one
+        text = data.heldout_bytes()[:CALIBRATION_WINDOW * 4].decode("utf-8", "replace")
+        ids = tokenizer.encode(text) if tokenizer else list(text.encode("utf-8"))
+        vocab = model.config.vocab_size
+        example = jnp.asarray(np.resize(np.asarray(ids, np.int32) % vocab, (1, CALIBRATION_WINDOW)))
+        opt = moejax.optimize(model, (example,), passes, progress=progress.update)
+        progress.update("writing the checkpoint", 0, 1)
+        try:
+            export_hf(opt, str(out), dtype=args.dtype and {"bfloat16": jnp.bfloat16}.get(args.dtype, args.dtype))
+        except ExportError as e:
+            raise CLIError(str(e)) from None
+    print(f"wrote {out} ({', '.join(sorted(os.listdir(out)))}) after {moejax.pipeline_to_str(passes) or 'no passes'}")
     return 0
 
 
@@ -550,8 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_optimize)
 
     g = sub.add_parser("generate", help="continue a prompt with KV-cache decoding",
-                       description="Continue a prompt (UTF-8 bytes as token ids) with the bundled model or a "
-                                   "byte-level checkpoint, optionally optimized first; text is printed as it comes.")
+                       description="Continue a prompt with the bundled model or a checkpoint (encoded with its "
+                                   "tokenizer.json, or as UTF-8 bytes for byte-level models), optionally optimized "
+                                   "first; text is printed as it comes.")
     g.add_argument("--model", default="default", help="'default' (the bundled model) or a checkpoint folder")
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS:,}]"),
@@ -565,6 +628,19 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(e.g. {DEFAULT_PIPELINE!r})")
     g.add_argument("--quiet", action="store_true", help="no progress or speed lines on stderr")
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("export-hf", help="optimize a checkpoint and write it back as a Hugging Face checkpoint",
+                       description="Load a Hugging Face checkpoint folder, run a pipeline on it (prune, merge, ...) "
+                                   "and write the result in the checkpoint's own layout (config.json with the new "
+                                   "expert count, model.safetensors), loadable by transformers.")
+    x.add_argument("--model", required=True, help="a Hugging Face checkpoint folder (config.json + *.safetensors)")
+    x.add_argument("--passes", default="", help="pipeline to apply first (e.g. 'profile,prune(num_experts=6)'; "
+                   "default: none)")
+    x.add_argument("--out", required=True, metavar="DIR", help="output folder (must be new or empty)")
+    x.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the written float tensors (default: as loaded)")
+    x.add_argument("--quiet", action="store_true", help="no progress display on stderr")
+    x.set_defaults(func=cmd_export_hf)
 
     ps = sub.add_parser("passes", help="list the passes with every option's type, default and range")
     ps.add_argument("name", nargs="?", default=None, help="show only this pass")

@@ -48,9 +48,10 @@ def test_text_round_trips_and_streams(checkpoint):
     tok = load_tokenizer(checkpoint[0])
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT and max(ids) < VOCAB and len(ids) < len(TEXT.encode())
-    push = tok.stream_decoder(ids[:3])
-    streamed = "".join(push(i) for i in ids[3:])
-    assert tok.decode(ids[:3]) + streamed == TEXT  # multi-byte characters split over tokens come out whole
+    push, flush = tok.stream_decoder(ids[:3])
+    pieces = [push(i) for i in ids[3:]]
+    assert all("\ufffd" not in p for p in pieces)  # multi-byte characters split over tokens come out whole
+    assert tok.decode(ids[:3]) + "".join(pieces) + flush() == TEXT and flush() == ""
 
 
 def test_quality_on_text_matches_transformers(checkpoint):
@@ -86,3 +87,39 @@ def test_too_short_text_is_refused(checkpoint):
     with pytest.raises(ValueError, match="at least 2 tokens"):
         evaluation.token_quality(model, load_tokenizer(checkpoint[0]), "d")
 
+
+
+def test_generate_on_text_with_the_checkpoints_tokenizer(checkpoint, capsys):
+    """moejax generate --model DIR --prompt TEXT: the prompt is encoded with tokenizer.json, the continuation
+    decoded with it, and the tokens are transformers' greedy ones."""
+    torch = pytest.importorskip("torch")
+    from moejax import cli
+
+    folder, hf_model = checkpoint
+    prompt = "def main(argv):"
+    assert cli.main(["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "6", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    tok = load_tokenizer(folder)
+    ids = tok.encode(prompt)
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0].tolist()
+    assert out == tok.decode(ref) + "\n"
+
+
+def test_export_hf_command_round_trip(checkpoint, tmp_path, capsys):
+    """moejax export-hf --model DIR --passes 'profile,prune(...)' --out OUT: transformers loads OUT."""
+    transformers = pytest.importorskip("transformers")
+    from moejax import cli
+
+    out = tmp_path / "pruned"
+    argv = ["export-hf", "--model", str(checkpoint[0]), "--passes", "profile,prune(num_experts=3)", "--out", str(out),
+            "--quiet"]
+    assert cli.main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_local_experts == 3
+    assert cli.main(argv) == 2  # the folder is not empty now
+    assert "not an empty folder" in capsys.readouterr().err
