@@ -23,6 +23,8 @@ import os
 import warnings
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax import weight_formats as wf
@@ -75,7 +77,7 @@ def export_hf(source: Any, path: str, *, dtype: Any = None) -> None:
         state, n_experts = _program_weights(program)
         if n_experts is not None and n_experts != cfg.n_experts:
             cfg = cfg.replace(n_experts=n_experts)
-            _set_expert_count(config, n_experts, cfg)
+            _set_expert_count(config, n_experts)
     fp8 = arch in FP8_ARCHITECTURES
     lossy = sorted({wf.format_of(v) for v in state.values()
                     if wf.is_structured(v) and not (fp8 and isinstance(v, wf.Fp8BlockTensor))})
@@ -83,26 +85,29 @@ def export_hf(source: Any, path: str, *, dtype: Any = None) -> None:
         warnings.warn(f"export_hf: {arch} has no standard layout for {', '.join(lossy)} experts; they are written "
                       "dequantized to float (same values, float size)", stacklevel=2)
     tensors = hf.export_tensors_from(state, cfg, arch, keep_fp8=fp8)
-    out_dtype = np.dtype(dtype) if dtype is not None else None
-    if out_dtype is not None:
-        tensors = {k: v.astype(out_dtype) if v.dtype.kind == "f" and v.dtype.itemsize > 1 and not
-                   k.endswith("_scale_inv") else v for k, v in tensors.items()}
+    if dtype is not None:  # float tensors only: FP8 values and their f32 scales stay as they are
+        tensors = {k: v.astype(dtype) if _wide_float(v.dtype) and not k.endswith("_scale_inv") else v
+                   for k, v in tensors.items()}
     if any(k.endswith("_scale_inv") for k in tensors):
         config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                          "weight_block_size": list(_fp8_blocks(state))}
     else:
         config.pop("quantization_config", None)
-    floats = [v.dtype for k, v in tensors.items() if v.dtype.kind == "f" and v.dtype.itemsize > 1]
+    floats = [v.dtype for k, v in tensors.items() if _wide_float(v.dtype) and not k.endswith("_scale_inv")]
     if floats:
-        name = {np.dtype("float32"): "float32", np.dtype("float16"): "float16"}.get(np.dtype(floats[0]), "bfloat16")
-        config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = np.dtype(floats[0]).name
     os.makedirs(path, exist_ok=True)
     hf.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
 
-def _set_expert_count(config: dict[str, Any], n: int, cfg: Any) -> None:
+def _wide_float(dtype: Any) -> bool:
+    """float16/bfloat16/float32/float64 (numpy calls bfloat16 kind 'V'); not FP8."""
+    return bool(jnp.issubdtype(dtype, jnp.floating)) and np.dtype(dtype).itemsize > 1
+
+
+def _set_expert_count(config: dict[str, Any], n: int) -> None:
     fields = [f for f in EXPERT_COUNT_FIELDS if f in config]
     if not fields:
         raise ExportError(f"export_hf: config.json names its expert count in none of {EXPERT_COUNT_FIELDS}")
@@ -131,11 +136,8 @@ def _program_weights(program: Any) -> tuple[dict[str, Any], int | None]:
     state = {}
     for path, w in program.weights.items():
         if isinstance(w, PerExpertWeights):  # select-impl's layout: back to one stacked weight
-            parts = list(w.experts)
-            w = (wf.Fp8BlockTensor(*(np.stack([np.asarray(getattr(p, f)) for p in parts]) for f in ("weight",
-                                                                                                  "scale_inv")),
-                                   block_n=parts[0].block_n, block_k=parts[0].block_k)
-                 if all(isinstance(p, wf.Fp8BlockTensor) for p in parts) else w.dequantize())
+            fp8 = all(isinstance(p, wf.Fp8BlockTensor) for p in w.experts)
+            w = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *w.experts) if fp8 else w.dequantize()
         state[path] = w
     counts = {}
     for layer in layers.values():
@@ -151,10 +153,8 @@ def _program_weights(program: Any) -> tuple[dict[str, Any], int | None]:
 
 
 def _take_experts(w: Any, index: np.ndarray, axis: int) -> Any:
-    if isinstance(w, wf.Fp8BlockTensor):
-        return wf.Fp8BlockTensor(np.take(np.asarray(w.weight), index, axis), np.take(np.asarray(w.scale_inv), index,
-                                                                                   axis),
-                                 block_n=w.block_n, block_k=w.block_k)
+    if isinstance(w, wf.Fp8BlockTensor):  # stays FP8: each leaf is expert-major
+        return jax.tree_util.tree_map(lambda a: np.take(np.asarray(a), index, axis), w)
     return np.take(np.asarray(wf.dequantize(w) if wf.is_structured(w) else w), index, axis)
 
 

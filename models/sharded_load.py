@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from moejax.models.decoder import MoEConfig, MoEDecoder
 from moejax.models.safetensors_io import Checkpoint
 from moejax.models.validation import CheckpointError
+from moejax.program import path_to_str
 
 __all__ = ["DEFAULT_RULES", "ShardingRules", "partition_spec", "parameter_shardings", "load_onto_mesh",
            "shard_model"]
@@ -90,8 +91,6 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules: Shardin
 def parameter_shardings(abstract_model: Any, mesh: Mesh, rules: ShardingRules | None = None
                         ) -> dict[str, NamedSharding]:
     """``{parameter path: NamedSharding}`` for every parameter of an (abstract) model."""
-    from moejax.program import path_to_str
-
     return {path_to_str(p): NamedSharding(mesh, partition_spec(path_to_str(p), tuple(v.shape), mesh, rules))
             for p, v in nnx.to_flat_state(nnx.state(abstract_model, nnx.Param))}
 
@@ -140,11 +139,14 @@ def _fp8_experts(rule: Any, reader: Any, sharding: NamedSharding) -> Any:
     n = len(rule.srcs)
     abstract = reader.fp8_experts_shapes(rule, n)
     spec = P(tuple(sharding.spec)[0] if len(sharding.spec) else None)  # the expert axis only
+    parts: dict[tuple[int, int], list[np.ndarray]] = {}  # one read of an expert range serves values and scales
 
     def leaf(i: int, struct: Any) -> jax.Array:
         def block(idx):
-            part = reader.fp8_experts(rule, range(*idx[0].indices(n)))
-            return jax.tree_util.tree_leaves(part)[i][(slice(None),) + idx[1:]]
+            span = idx[0].indices(n)[:2]
+            if span not in parts:
+                parts[span] = jax.tree_util.tree_leaves(reader.fp8_experts(rule, range(*span)))
+            return parts[span][i][(slice(None),) + idx[1:]]
         return _global_array(tuple(struct.shape), struct.dtype, NamedSharding(sharding.mesh, spec), block)
 
     leaves, tree = jax.tree_util.tree_flatten(abstract)
@@ -163,8 +165,6 @@ def load_onto_mesh(cfg: MoEConfig, rules_by_param: dict[str, Any], reader: Any, 
     abstract = nnx.eval_shape(lambda: MoEDecoder(cfg, rngs=nnx.Rngs(0), dtype=reader.dtype))
     graphdef, state = nnx.split(abstract)
     shardings = parameter_shardings(abstract, mesh, sharding_rules)
-    from moejax.program import path_to_str
-
     flat = []
     for p, var in nnx.to_flat_state(state):
         key, shape = path_to_str(p), tuple(var.shape)
@@ -196,8 +196,6 @@ def _stacked_reader(key: str, cfg: MoEConfig, rules_by_param: dict[str, Any], re
 def shard_model(model: MoEDecoder, mesh: Mesh, rules: ShardingRules | None = None) -> MoEDecoder:
     """``model`` with every parameter placed on ``mesh`` by ``rules`` (for models already in memory)."""
     shardings = parameter_shardings(model, mesh, rules)
-    from moejax.program import path_to_str
-
     graphdef, state = nnx.split(model)
     flat = []
     for p, var in nnx.to_flat_state(state):

@@ -123,5 +123,7 @@ def test_models_built_in_code_and_bad_exports_are_refused(tmp_path):
     opt = moejax.optimize(model, (jnp.asarray(TOKENS, jnp.int32),), "ep(num_devices=1)")
     with pytest.raises(ExportError, match=r"has no moe_dispatch op .*export_hf\(opt.at_stage\(i\)"):
         export_hf(opt, str(tmp_path / "b"))  # the expert-parallel region hides the layer's ops
-    save_pretrained_hf(model, str(tmp_path / "c"))  # a loaded model: written in its own layout
-    assert json.load(open(tmp_path / "c" / "config.json"))["architectures"] == ["DeepseekV3ForCausalLM"]
+    save_pretrained_hf(model, str(tmp_path / "c"), dtype=jnp.bfloat16)  # a loaded model: written in its own layout
+    config = json.load(open(tmp_path / "c" / "config.json"))
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["dtype"] == "bfloat16"
+    assert str(Checkpoint(str(tmp_path / "c")).dtype("model.layers.1.mlp.experts.0.up_proj.weight")) == "bfloat16"
