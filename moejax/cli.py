@@ -471,7 +471,7 @@ def cmd_export_hf(args) -> int:
         opt = moejax.optimize(model, (example,), passes, progress=progress.update)
         progress.update("writing the checkpoint", 0, 1)
         try:
-            export_hf(opt, str(out), dtype=args.dtype and {"bfloat16": jnp.bfloat16}.get(args.dtype, args.dtype))
+            export_hf(opt, str(out), dtype=args.dtype and jnp.dtype(args.dtype))
         except ExportError as e:
             raise CLIError(str(e)) from None
     print(f"wrote {out} ({', '.join(sorted(os.listdir(out)))}) after {moejax.pipeline_to_str(passes) or 'no passes'}")

@@ -45,8 +45,9 @@ FAMILIES = {
         intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=16, rotary_dim=8,
         bos_token_id=None, eos_token_id=None, **COMMON)),
 }
-CASES = [(f, "") for f in FAMILIES] + [(f, "profile,prune(num_experts=6)") for f in FAMILIES] + [
-    ("mixtral", "profile,merge(num_experts=6)"), ("deepseek_v3", "profile,merge(num_experts=6)")]
+# every family after prune (which exercises loading and writing everything); as loaded and after merge for two
+CASES = [(f, "profile,prune(num_experts=6)") for f in FAMILIES] + [
+    (f, p) for f in ("mixtral", "deepseek_v3") for p in ("", "profile,merge(num_experts=6)")]
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 8))
 
 
@@ -87,7 +88,8 @@ def test_fp8_experts_are_written_as_released(tmp_path):
     model = from_pretrained(fp8, dtype=jnp.float32)
     tokens = jnp.asarray(TOKENS, jnp.int32)
     # prune slices the FP8 experts; select-impl stores them one buffer per expert: both stay FP8
-    opt = moejax.optimize(model, (tokens,), "profile,prune(num_experts=6),select-impl(impl=blocked)")
+    opt = moejax.optimize(model, (tokens,), "profile,prune(num_experts=6),select-impl(impl=blocked)",
+                          check_exact=False)  # (compared below, after the round trip)
     out = str(tmp_path / "export")
     export_hf(opt, out)
     ckpt = Checkpoint(out)
