@@ -122,6 +122,34 @@ def load_model(spec: str, mesh_text: str | None = None):
         return models.from_pretrained(spec, mesh=mesh)
 
 
+MAX_TEXT_BYTES = 256 * 2**20
+
+
+def _read_text(path: str | None, flag: str) -> bytes | None:
+    """The bytes of a user's text file (for ``--eval-text``/``--calib-text``), or None."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{flag} {path!r} is not a file; give a UTF-8 text file")
+    if p.stat().st_size > MAX_TEXT_BYTES:
+        raise CLIError(f"{flag} {path!r} is {p.stat().st_size} bytes, over the {MAX_TEXT_BYTES} byte limit; "
+                       "give a shorter sample")
+    data = p.read_bytes()
+    if len(data) < 2:
+        raise CLIError(f"{flag} {path!r} holds {len(data)} bytes; give at least a sentence of text")
+    return data
+
+
+def _token_ids(text: bytes, tokenizer) -> Any:
+    """Token ids of ``text``: its tokenizer's, or its UTF-8 bytes for byte-level models."""
+    import numpy as np
+
+    if tokenizer is None:
+        return np.frombuffer(text, np.uint8).astype(np.int32)
+    return np.asarray(tokenizer.encode(text.decode("utf-8", "ignore")) or [0], np.int32)
+
+
 def _tokenizer(spec: str):
     """The checkpoint's tokenizer.json as a TextTokenizer, or None (the bundled model and byte-level folders)."""
     if spec == "default":
@@ -171,7 +199,9 @@ def _progress(args) -> Any:
 # --------------------------------------------------------------------------
 # optimize
 # --------------------------------------------------------------------------
-def _stage_rows(opt, text: bytes | None, prompt, args, progress) -> list[dict[str, Any]]:
+def _stage_rows(opt, text: bytes | None, prompt, args, progress, tokenizer=None) -> list[dict[str, Any]]:
+    """Every stage measured: bytes, FLOPs, quality on ``text`` (bits per byte; with ``tokenizer``
+    also per-token cross-entropy) and speed."""
     import numpy as np
 
     from moejax import evaluation, offload
@@ -198,13 +228,18 @@ def _stage_rows(opt, text: bytes | None, prompt, args, progress) -> list[dict[st
             progress.update(f"{what}: {part}", i, n)
 
         offload.reset_counters(view)
-        if text is not None:
+        if text is not None and tokenizer is not None:
+            step("quality on the text's tokens")
+            q = evaluation.token_quality(view, tokenizer, text.decode("utf-8", "ignore"), seq_len=args.seq_len,
+                                         batch=args.batch)
+            row.update(bits_per_byte=q["bits_per_byte"], cross_entropy=q["cross_entropy_nats_per_token"])
+        if text is not None and tokenizer is None:
             res = evaluation.evaluate(view, text, eval_bytes=args.eval_bytes, seq_len=args.seq_len,
                                       batch=args.batch, decode_tokens=args.decode_tokens,
                                       decode_batch=args.batch, progress=step)
             row.update(bits_per_byte=res.bits_per_byte, prefill_tokens_per_s=res.prefill_tokens_per_s,
                        decode_tokens_per_s=res.decode_tokens_per_s)
-        else:  # no held-out text for this vocabulary: speed only, on the example prompt
+        else:  # tokenized text, or none for this vocabulary: speed on the example prompt
             t_prefill, t_decode = evaluation.prefill_and_decode_seconds(
                 evaluation.jitted_calls(view), np.asarray(prompt), args.decode_tokens, args.batch, 3, step)
             row.update(prefill_tokens_per_s=prompt.size / t_prefill,
@@ -225,6 +260,10 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
     body = [[r["pass"], f(r["expert_bytes"] / 1e6, ".3f"), f(r["total_bytes"] / 1e6, ".3f"),
              f(r["active_expert_flops_per_token"] / 1e9, ".5f"), f(r["bits_per_byte"], ".4f"),
              f(r["prefill_tokens_per_s"], ".0f"), f(r["decode_tokens_per_s"], ".1f")] for r in rows]
+    if any(r.get("cross_entropy") is not None for r in rows):  # a checkpoint with a tokenizer
+        head.insert(4, "nats/token")
+        for r, line in zip(rows, body):
+            line.insert(4, f(r.get("cross_entropy"), ".4f"))
     if any("expert_cache_hit_rate" in r for r in rows):  # an offload stage: its decode-step figures
         head += ["resident MB", "hit rate", "prefetch recall", "MB moved/tok"]
         for r, line in zip(rows, body):
@@ -273,20 +312,31 @@ def cmd_optimize(args) -> int:
     from moejax import data, models
 
     passes = _check_optimize_args(args)
+    eval_text, calib_text = _read_text(args.eval_text, "--eval-text"), _read_text(args.calib_text, "--calib-text")
     t0 = time.perf_counter()
     with _progress(args) as progress:
         progress.start(f"loading model {args.model!r}")
         model = load_model(args.model, args.mesh)
         cfg = getattr(model, "config", None)
         byte_level = models.is_byte_level(model)
-        text = data.heldout_bytes() if byte_level and args.eval_bytes > 0 else None
-        if not byte_level and args.eval_bytes > 0:
-            progress.log("note: bits per byte needs a byte-level model (token ids are UTF-8 bytes); this model has "
-                         "a tokenizer, so quality is skipped and speed is measured on a synthetic prompt")
+        tokenizer = None if byte_level else _tokenizer(args.model)
+        text = None
+        if args.eval_bytes > 0 and (byte_level or tokenizer is not None):
+            text = (eval_text if eval_text is not None else data.heldout_bytes())[:args.eval_bytes]
+        elif args.eval_bytes > 0:
+            progress.log("note: quality needs a byte-level model or a tokenizer.json; this checkpoint has neither, "
+                         "so quality is skipped and speed is measured on a synthetic prompt")
         b, s = args.batch, args.seq_len
         vocab = cfg.vocab_size if cfg is not None else 256
-        source = np.frombuffer(text if text is not None else bytes(range(256)), np.uint8)
-        example = jnp.asarray(np.resize(source, (b, s)).astype(np.int32) % vocab)  # repeats when too short
+        ids = _token_ids(text if text is not None else bytes(range(256)), tokenizer)
+        example = jnp.asarray(np.resize(ids, (b, s)) % vocab)  # repeats when too short
+        calibration = None
+        if calib_text is not None:  # windows of the user's text for analysis passes (profile)
+            cal = _token_ids(calib_text, tokenizer) % vocab
+            calibration = [cal[i:i + b * s].reshape(b, s) for i in range(0, len(cal) - b * s + 1, b * s)][:8]
+            if not calibration:
+                raise CLIError(f"--calib-text: {len(cal)} tokens, fewer than one batch of {b} x {s}; give more "
+                               "text or a smaller --batch/--seq-len")
         # The signatures evaluation calls: forward, prefill into a cache, one-token decode step.
         cache = model.init_cache(b, s + args.decode_tokens)
         decode_example = ((example[:, :1],), {"cache": cache, "cache_index": jnp.int32(s)})
@@ -294,11 +344,11 @@ def cmd_optimize(args) -> int:
         progress.log(f"moejax optimize: model={args.model} passes={moejax.pipeline_to_str(passes) or '(none)'}; "
                      f"signatures forward [{b},{s}], prefill [{b},{s}] into a cache, decode [{b},1]")
         opt = moejax.optimize(model, (example,), passes, decode_example=decode_example,
-                              extra_examples={"prefill": prefill_example}, dump_dir=args.dump,
-                              overwrite_dump=args.overwrite, progress=progress.update)
+                              extra_examples={"prefill": prefill_example}, calibration=calibration,
+                              dump_dir=args.dump, overwrite_dump=args.overwrite, progress=progress.update)
         progress.log(f"pipeline done in {time.perf_counter() - t0:.1f}s; evaluating {len(opt.stages)} stages")
         t1 = time.perf_counter()
-        rows = _stage_rows(opt, text, example, args, progress)
+        rows = _stage_rows(opt, text, example, args, progress, tokenizer)
         progress.log(f"evaluation done in {time.perf_counter() - t1:.1f}s")
         if args.report:
             from moejax import report
@@ -595,6 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "`moejax passes` lists the passes and their options")
     o.add_argument("--eval-bytes", type=_eval_bytes, default=16384,
                    help="held-out bytes scored for bits per byte (0 skips quality; default 16384)")
+    o.add_argument("--eval-text", default=None, metavar="FILE",
+                   help="measure every stage on this text instead of the bundled held-out text (bits per byte; "
+                        "checkpoints with a tokenizer.json also get per-token cross-entropy)")
+    o.add_argument("--calib-text", default=None, metavar="FILE",
+                   help="calibration text for analysis passes (profile: routing statistics)")
     o.add_argument("--batch", type=positive, default=4, help="sequences per batch for tracing and timing (default 4)")
     o.add_argument("--seq-len", type=positive, default=256, help="tokens per sequence for prefill (default 256)")
     o.add_argument("--decode-tokens", type=positive, default=32, help="tokens decoded when timing decode (default 32)")

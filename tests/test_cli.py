@@ -344,3 +344,21 @@ def test_optimize_onto_a_mesh_is_exact(tmp_path):
     rows = json.loads(proc.stdout)
     assert [r["pass"] for r in rows] == ["input", "ep"]
     assert abs(rows[1]["bits_per_byte"] - rows[0]["bits_per_byte"]) < 1e-5
+
+
+def test_eval_text_scores_the_users_file(capsys, tmp_path):
+    """--eval-text FILE: bits per byte of that file (not the bundled held-out text), as evaluation computes it."""
+    from moejax import evaluation
+    from moejax.models import load_default_model
+
+    text = tmp_path / "mine.txt"
+    text.write_bytes(b"SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC;\n" * 4)
+    code, out, _ = run_cli(capsys, "optimize", "--eval-text", str(text), "--passes", "", "--json", *SMALL)
+    assert code == 0
+    rows = json.loads(out)
+    expected = evaluation.bits_per_byte(load_default_model(), text.read_bytes(), seq_len=16, batch=1)
+    assert abs(rows[0]["bits_per_byte"] - expected) < 1e-5
+    code, _, err = run_cli(capsys, "optimize", "--calib-text", str(text), "--passes", "profile", "--seq-len", "4096",
+                           "--quiet")
+    assert code == 2
+    assert_one_error_line(err, "--calib-text", "fewer than one batch")

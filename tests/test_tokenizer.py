@@ -123,3 +123,26 @@ def test_export_hf_command_round_trip(checkpoint, tmp_path, capsys):
     assert model.config.num_local_experts == 3
     assert cli.main(argv) == 2  # the folder is not empty now
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_optimize_measures_a_tokenized_checkpoint_on_the_users_text(checkpoint, tmp_path, capsys):
+    """moejax optimize --eval-text FILE on a checkpoint with tokenizer.json: per-token cross-entropy and bits per
+    byte of that text for every stage (they equal evaluation.token_quality's)."""
+    import json
+
+    from moejax import cli
+
+    text = tmp_path / "mine.py"
+    text.write_text(TEXT)
+    argv = ["optimize", "--model", str(checkpoint[0]), "--eval-text", str(text), "--calib-text", str(text),
+            "--passes", "profile,prune(num_experts=3)", "--batch", "1", "--seq-len", "64", "--decode-tokens", "2",
+            "--json", "--quiet"]
+    assert cli.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    model = from_pretrained(str(checkpoint[0]))
+    q = evaluation.token_quality(model, load_tokenizer(checkpoint[0]), TEXT, seq_len=64, batch=1)
+    assert math.isclose(rows[0]["cross_entropy"], q["cross_entropy_nats_per_token"], rel_tol=1e-6)
+    assert math.isclose(rows[0]["bits_per_byte"], q["bits_per_byte"], rel_tol=1e-6)
+    assert rows[2]["pass"] == "prune(num_experts=3)" and rows[2]["cross_entropy"] != rows[0]["cross_entropy"]
+    assert cli.main(argv[:5] + ["--calib-text", str(tmp_path / "none.txt")] + argv[7:]) == 2
+    assert "is not a file" in capsys.readouterr().err
