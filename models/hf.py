@@ -741,9 +741,14 @@ class RuleReader:
     def tensor(self, src: str, dst: str, index: tuple[slice, ...] = (), float_only: bool = True) -> np.ndarray:
         """``src[index]`` as stored (owned memory; an FP8 tensor dequantized when ``float_only``)."""
         if fp8_checkpoint.is_fp8(self.ckpt, src) and float_only:
-            whole = self.tensor(src, dst, float_only=False)  # the scales' blocks need the whole matrix
-            scale = self.tensor(fp8_checkpoint.scale_name(src), dst)
-            return fp8_checkpoint.dequantize(whole, scale, self.blocks)[index]
+            # the rows asked for, widened to whole scale blocks, with those blocks' scales
+            bn = self.blocks.block_n
+            start, stop, _ = (index[0] if index else slice(None)).indices(self.ckpt.shape(src)[0])
+            first, end = start // bn, -(-stop // bn)
+            weight = self.tensor(src, dst, (slice(first * bn, end * bn),), float_only=False)
+            scale = self.tensor(fp8_checkpoint.scale_name(src), dst, (slice(first, end),))
+            rows = slice(start - first * bn, stop - first * bn)
+            return fp8_checkpoint.dequantize(weight, scale, self.blocks)[(rows, *index[1:])]
         t = self.ckpt.read(src, index)
         check_finite_tensor(t, src, dst, self.ckpt.folder)
         return t

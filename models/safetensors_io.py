@@ -238,11 +238,6 @@ class Checkpoint(Mapping):
         """``tensor[index]`` read into fresh memory (see :meth:`SafetensorsFile.read`)."""
         return self._where[name].read(name, index)
 
-    @property
-    def bytes_read(self) -> int:
-        """Tensor bytes read so far by :meth:`read`, over all files."""
-        return sum(f.bytes_read for f in self.files.values())
-
 
 _INDEX_FIX = "re-download the model's index and shards"
 

@@ -228,18 +228,19 @@ def _stage_rows(opt, text: bytes | None, prompt, args, progress, tokenizer=None)
             progress.update(f"{what}: {part}", i, n)
 
         offload.reset_counters(view)
-        if text is not None and tokenizer is not None:
-            step("quality on the text's tokens")
-            q = evaluation.token_quality(view, tokenizer, text.decode("utf-8", "ignore"), seq_len=args.seq_len,
-                                         batch=args.batch)
-            row.update(bits_per_byte=q["bits_per_byte"], cross_entropy=q["cross_entropy_nats_per_token"])
-        if text is not None and tokenizer is None:
+        if text is not None and tokenizer is None:  # byte-level: quality and speed over the text
             res = evaluation.evaluate(view, text, eval_bytes=args.eval_bytes, seq_len=args.seq_len,
                                       batch=args.batch, decode_tokens=args.decode_tokens,
                                       decode_batch=args.batch, progress=step)
             row.update(bits_per_byte=res.bits_per_byte, prefill_tokens_per_s=res.prefill_tokens_per_s,
                        decode_tokens_per_s=res.decode_tokens_per_s)
-        else:  # tokenized text, or none for this vocabulary: speed on the example prompt
+        else:
+            if text is not None:  # a tokenizer: quality on the text's tokens
+                step("quality on the text's tokens")
+                q = evaluation.token_quality(view, tokenizer, text.decode("utf-8", "ignore"), seq_len=args.seq_len,
+                                             batch=args.batch)
+                row.update(bits_per_byte=q["bits_per_byte"], cross_entropy=q["cross_entropy_nats_per_token"])
+            # speed on the example prompt
             t_prefill, t_decode = evaluation.prefill_and_decode_seconds(
                 evaluation.jitted_calls(view), np.asarray(prompt), args.decode_tokens, args.batch, 3, step)
             row.update(prefill_tokens_per_s=prompt.size / t_prefill,

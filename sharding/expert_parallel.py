@@ -190,9 +190,10 @@ def _place_leaf(leaf, axis: int, placement: Placement, mesh, expert_axis: str, p
     sharding = NamedSharding(mesh, spec)
     if isinstance(mesh, AbstractMesh) or isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=sharding)
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        # Spread over several processes (loaded with from_pretrained(mesh=...)): no process can see
-        # it whole, so the slot gather runs as one collective program that every process joins.
+    if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1:
+        # Already on several devices (loaded with from_pretrained(mesh=...)): gather the slots on the
+        # devices, as one collective program that every process joins, never through one host (it may
+        # not see the weight whole, and a host copy would double the resident experts).
         slots = np.asarray(placement.slot_expert)
         return jax.jit(lambda a: jnp.take(a, slots, axis=axis), out_shardings=sharding)(leaf)
     host = np.asarray(leaf)
@@ -403,13 +404,14 @@ class ExpertParallel(Pass):
         elif self.num_devices is not None and self.num_devices < 1:
             raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")
 
-    def resolve_mesh(self, abstract: bool = False, program: Program | None = None) -> Mesh | AbstractMesh:
-        """``mesh``; else the mesh the program's weights already live on (``from_pretrained(mesh=...)``)
+    def resolve_mesh(self, program: Program | None = None) -> Mesh | AbstractMesh:
+        """``mesh``; else the mesh ``program``'s weights already live on (``from_pretrained(mesh=...)``)
         if it has this pass's expert axis (of ``num_devices`` devices, when given); else one over
-        ``num_devices`` devices: an AbstractMesh for an ``abstract`` program (shapes only: it is
+        ``num_devices`` devices: an AbstractMesh for an abstract program (shapes only: it is
         never run, so it may plan for more devices than this host has)."""
         if self.mesh is not None:
             return self.mesh
+        abstract = program is not None and program.is_abstract
         loaded = _weights_mesh(program) if program is not None else None
         if loaded is not None and self.axis in loaded.axis_names and (
                 self.num_devices is None or int(loaded.shape[self.axis]) == self.num_devices):
@@ -434,7 +436,7 @@ class ExpertParallel(Pass):
                 or ctx.analysis.latest(analysis.RoutingProfile))
 
     def check(self, program: Program, ctx: PassContext) -> None:
-        mesh = self.resolve_mesh(program.is_abstract, program)
+        mesh = self.resolve_mesh(program)
         try:
             mesh_lib.check_axes(mesh, self.axis, self.data_axis)
         except (TypeError, ValueError) as e:
@@ -458,7 +460,7 @@ class ExpertParallel(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         out = expert_parallel_program(
-            program, self.resolve_mesh(program.is_abstract, program), axis=self.axis, data_axis=self.data_axis,
+            program, self.resolve_mesh(program), axis=self.axis, data_axis=self.data_axis,
             capacity_factor=self.capacity_factor, overlap_chunks=self.overlap_chunks,
             replicate_hot=self.replicate_hot, placement=self.placement, layout=self.layout,
             profile=self._profile(program, ctx), exchange=self.resolve_exchange(ctx.platform))

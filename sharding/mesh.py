@@ -1,9 +1,8 @@
 """Meshes for expert parallelism: build one, check its axes, describe it."""
 from __future__ import annotations
 
-from typing import Any
-
 import re
+from typing import Any
 
 import jax
 import numpy as np

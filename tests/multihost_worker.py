@@ -24,22 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 from moejax.sharding import multihost  # noqa: E402
-
-
-def _log_reads(out_dir: str, pid: int):
-    """Record every tensor slice this process reads from the checkpoint."""
-    from moejax.models.safetensors_io import SafetensorsFile
-
-    reads: dict[str, int] = {}
-    original = SafetensorsFile.read
-
-    def read(self, name, index=()):
-        block = original(self, name, index)
-        reads[name] = reads.get(name, 0) + block.nbytes
-        return block
-
-    SafetensorsFile.read = read
-    return lambda: json.dump(reads, open(os.path.join(out_dir, f"reads_{pid}.json"), "w"))
+from worker_util import record_reads  # noqa: E402
 
 
 def main() -> int:
@@ -64,9 +49,10 @@ def main() -> int:
         print("DYING", flush=True)
         os._exit(1)
     if checkpoint:
-        save_reads = _log_reads(out_dir, pid)
+        reads, stop = record_reads()  # every tensor slice this process reads
         model = from_pretrained(checkpoint, mesh=mesh)
-        save_reads()
+        stop()
+        json.dump(reads, open(os.path.join(out_dir, f"reads_{pid}.json"), "w"))
     else:
         model = MoEDecoder(tiny_mixtral(n_experts=4, n_layers=2), rngs=nnx.Rngs(0))
     tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 8), 0, 64), np.int32)

@@ -23,8 +23,9 @@ from jax.sharding import Mesh  # noqa: E402
 import moejax  # noqa: E402
 from moejax import sharding  # noqa: E402
 from moejax.models import MoEDecoder, from_pretrained, save_pretrained_hf, tiny_mixtral  # noqa: E402
-from moejax.models.safetensors_io import Checkpoint, SafetensorsFile  # noqa: E402
+from moejax.models.safetensors_io import Checkpoint  # noqa: E402
 from moejax.program import path_to_str  # noqa: E402
+from worker_util import record_reads  # noqa: E402
 
 TMP = sys.argv[1]
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
@@ -40,35 +41,21 @@ def _specs(model) -> dict[str, str]:
     return {path_to_str(p): str(v[...].sharding.spec) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def _count_reads():
-    """Total bytes SafetensorsFile.read returns, from now on."""
-    total = [0]
-    original = SafetensorsFile.read
-
-    def read(self, name, index=()):
-        block = original(self, name, index)
-        total[0] += block.nbytes
-        return block
-
-    SafetensorsFile.read = read
-    return total, lambda: setattr(SafetensorsFile, "read", original)
-
-
 def case_mixtral():
     folder = os.path.join(TMP, "mixtral")
     save_pretrained_hf(MoEDecoder(tiny_mixtral(n_experts=8), rngs=nnx.Rngs(0)), folder)
     ref = forward(from_pretrained(folder), TOKENS)
     ckpt = Checkpoint(folder)
-    stored = sum(ckpt.shape(k) and int(np.prod(ckpt.shape(k))) * 4 for k in ckpt)
+    stored = sum(int(np.prod(ckpt.shape(k))) * ckpt.dtype(k).itemsize for k in ckpt)
     out = {}
     for scan in (False, True):
-        total, restore = _count_reads()
+        reads, stop = record_reads()
         try:
             model = from_pretrained(folder, mesh=MESH, scan_layers=scan)
         finally:
-            restore()
+            stop()
         out[f"scan={scan}"] = {"dev": _dev(forward(model, TOKENS), ref), "specs": _specs(model),
-                               "bytes_read": total[0], "stored_bytes": stored}
+                               "bytes_read": sum(reads.values()), "stored_bytes": stored}
     mesh8 = sharding.expert_mesh(8)
     loaded = from_pretrained(folder, mesh=mesh8)
     opt = moejax.optimize(loaded, (TOKENS,), [sharding.ExpertParallel(mesh=mesh8, overlap_chunks=2)])

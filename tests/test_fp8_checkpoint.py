@@ -132,3 +132,18 @@ def test_prune_keeps_fp8_experts_fp8(loaded):
 def test_passes_that_need_float_experts_refuse_fp8_clearly(loaded, pipeline, needle):
     with pytest.raises(moejax.PassError, match=re.escape(needle)):
         moejax.optimize(loaded[0], (TOKENS,), pipeline)
+
+
+def test_fp8_row_blocks_dequantize_like_the_whole_matrix(pair):
+    """A sharded load reads only the rows it needs (widened to whole scale blocks): any row range, aligned or
+    not, equals that range of the whole dequantized matrix."""
+    from moejax.models import fp8_checkpoint
+    from moejax.models.hf import RuleReader
+
+    ckpt = Checkpoint(pair[0])
+    reader = RuleReader(ckpt, fp8_checkpoint.Fp8Blocks(8, 8), jnp.float32)
+    name = "model.layers.1.self_attn.q_b_proj.weight"  # 48 x 8: six row blocks
+    whole = reader.tensor(name, "q_b_proj")
+    assert whole.shape == (48, 8)
+    for rows in (slice(0, 48), slice(3, 21), slice(16, 24), slice(45, 48)):
+        np.testing.assert_array_equal(reader.tensor(name, "q_b_proj", (rows, slice(2, 7))), whole[rows, 2:7])

@@ -5,16 +5,14 @@ count is fixed before JAX starts); each test checks one part of its report.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
+from worker_util import run_worker
 
 from moejax.models import CheckpointError
 from moejax.models.safetensors_io import SafetensorsFile, save_file
@@ -90,12 +88,7 @@ def test_rules_without_a_mesh_are_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path_factory.mktemp("sharded"))],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=WORKER.parent.parent)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(WORKER, (str(tmp_path_factory.mktemp("sharded")),), timeout=600)
 
 
 def _case(report, name):

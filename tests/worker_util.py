@@ -13,6 +13,23 @@ from pathlib import Path
 from typing import Any
 
 
+def record_reads() -> tuple[dict[str, int], Any]:
+    """``(reads, stop)``: from now on ``reads[tensor name]`` sums the bytes ``SafetensorsFile.read``
+    returns (what a checkpoint load really read); ``stop()`` removes the recorder."""
+    from moejax.models.safetensors_io import SafetensorsFile
+
+    reads: dict[str, int] = {}
+    original = SafetensorsFile.read
+
+    def read(self, name, index=()):
+        block = original(self, name, index)
+        reads[name] = reads.get(name, 0) + block.nbytes
+        return block
+
+    SafetensorsFile.read = read
+    return reads, lambda: setattr(SafetensorsFile, "read", original)
+
+
 def run_worker(script: Path, args: tuple[str, ...], timeout: int) -> Any:
     """Run ``python script *args`` from the repository root; the JSON of its last ``RESULT`` line."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
