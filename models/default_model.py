@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+# The fine-grained bundled model (32 small experts, DeepSeek-V3 routing); same held-out text.
+FINE_GRAINED_MODEL_DIR = Path(__file__).resolve().parent / "fine_grained"
 _FAMILY = "mixtral"
 _CONFIG_FIX = "fix the checkpoint's config.json (it holds moejax MoEConfig fields)"
 

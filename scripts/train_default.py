@@ -23,11 +23,14 @@ and a progress log (``--log``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +40,8 @@ from flax import nnx
 
 from moejax import data, dialect
 from moejax.models.decoder import MoEConfig, MoEDecoder
-from moejax.models.default_model import DEFAULT_MODEL_DIR, load_checkpoint, save_checkpoint
+from moejax.models.default_model import (DEFAULT_MODEL_DIR, FINE_GRAINED_MODEL_DIR, load_checkpoint,
+                                         save_checkpoint)
 
 PSF_NOTE = """\
 heldout.txt (the held-out evaluation text of moejax's default model) is a
@@ -59,22 +63,56 @@ def default_config() -> MoEConfig:
                      norm_eps=1e-5, scan_layers=False, family="mixtral")
 
 
+def fine_grained_config() -> MoEConfig:
+    """The fine-grained bundled model: DeepSeek-V3-style routing over 32 small experts.
+
+    Same trunk as the default model (d_model 128, 4 layers, GQA 4/2 heads); each MoE block
+    has 32 SwiGLU experts of width 64, top-4, plus one always-on shared expert of width
+    128. The router is DeepSeek-V3's: sigmoid scores, a float32 correction bias used only
+    for selection, the selected scores renormalised and scaled by 2.5.
+    """
+    return MoEConfig(vocab_size=data.VOCAB_SIZE, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                     d_ff_expert=64, n_experts=32, n_shared_experts=1, d_ff_shared=128, selection_bias=True,
+                     routing=dialect.Routing(k=4, score="sigmoid", norm_topk=True, scale=2.5),
+                     rope_theta=10000.0, norm_eps=1e-5, scan_layers=False, family="deepseek_v3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One bundled model: its architecture, folder, and the training stages that made it."""
+
+    config: Callable[[], MoEConfig]
+    out: Path
+    # Each stage overrides the argparse defaults; a later stage starts from the previous weights.
+    stages: tuple[dict[str, Any], ...]
+
+
+PRESETS = {
+    # The default model's two recorded stages (TRAINING.md): stage 1 was cut at step 292 of a
+    # 700-step cosine by a time limit on a shared machine; --stop-at replays that cut exactly.
+    "default": Preset(default_config, DEFAULT_MODEL_DIR, (
+        dict(steps=700, warmup=50, stop_at=292, seed=0),
+        dict(steps=300, warmup=20, lr=2e-3, seed=1, log="train_log_stage2.txt"))),
+    # DeepSeek-V3's auxiliary-loss-free balancing: a per-expert selection bias nudged towards
+    # under-loaded experts every step, plus a small balance loss.
+    "fine-grained": Preset(fine_grained_config, FINE_GRAINED_MODEL_DIR, (
+        dict(steps=2400, warmup=60, lr=3e-3, aux_coef=1e-2, bias_rate=1e-2, capacity_factor=2.0, seed=0),)),
+}
+
+
 # ---------------------------------------------------------------------------
 # Training forward pass
 # ---------------------------------------------------------------------------
-def capacity_moe(x: jax.Array, logits: jax.Array, weights, k: int, capacity_factor: float,
-                 activation: str) -> tuple[jax.Array, jax.Array]:
+def capacity_moe(x: jax.Array, top_w: jax.Array, ids: jax.Array, n_experts: int, weights,
+                 capacity_factor: float, activation: str) -> tuple[jax.Array, jax.Array]:
     """Top-k MoE on ``x [T,d]`` with experts as a batched matmul over ``[E, C, d]``.
 
-    Routing matches ``dialect.route_reference`` (softmax, top-k, renormalise).
+    ``top_w, ids [T,k]`` come from ``dialect.route_reference`` (the model's own routing).
     Slots are assigned first choices first; slots beyond capacity are dropped.
     Returns ``(y [T,d], dropped fraction)``.
     """
     t, d = x.shape
-    e = logits.shape[-1]
-    probs = jax.nn.softmax(logits, axis=-1)
-    top_w, ids = jax.lax.top_k(probs, k)
-    top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    e, k = n_experts, ids.shape[1]
     cap = int(math.ceil(capacity_factor * t * k / e))
     cap = min(cap, t)
     flat_ids = ids.T.reshape(-1)  # choice-major: every token's first choice gets priority
@@ -112,12 +150,19 @@ def train_forward(model: MoEDecoder, tokens: jax.Array, capacity_factor: float, 
         x = x + h
         hn = layer.post_attention_layernorm(x)
         moe = layer.mlp
+        flat = hn.reshape(-1, cfg.d_model)
         logits = moe.router_logits(hn)  # [T, E]
-        y, drop = capacity_moe(hn.reshape(-1, cfg.d_model), logits, moe.experts.weights(), cfg.routing.k,
-                               capacity_factor, cfg.activation)
+        bias = () if moe.selection_bias is None else (moe.selection_bias[...],)
+        top_w, ids = dialect.route_reference(flat, moe.gate.kernel[...], *bias, routing=cfg.routing)
+        y, drop = capacity_moe(flat, top_w, ids, cfg.n_experts, moe.experts.weights(), capacity_factor,
+                               cfg.activation)
+        if moe.shared is not None:
+            y = y + moe.shared(flat)
         x = x + y.reshape(b, s, cfg.d_model)
-        probs = jax.nn.softmax(logits, axis=-1)
-        _, ids = jax.lax.top_k(logits, cfg.routing.k)
+        # Balance loss: Switch's E * sum_e f_e * P_e, with P_e the mean normalised score (softmax
+        # probabilities, or sigmoid scores over their sum as in DeepSeek-V3's sequence-wise loss).
+        scores = jax.nn.softmax(logits, axis=-1) if cfg.routing.score == "softmax" else jax.nn.sigmoid(logits)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
         per_token = jax.nn.one_hot(ids, cfg.n_experts).sum(1)  # [T, E]
         if valid is None:
             frac = jnp.mean(per_token, axis=0) / cfg.routing.k  # f_e
@@ -142,24 +187,37 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 # Main loop
 # ---------------------------------------------------------------------------
+# Hyper-parameters a preset stage may set; None on the command line means "the stage's value,
+# else this default".
+STAGE_DEFAULTS: dict[str, Any] = dict(
+    steps=1200, batch=16, seq_len=256, lr=3e-3, warmup=60, weight_decay=0.05, aux_coef=0.02, z_coef=1e-3,
+    capacity_factor=1.5, bias_rate=0.0, eval_every=100, save_every=200, seed=0, stop_at=None, time_limit=None,
+    log=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=60)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--aux-coef", type=float, default=0.02, help="load-balancing loss coefficient")
-    ap.add_argument("--z-coef", type=float, default=1e-3, help="router z-loss coefficient")
-    ap.add_argument("--capacity-factor", type=float, default=1.5)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--save-every", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time-limit", type=float, default=None,
-                    help="stop (and save) after this many seconds even if steps remain")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                    help="which bundled model: its architecture, folder and training stages")
+    ap.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the preset's)")
+    ap.add_argument("--steps", type=int, help="length of the cosine schedule")
+    ap.add_argument("--stop-at", type=int, help="stop after this step (the schedule still spans --steps)")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--weight-decay", type=float)
+    ap.add_argument("--aux-coef", type=float, help="load-balancing loss coefficient")
+    ap.add_argument("--z-coef", type=float, help="router z-loss coefficient")
+    ap.add_argument("--bias-rate", type=float,
+                    help="auxiliary-loss-free balancing: per-step update of the selection bias (0: off)")
+    ap.add_argument("--capacity-factor", type=float)
+    ap.add_argument("--eval-every", type=int)
+    ap.add_argument("--save-every", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--time-limit", type=float, help="stop (and save) after this many seconds even if steps remain")
     ap.add_argument("--log", type=Path, default=None, help="progress log (default: OUT/train_log.txt)")
+    ap.add_argument("--stage", type=int, default=None, help="run only this stage of the preset (1-based)")
     ap.add_argument("--init", type=Path, default=None,
                     help="start from this checkpoint folder's weights (a continuation stage; fresh optimizer)")
     ap.add_argument("--report", action="store_true",
@@ -168,12 +226,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench", type=int, default=0, help="only time this many steps, write nothing")
     args = ap.parse_args(argv)
 
-    out: Path = args.out
+    preset = PRESETS[args.preset]
+    out: Path = args.out or preset.out
     if args.report:
-        return report(out, args.seq_len, max_bytes=args.report_bytes)
+        return report(out, args.seq_len or STAGE_DEFAULTS["seq_len"], max_bytes=args.report_bytes)
+    stages = list(enumerate(preset.stages, 1))
+    if args.stage is not None:
+        stages = [stages[args.stage - 1]]
+    given = {k: v for k, v in vars(args).items() if k in STAGE_DEFAULTS and v is not None}
+    for number, stage in stages:
+        hp = argparse.Namespace(**{**STAGE_DEFAULTS, **stage, **given})
+        init = args.init if number == stages[0][0] else out
+        train(preset.config(), out, hp, init=init, bench=args.bench)
+        if args.bench:
+            break
+    return 0
+
+
+def train(cfg: MoEConfig, out: Path, hp: argparse.Namespace, *, init: Path | None, bench: int = 0) -> None:
+    """One training stage: fresh AdamW on ``cfg`` (or ``init``'s weights), checkpoint to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    log_path = args.log or out / "train_log.txt"
-    log_file = None if args.bench else open(log_path, "w")
+    log_path = out / hp.log if isinstance(hp.log, str) else (hp.log or out / "train_log.txt")
+    log_file = None if bench else open(log_path, "w")
 
     def log(msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -184,43 +258,55 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     log(f"command: python {' '.join(sys.argv)}")
-    train = data.train_bytes()
+    log(f"stage hyper-parameters: {json.dumps({k: str(v) for k, v in vars(hp).items()})}")
+    train_text = data.train_bytes()
     heldout = data.heldout_files_bytes()
-    log(f"train text {len(train):,} bytes, held-out text {len(heldout):,} bytes")
-    if not args.bench:
+    log(f"train text {len(train_text):,} bytes, held-out text {len(heldout):,} bytes")
+    if not bench and out == DEFAULT_MODEL_DIR:
         (out / "heldout.txt").write_bytes(heldout)
         (out / "LICENSE-PSF.txt").write_text(PSF_NOTE.format(version=sys.version.split()[0]))
 
-    cfg = default_config()
-    model = MoEDecoder(cfg, rngs=nnx.Rngs(args.seed))
-    if args.init is not None:
-        model = load_checkpoint(args.init)
+    model = MoEDecoder(cfg, rngs=nnx.Rngs(hp.seed))
+    if init is not None:
+        model = load_checkpoint(init)
         if model.config != cfg:
-            raise SystemExit(f"--init {args.init}: its config differs from default_config(); cannot continue")
-        log(f"initialised from {args.init}")
+            raise SystemExit(f"--init {init}: its config differs from the preset's; cannot continue")
+        log(f"initialised from {init}")
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
     log(f"config: {json.dumps({k: str(v) for k, v in vars(cfg).items()})}")
     log(f"parameters: {n_params:,} ({n_params * 4 / 1e6:.2f} MB float32)")
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, end_value=args.lr * 0.05)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, hp.lr, hp.warmup, hp.steps, end_value=hp.lr * 0.05)
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # no decay on norms
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask))
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=hp.weight_decay, mask=decay_mask))
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
 
     def loss_fn(p, batch, cf):
         m = nnx.merge(graphdef, p)
-        logits, aux, z, drop, _ = train_forward(m, batch[:, :-1], cf)
+        logits, aux, z, drop, loads = train_forward(m, batch[:, :-1], cf)
         ce = cross_entropy(logits, batch[:, 1:])
-        total = ce + args.aux_coef * jnp.mean(aux) + args.z_coef * jnp.mean(z)
-        return total, (ce, jnp.mean(aux), jnp.mean(drop))
+        total = ce + hp.aux_coef * jnp.mean(aux) + hp.z_coef * jnp.mean(z)
+        return total, (ce, jnp.mean(aux), jnp.mean(drop), loads)
+
+    def balance_biases(p, loads):
+        """Auxiliary-loss-free balancing (DeepSeek-V3): raise the selection bias of experts
+        loaded below the mean, lower it above. The bias gets no gradient (it only selects)."""
+        if not hp.bias_rate or not cfg.selection_bias:
+            return p
+        moe_layers = [i for i in range(cfg.n_layers) if not cfg.is_dense(i)]
+        for row, i in enumerate(moe_layers):
+            bias = p["layers"][i]["mlp"]["selection_bias"]
+            bias[...] = bias[...] + hp.bias_rate * jnp.sign(jnp.mean(loads[row]) - loads[row])
+        return p
 
     @jax.jit
     def step(p, o, batch):
-        (_, (ce, aux, drop)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, args.capacity_factor)
+        (_, (ce, aux, drop, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch,
+                                                                                      hp.capacity_factor)
         updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, ce, aux, drop
+        return balance_biases(optax.apply_updates(p, updates), loads), o, ce, aux, drop
 
     exact_cf = cfg.n_experts / cfg.routing.k  # no slot can overflow: exact dropless forward
 
@@ -231,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         return cross_entropy(logits, batch[:, 1:]), loads
 
     ho_arr = data.encode(heldout)
-    n_eval = min(64, len(ho_arr) // (args.seq_len + 1))
+    n_eval = min(64, len(ho_arr) // (hp.seq_len + 1))
     stride = len(ho_arr) // n_eval
-    ho_batches = np.stack([ho_arr[i * stride: i * stride + args.seq_len + 1] for i in range(n_eval)])
+    ho_batches = np.stack([ho_arr[i * stride: i * stride + hp.seq_len + 1] for i in range(n_eval)])
 
     def evaluate_heldout(p):
         ces, loads = [], []
@@ -243,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             loads.append(np.asarray(ld))
         return float(np.mean(ces)), np.mean(loads, axis=0)
 
-    it = data.batches(train, args.batch, args.seq_len, seed=args.seed)
-    n_steps = args.bench or args.steps
+    it = data.batches(train_text, hp.batch, hp.seq_len, seed=hp.seed)
+    n_steps = bench or min(hp.steps, hp.stop_at or hp.steps)
     t_loop = time.time()
     ema = None
     last_step = 0
@@ -257,24 +343,25 @@ def main(argv: list[str] | None = None) -> int:
             t_loop = time.time()
         ce_f = float(ce)
         ema = ce_f if ema is None else 0.95 * ema + 0.05 * ce_f
-        if i % 10 == 0 or args.bench:
+        if i % 10 == 0 or bench:
             el = time.time() - t_loop
-            log(f"step {i}/{n_steps} train_ce {ce_f:.4f} (ema {ema:.4f}, {ema / math.log(2):.3f} bpb) aux {float(aux):.3f} "
-                f"dropped {float(drop) * 100:.2f}% lr {float(schedule(i)):.2e} {el / max(i - 1, 1):.2f}s/step")
-        if args.bench:
+            log(f"step {i}/{hp.steps} train_ce {ce_f:.4f} (ema {ema:.4f}, {ema / math.log(2):.3f} bpb) "
+                f"aux {float(aux):.3f} dropped {float(drop) * 100:.2f}% lr {float(schedule(i)):.2e} "
+                f"{el / max(i - 1, 1):.2f}s/step")
+        if bench:
             continue
-        if i % args.eval_every == 0 or i == n_steps:
+        if i % hp.eval_every == 0 or i == n_steps:
             ho_ce, loads = evaluate_heldout(params)
             log(f"  heldout_ce {ho_ce:.4f} ({ho_ce / math.log(2):.3f} bpb) min expert load per layer "
                 f"{[round(float(l.min()) * 100, 2) for l in loads]}%")
-        if i % args.save_every == 0:
+        if i % hp.save_every == 0:
             save_checkpoint(nnx.merge(graphdef, params), out)
             log(f"  saved checkpoint at step {i}")
-        if args.time_limit and time.time() - t_start > args.time_limit:
-            log(f"time limit {args.time_limit}s reached at step {i}; stopping")
+        if hp.time_limit and time.time() - t_start > hp.time_limit:
+            log(f"time limit {hp.time_limit}s reached at step {i}; stopping")
             break
-    if args.bench:
-        return 0
+    if bench:
+        return
 
     model = nnx.merge(graphdef, params)
     save_checkpoint(model, out)
@@ -287,10 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - t_start
     log(f"done: {last_step} steps, wall time {wall:.0f}s; final train_ce(ema) {ema:.4f} "
         f"({ema / math.log(2):.3f} bpb); heldout_ce {ho_ce:.4f} ({ho_ce / math.log(2):.3f} bpb, "
-        f"{n_eval} windows of {args.seq_len}); max |logit diff| train-forward vs model {gap:.2e}")
+        f"{n_eval} windows of {hp.seq_len}); max |logit diff| train-forward vs model {gap:.2e}")
     log("expert load per layer (% of slots): " + "; ".join(
         f"L{j}: " + " ".join(f"{float(v) * 100:.1f}" for v in l) for j, l in enumerate(loads)))
-    return 0
 
 
 def report(out: Path, seq_len: int, batch: int = 16, max_bytes: int | None = None) -> int:
