@@ -22,6 +22,7 @@ from flax import nnx
 from moejax import dialect
 from moejax.models.layers import (NORMS, Attention, DenseFFN, KVCache, Linear, MLAttention, MoAttention, SparseMoE,
                                   Yarn, init_cache_from_shapes, make_norm)
+from moejax.models.layers import Llama3Rope
 
 ATTENTIONS = ("gqa", "mla", "moa")
 
@@ -48,7 +49,8 @@ class MoEConfig:
     d_ff_dense: int | None = None
     qkv_bias: bool = False
     rope_theta: float = 10000.0
-    rope_scaling: Yarn | None = None  # YaRN-scaled RoPE (released DeepSeek-V2/V3, Kimi K2)
+    # YaRN-scaled RoPE (released DeepSeek-V2/V3, Kimi K2) or Llama 3 scaling (released Llama 4 Scout)
+    rope_scaling: Yarn | Llama3Rope | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     scan_layers: bool = False
@@ -68,10 +70,36 @@ class MoEConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = True  # MLA: DeepSeek's adjacent-pair rotary layout
-    softmax_scale: float | None = None  # MLA: overrides qk_head_dim ** -0.5 (and its YaRN mscale)
+    # MLA: overrides qk_head_dim ** -0.5 (and its YaRN mscale); GQA: overrides head_dim ** -0.5 (Granite's
+    # attention_multiplier)
+    softmax_scale: float | None = None
     expert_out_bias: bool = False  # JetMoE: a bias added to the routed-expert output
     # Partial rotary (GLM-4.5, MiniMax-M2): RoPE on the first rotary_dim dimensions of each head (None: all).
     rotary_dim: int | None = None
+    o_bias: bool = False  # PhiMoE: attention_bias also puts a bias on o_proj
+    lm_head_bias: bool = False  # PhiMoE's lm_head_bias
+    qk_norm_after_rope: bool = False  # Hunyuan: per-head q/k norms on the rotated q and k
+    # Llama 4 (GQA only): layers without RoPE (NoPE), whose queries get attention temperature tuning
+    # (floor_scale, attn_scale); a weightless RMS ("L2") norm of the rotated q and k heads on the other layers;
+    # chunked attention (attention_chunk_size tokens per chunk) on chunked_layers; RoPE on adjacent pairs.
+    nope_layers: tuple[int, ...] = ()
+    attn_temperature: tuple[float, float] | None = None
+    qk_l2_norm: bool = False
+    attention_chunk_size: int | None = None
+    chunked_layers: tuple[int, ...] = ()
+    rope_adjacent_pairs: bool = False
+    # Granite (muP): embeddings times embedding_multiplier, each residual branch times residual_multiplier,
+    # logits divided by logits_scaling (its attention_multiplier is softmax_scale).
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    # gpt-oss (GQA only): sliding-window attention (a query sees its last sliding_window keys) on
+    # sliding_layers, a learned sink logit per head in every softmax, biases on the experts' matmuls
+    # (its router bias on the logits is routing.bias_on_logits).
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    attention_sinks: bool = False
+    expert_bias: bool = False
 
     def __post_init__(self):
         if self.d_model % self.n_heads and self.head_dim is None:
@@ -95,10 +123,41 @@ class MoEConfig:
             raise ValueError("attention='mla' needs kv_lora_rank, qk_rope_head_dim and v_head_dim > 0")
         if self.qk_norm_per_head and not (self.qk_norm and self.attention == "gqa"):
             raise ValueError("qk_norm_per_head needs qk_norm=True and attention='gqa'")
+        if self.qk_norm_after_rope and not self.qk_norm_per_head:
+            raise ValueError("qk_norm_after_rope needs qk_norm_per_head=True")
+        if self.o_bias and self.attention != "gqa":
+            raise ValueError("o_bias needs attention='gqa'")
+        if self.lm_head_bias and self.tie_embeddings:
+            raise ValueError("lm_head_bias needs an untied lm_head (tie_embeddings=False)")
+        if (self.sliding_layers or self.attention_sinks) and self.attention != "gqa":
+            raise ValueError("sliding_layers and attention_sinks need attention='gqa'")
+        if self.sliding_layers and not (self.sliding_window and self.sliding_window >= 1):
+            raise ValueError(f"sliding_layers need sliding_window >= 1, got {self.sliding_window}")
+        if self.scan_layers and self.sliding_layers and set(self.sliding_layers) != set(range(self.n_layers)):
+            raise ValueError("scan_layers needs identical layers; sliding-window layers mixed with full-attention "
+                             "ones are not scannable: set scan_layers=False")
+        if self.routing.bias_on_logits and self.selection_bias:
+            raise ValueError("the route op takes one bias: a router bias on the logits (routing.bias_on_logits) "
+                             "or a selection bias, not both")
         if self.rotary_dim is not None and not (self.attention == "gqa" and self.rotary_dim % 2 == 0
                                                 and 0 < self.rotary_dim <= self.hd):
             raise ValueError(f"rotary_dim={self.rotary_dim} must be even, in 1..head_dim={self.hd}, and needs "
                              "attention='gqa'")
+        self._check_llama4_attention()
+
+    def _check_llama4_attention(self) -> None:
+        """Llama 4's per-layer attention options: GQA only, unrolled layers. (Indices past ``n_layers`` are
+        allowed and unused, so ``replace(n_layers=...)`` keeps a config valid, as ``dense_layers`` does.)"""
+        llama4 = (self.nope_layers, self.attn_temperature, self.qk_l2_norm, self.attention_chunk_size,
+                  self.chunked_layers, self.rope_adjacent_pairs)
+        if any(llama4) and self.attention != "gqa":
+            raise ValueError("nope_layers, attn_temperature, qk_l2_norm, attention_chunk_size, chunked_layers and "
+                             "rope_adjacent_pairs need attention='gqa'")
+        if self.chunked_layers and not (self.attention_chunk_size or 0) > 0:
+            raise ValueError("chunked_layers need a positive attention_chunk_size")
+        if self.scan_layers and (self.nope_layers or self.chunked_layers):
+            raise ValueError("scan_layers needs identical layers; NoPE or chunked-attention layers (nope_layers / "
+                             "chunked_layers) are not scannable: set scan_layers=False")
 
     def is_dense(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` has a dense FFN instead of a MoE block."""
@@ -121,7 +180,10 @@ class MoEConfig:
 class DecoderLayer(nnx.Module):
     """Pre-norm attention plus a MoE (or, for leading dense layers, dense) FFN."""
 
-    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs, dense: bool = False, name: str = "", dtype=jnp.float32):
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs, dense: bool = False, name: str = "", dtype=jnp.float32,
+                 index: int | None = None):
+        # ``index`` (None for scanned layers, which are identical) selects per-layer attention options (Llama 4).
+        self.residual_multiplier = cfg.residual_multiplier
         self.input_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype)
         if cfg.attention == "mla":
             self.self_attn = MLAttention(
@@ -138,7 +200,10 @@ class DecoderLayer(nnx.Module):
                                        rngs=rngs, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
                                        qk_norm_per_head=cfg.qk_norm_per_head, norm_eps=cfg.norm_eps,
                                        clip_qkv=cfg.clip_qkv, rope_scaling=cfg.rope_scaling,
-                                       rotary_dim=cfg.rotary_dim, dtype=dtype)
+                                       rotary_dim=cfg.rotary_dim, o_bias=cfg.o_bias,
+                                       qk_norm_after_rope=cfg.qk_norm_after_rope, dtype=dtype,
+                                       sliding_window=cfg.sliding_window if _is_sliding(cfg, index) else None,
+                                       sinks=cfg.attention_sinks, **_llama4_attention(cfg, index))
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype)
         if dense:
             self.mlp = DenseFFN(cfg.d_model, cfg.d_ff_dense or cfg.d_ff_expert, rngs=rngs,
@@ -148,12 +213,27 @@ class DecoderLayer(nnx.Module):
                                  activation=cfg.activation, n_shared=cfg.n_shared_experts,
                                  d_ff_shared=cfg.d_ff_shared, shared_gate=cfg.shared_expert_gate,
                                  selection_bias=cfg.selection_bias, out_bias=cfg.expert_out_bias, name=name,
-                                 dtype=dtype)
+                                 router_bias=cfg.routing.bias_on_logits, expert_bias=cfg.expert_bias, dtype=dtype)
 
     def __call__(self, x, positions, cache=None, cache_index=None):
         h, cache = self.self_attn(self.input_layernorm(x), positions, cache, cache_index)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        m = self.residual_multiplier
+        x = x + h if m == 1.0 else x + h * m
+        y = self.mlp(self.post_attention_layernorm(x))
+        return (x + y if m == 1.0 else x + y * m), cache
+
+
+def _is_sliding(cfg: MoEConfig, index: int | None) -> bool:
+    """Whether layer ``index`` attends over a sliding window (scanned layers, ``None``: all are alike)."""
+    return index in cfg.sliding_layers if index is not None else bool(cfg.sliding_layers)
+
+
+def _llama4_attention(cfg: MoEConfig, index: int | None) -> dict[str, Any]:
+    """Attention options of layer ``index``: Llama 4's NoPE / chunked layers, and the softmax scale."""
+    use_rope = index not in cfg.nope_layers
+    return dict(use_rope=use_rope, rope_interleave=cfg.rope_adjacent_pairs, qk_l2_norm=cfg.qk_l2_norm and use_rope,
+                temperature=None if use_rope else cfg.attn_temperature, softmax_scale=cfg.softmax_scale,
+                chunk_size=cfg.attention_chunk_size if index in cfg.chunked_layers else None)
 
 
 class MoEDecoder(nnx.Module):
@@ -172,17 +252,20 @@ class MoEDecoder(nnx.Module):
             self.layers = make(rngs)
         else:
             self.layers = nnx.List([
-                DecoderLayer(cfg, rngs=rngs, dense=cfg.is_dense(i), name=f"layers/{i}/mlp", dtype=dtype)
+                DecoderLayer(cfg, rngs=rngs, dense=cfg.is_dense(i), name=f"layers/{i}/mlp", dtype=dtype, index=i)
                 for i in range(cfg.n_layers)
             ])
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, rngs=rngs, dtype=dtype)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, rngs=rngs,
+                                                              bias=cfg.lm_head_bias, dtype=dtype)
 
     def __call__(self, tokens: jax.Array, *, cache: Any = None, cache_index: jax.Array | None = None):
         b, s = tokens.shape
         start = jnp.zeros((), jnp.int32) if cache_index is None else jnp.asarray(cache_index, jnp.int32)
         positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
         x = self.embed_tokens(tokens)
+        if self.config.embedding_multiplier != 1.0:  # Granite
+            x = x * self.config.embedding_multiplier
         x, new_cache = self._run_layers(x, positions, cache, start if cache is not None else None)
         x = self.norm(x)
         if self.lm_head is None:
@@ -190,6 +273,8 @@ class MoEDecoder(nnx.Module):
         else:
             logits = self.lm_head(x)
         logits = logits.astype(jnp.float32)
+        if self.config.logits_scaling != 1.0:  # Granite
+            logits = logits / self.config.logits_scaling
         return logits if cache is None else (logits, new_cache)
 
     def _run_layers(self, x, positions, cache, cache_index):

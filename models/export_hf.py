@@ -33,7 +33,7 @@ from moejax.models.fp8_checkpoint import scale_name
 __all__ = ["export_hf", "ExportError", "EXPERT_COUNT_FIELDS"]
 
 # Where each family's config.json keeps its routed expert count.
-EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 FP8_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 
 

@@ -51,10 +51,12 @@ def fp8_blocks_from_config(hf: dict[str, Any]) -> Fp8Blocks | None:
     if not isinstance(q, dict):
         raise CheckpointError(f"config.json: field 'quantization_config' must be an object; {_FIX}")
     method = q.get("quant_method")
+    if method == "mxfp4":
+        return None  # gpt-oss's MXFP4 experts: moejax.models.mxfp4_checkpoint
     if method != "fp8":
         raise NotImplementedError(f"config.json: quantization_config.quant_method {method!r} is not supported (FP8 "
-                                  "block-scaled checkpoints, quant_method 'fp8', are); load the unquantized "
-                                  "checkpoint and quantize with moejax's quantize pass")
+                                  "block-scaled checkpoints, quant_method 'fp8', and gpt-oss MXFP4 ones, 'mxfp4', "
+                                  "are); load the unquantized checkpoint and quantize with moejax's quantize pass")
     if q.get("fmt", "e4m3") != "e4m3":
         raise NotImplementedError(f"config.json: FP8 format {q.get('fmt')!r} is not supported (only e4m3)")
     block = q.get("weight_block_size")

@@ -31,10 +31,10 @@ from jax.sharding import Mesh
 
 from moejax import dialect, numerics
 from moejax import weight_formats as wf
-from moejax.models import default_model, fp8_checkpoint
+from moejax.models import default_model, fp8_checkpoint, mxfp4_checkpoint
 from moejax.models.byte_level import mark_byte_level
 from moejax.models.decoder import MoEConfig, MoEDecoder
-from moejax.models.layers import Yarn
+from moejax.models.layers import Llama3Rope, Yarn
 from moejax.models.safetensors_io import Checkpoint, save_file
 from moejax.models.sharded_load import ShardingRules, load_onto_mesh, shard_model
 from moejax.models.validation import (BOOL, EXPERT_COUNT, LAYER_COUNT, NON_NEGATIVE_INT, NON_NEGATIVE_INTS, NUMBER,
@@ -52,6 +52,20 @@ _CONFIG_FIX = "fix the checkpoint's config.json"
 
 # Partial rotary fraction of each head (GLM-4.5, MiniMax-M2 via rotary_dim / head_dim).
 _FRACTION = Kind("a number in (0, 1]", lambda v: NUMBER.accepts(v) and 0 < v <= 1)
+_NON_NEGATIVE_NUMBER = Kind("a non-negative number", lambda v: NUMBER.accepts(v) and v >= 0)
+def _int_at_least(lo: int) -> Callable[[Any], bool]:
+    return lambda v: POSITIVE_INT.accepts(v - lo + 1) if isinstance(v, int) and not isinstance(v, bool) else False
+
+
+# Llama 4's no_rope_layers: one 0/1 flag per layer (1: the layer uses RoPE).
+_ROPE_FLAGS = Kind("a list of 0/1 flags (1: the layer uses RoPE)",
+                   lambda v: isinstance(v, list) and all(type(x) in (int, bool) and x in (0, 1) for x in v))
+# Llama 4's attn_temperature_tuning: a boolean (transformers) or a number, read as a truth value (as transformers
+# does) since some released configs hold an integer there.
+_FLAG = Kind("true, false or a number", lambda v: isinstance(v, bool) or NUMBER.accepts(v))
+# Hunyuan's moe_topk: one k, or one per layer.
+_POSITIVE_INT_OR_INTS = Kind("a positive integer or a list of them", lambda v: POSITIVE_INT.accepts(v) or (
+    isinstance(v, list) and bool(v) and all(POSITIVE_INT.accepts(x) for x in v)))
 
 # Every config.json field the parsers below read, and what it may hold. Fields the
 # parsers read with ``hf[...]`` or use unguarded are not nullable; ``.get(...) or default``
@@ -73,7 +87,8 @@ _HF_FIELDS: dict[str, Kind] = {
         ("beta_fast", POSITIVE_NUMBER.or_null()), ("beta_slow", POSITIVE_NUMBER.or_null()),
         ("mscale", NUMBER.or_null()), ("mscale_all_dim", NUMBER.or_null()),
         ("attention_factor", POSITIVE_NUMBER.or_null()), ("truncate", BOOL.or_null()),
-        ("partial_rotary_factor", _FRACTION.or_null()))},
+        ("partial_rotary_factor", _FRACTION.or_null()), ("low_freq_factor", POSITIVE_NUMBER.or_null()),
+        ("high_freq_factor", POSITIVE_NUMBER.or_null()))},
     "partial_rotary_factor": _FRACTION.or_null(), "rotary_dim": POSITIVE_INT.or_null(),
     "max_position_embeddings": POSITIVE_INT.or_null(),
     "sliding_window": NON_NEGATIVE_INT.or_null(), "use_sliding_window": BOOL.or_null(),
@@ -102,6 +117,29 @@ _HF_FIELDS: dict[str, Kind] = {
     "ffn_config.moe_num_experts": EXPERT_COUNT, "ffn_config.moe_top_k": POSITIVE_INT,
     "ffn_config.moe_normalize_expert_weights": NUMBER.or_null(), "ffn_config.ffn_act_fn": OBJECT.or_null(),
     "ffn_config.ffn_act_fn.name": STRING,
+    # PhiMoE
+    "router_jitter_noise": _NON_NEGATIVE_NUMBER.or_null(), "lm_head_bias": BOOL.or_null(),
+    # ERNIE 4.5 MoE
+    "use_bias": BOOL.or_null(), "moe_num_experts": EXPERT_COUNT, "moe_k": POSITIVE_INT,
+    "moe_num_shared_experts": NON_NEGATIVE_INT.or_null(), "moe_layer_start_index": NON_NEGATIVE_INT.or_null(),
+    "moe_layer_end_index": Kind("an integer >= -1 (-1: the last layer)",
+                                _int_at_least(-1)).or_null(),
+    "moe_layer_interval": POSITIVE_INT.or_null(), "moe_norm_min": POSITIVE_NUMBER.or_null(),
+    # Hunyuan v1 MoE (rope alpha: NTK scaling of the base)
+    "moe_topk": _POSITIVE_INT_OR_INTS,
+    "rope_parameters.alpha": POSITIVE_NUMBER.or_null(), "rope_scaling.alpha": POSITIVE_NUMBER.or_null(),
+    # gpt-oss (its sliding_window and attention_bias are above)
+    "swiglu_limit": POSITIVE_NUMBER.or_null(), "swiglu_alpha": POSITIVE_NUMBER.or_null(),  # (layer_types: below)
+    # Llama 4 (layer_types: its values are checked by _llama4_layers)
+    "intermediate_size_mlp": POSITIVE_INT, "moe_layers": NON_NEGATIVE_INTS.or_null(),
+    "interleave_moe_layer_step": POSITIVE_INT.or_null(), "no_rope_layers": _ROPE_FLAGS.or_null(),
+    "no_rope_layer_interval": POSITIVE_INT.or_null(), "attention_chunk_size": POSITIVE_INT.or_null(),
+    "layer_types": STRINGS.or_null(), "attn_temperature_tuning": _FLAG.or_null(),
+    "floor_scale": POSITIVE_NUMBER.or_null(), "attn_scale": NUMBER.or_null(), "text_config": OBJECT.or_null(),
+    # Granite MoE (muP multipliers)
+    "embedding_multiplier": POSITIVE_NUMBER.or_null(), "attention_multiplier": POSITIVE_NUMBER.or_null(),
+    "residual_multiplier": POSITIVE_NUMBER.or_null(), "logits_scaling": POSITIVE_NUMBER.or_null(),
+    "shared_intermediate_size": NON_NEGATIVE_INT.or_null(),
 }
 
 
@@ -119,9 +157,11 @@ def _rope_scaling(hf: dict) -> Yarn | None:
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type == "default":
         return None
+    if rope_type == "llama3":
+        return _llama3_rope(hf, params)
     if rope_type != "yarn":
         raise NotImplementedError(
-            f"rope_type {rope_type!r} is not implemented (only 'default' and 'yarn' RoPE are); "
+            f"rope_type {rope_type!r} is not implemented (only 'default', 'yarn' and 'llama3' RoPE are); "
             "remove rope scaling from config.json only if your sequences stay within the original context")
     original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
     if original is None:
@@ -132,6 +172,20 @@ def _rope_scaling(hf: dict) -> Yarn | None:
                 beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
                 mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
                 attention_factor=params.get("attention_factor"), truncate=params.get("truncate", True) is not False)
+
+
+def _llama3_rope(hf: dict, params: dict) -> Llama3Rope:
+    """``rope_type: "llama3"`` (Llama 4 Scout as released): transformers needs factor, low/high_freq_factor and
+    original_max_position_embeddings (else max_position_embeddings)."""
+    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+    missing = [k for k, v in (("factor", params.get("factor")), ("low_freq_factor", params.get("low_freq_factor")),
+                              ("high_freq_factor", params.get("high_freq_factor")),
+                              ("original_max_position_embeddings", original)) if v is None]
+    if missing:
+        raise CheckpointError(f"config.json: llama3 rope scaling needs {missing[0]!r}; {_CONFIG_FIX}")
+    return Llama3Rope(factor=float(params["factor"]), original_max_position_embeddings=original,
+                      low_freq_factor=float(params["low_freq_factor"]),
+                      high_freq_factor=float(params["high_freq_factor"]))
 
 
 def _rotary_dim(hf: dict, head_dim: int, default_factor: float = 1.0) -> int | None:
@@ -299,6 +353,93 @@ def _minimax_m2(hf: dict) -> MoEConfig:
                      selection_bias=True, qk_norm=True, rotary_dim=_rotary_dim(hf, hd), family="minimax_m2")
 
 
+def _phimoe(hf: dict) -> MoEConfig:
+    """PhiMoE (Phi-3.5-MoE): SparseMixer routing (eval mode), LayerNorm with bias everywhere, q/k/v/o biases
+    (``attention_bias``), optional ``lm_head`` bias, every layer MoE."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type != "default":  # before _base, whose generic refusal does not say what PhiMoE does
+        raise NotImplementedError(
+            f"PhimoeForCausalLM: rope_type {rope_type!r} is not implemented (Phi-3.5-MoE ships 'longrope': per-"
+            "dimension short/long factors and mscales that switch once a sequence passes "
+            "original_max_position_embeddings); only default RoPE loads")
+    if hf.get("num_experts_per_tok", 2) != 2:
+        raise CheckpointError(f"config.json: num_experts_per_tok={hf['num_experts_per_tok']}, but PhiMoE's "
+                              f"SparseMixer router always picks 2 experts; set it to 2 ({_CONFIG_FIX})")
+    bias = bool(hf.get("attention_bias", False))
+    base = _base(hf, "Phimoe")
+    base.update(norm_eps=float(hf.get("rms_norm_eps", 1e-5)),  # the LayerNorms' eps
+                rope_theta=_rope_theta(hf, default=1e6))  # transformers' PhimoeConfig default
+    jitter = hf.get("router_jitter_noise")
+    routing = dialect.Routing(k=2, score="sparsemixer", norm_topk=False,
+                              jitter_eps=float(0.01 if jitter is None else jitter))
+    return MoEConfig(**base, d_ff_expert=hf["intermediate_size"], n_experts=hf["num_local_experts"],
+                     routing=routing, norm="layer_bias", qkv_bias=bias, o_bias=bias,
+                     lm_head_bias=bool(hf.get("lm_head_bias", False)), family="phimoe")
+
+
+def _ernie4_5_moe(hf: dict) -> MoEConfig:
+    """ERNIE 4.5 MoE: softmax router whose selection adds ``moe_statics.e_score_correction_bias``, renormalised with
+    the sum clamped at ``moe_norm_min``; shared experts; MoE layers on the ``moe_layer_start_index`` ..
+    ``moe_layer_end_index`` / ``moe_layer_interval`` grid, dense elsewhere; RoPE on adjacent pairs."""
+    if hf.get("use_bias"):
+        raise NotImplementedError("Ernie4_5_Moe: use_bias=True (biases on attention, dense/shared MLPs and lm_head) "
+                                  "is not supported")
+    n = hf["num_hidden_layers"]
+    start, interval = hf.get("moe_layer_start_index", 1), hf.get("moe_layer_interval", 1) or 1
+    end = hf.get("moe_layer_end_index", -1)
+    end = n - 1 if end in (None, -1) else end
+    start = 1 if start is None else start
+    dense = tuple(i for i in range(n) if not ((i + 1) % interval == 0 and start <= i <= end))
+    if len(dense) == n:
+        raise CheckpointError(f"config.json: moe_layer_start_index={start}, moe_layer_end_index={end} and "
+                              f"moe_layer_interval={interval} leave no MoE layer among {n}; {_CONFIG_FIX}")
+    base = _base(hf, "Ernie4_5_Moe")
+    base.update(rope_theta=_rope_theta(hf, default=500000.0), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", True)))  # transformers' defaults
+    norm_min = hf.get("moe_norm_min")
+    routing = dialect.Routing(k=hf["moe_k"], norm_topk=True, norm_min=float(1e-12 if norm_min is None else norm_min))
+    n_shared = hf.get("moe_num_shared_experts", 2) or 0
+    return MoEConfig(**base, d_ff_expert=hf["moe_intermediate_size"], n_experts=hf["moe_num_experts"],
+                     routing=routing, selection_bias=True, n_shared_experts=n_shared,
+                     d_ff_shared=hf["moe_intermediate_size"] if n_shared else None, dense_layers=dense,
+                     d_ff_dense=hf["intermediate_size"] if dense else None, rope_adjacent_pairs=True,
+                     family="ernie4_5_moe")
+
+
+def _per_layer(hf: dict, key: str) -> int:
+    """A field transformers allows per layer (a list): its one value if all layers agree, else NotImplementedError."""
+    v = hf[key]
+    if isinstance(v, list):
+        if len(set(v)) != 1:
+            raise NotImplementedError(f"HunYuanMoEV1: per-layer {key}={v} is not supported (one value for all "
+                                      "layers is)")
+        return v[0]
+    return v
+
+
+def _hunyuan_v1_moe(hf: dict) -> MoEConfig:
+    """Hunyuan v1 MoE: renormalised softmax top-k (no capacity or token dropping at inference in transformers), a
+    shared MLP of ``intermediate_size`` in every layer, per-head q/k RMS norms after RoPE, optional q/k/v/o bias
+    (``attention_bias``), RoPE base stretched by a fixed NTK ``alpha`` (released ``type: dynamic`` + ``alpha``)."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    base = _base({**hf, "rope_scaling": None, "rope_parameters": None}, "HunYuanMoEV1")
+    hd = base["head_dim"] or base["d_model"] // base["n_heads"]
+    theta = _rope_theta(hf)
+    if (params.get("rope_type") or params.get("type")) == "dynamic" and params.get("alpha"):
+        # transformers' compute_ntk_alpha_rope_parameters: a static base change, exact at any length
+        base["rope_theta"] = theta * params["alpha"] ** (hd / (hd - 2))
+    else:
+        base.update(rope_theta=theta, rope_scaling=_rope_scaling(hf))  # default or yarn; others refused there
+    base["norm_eps"] = float(hf.get("rms_norm_eps", 1e-5))
+    bias = bool(hf.get("attention_bias", False))
+    # (a per-layer num_experts list fails the field check: num_experts is an integer for every family)
+    return MoEConfig(**base, d_ff_expert=hf["intermediate_size"], n_experts=hf["num_experts"],
+                     routing=dialect.Routing(k=_per_layer(hf, "moe_topk"), norm_topk=True), n_shared_experts=1,
+                     d_ff_shared=hf["intermediate_size"], qkv_bias=bias, o_bias=bias, qk_norm=True,
+                     qk_norm_per_head=True, qk_norm_after_rope=True, family="hunyuan_v1_moe")
+
+
 def _jetmoe(hf: dict) -> MoEConfig:
     """JetMoE: attention experts (MoA) and FFN experts share num_local_experts and top-k."""
     if float(hf.get("rms_norm_eps", 1e-6)) != 1e-6:
@@ -358,6 +499,170 @@ def _dbrx(hf: dict) -> MoEConfig:
                      family="dbrx")
 
 
+def _llama4_layers(hf: dict) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int | None]:
+    """Llama 4's per-layer schedule, with transformers' defaults: (dense layers, NoPE layers, chunked layers,
+    chunk size).
+
+    MoE layers: ``moe_layers``, else every ``interleave_moe_layer_step``-th layer; the others are dense.
+    ``no_rope_layers`` flags the RoPE layers (default: every ``no_rope_layer_interval``-th layer is NoPE);
+    ``layer_types`` (default: the RoPE layers chunked when ``attention_chunk_size`` is set) picks chunked layers.
+    """
+    n = hf["num_hidden_layers"]
+    moe = hf.get("moe_layers")
+    if moe is None:
+        step = hf.get("interleave_moe_layer_step") or 1
+        moe = list(range(step - 1, n, step))
+    if any(i >= n for i in moe):
+        raise CheckpointError(f"config.json: field 'moe_layers' names layer {max(moe)}, but num_hidden_layers={n}; "
+                              f"{_CONFIG_FIX}")
+    if not moe:
+        raise NotImplementedError("Llama4: a model without MoE layers (empty moe_layers) is a dense model; moejax "
+                                  "loads MoE models only")
+    interval = hf.get("no_rope_layer_interval") or 4
+    flags = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+    if len(flags) < n:
+        raise CheckpointError(f"config.json: field 'no_rope_layers' has {len(flags)} flags for num_hidden_layers={n} "
+                              f"layers; {_CONFIG_FIX}")
+    chunk = hf.get("attention_chunk_size", 8192)  # transformers' default when the field is absent
+    types = hf.get("layer_types") or ["chunked_attention" if flags[i] and chunk is not None else "full_attention"
+                                      for i in range(n)]
+    odd = [t for t in types if t not in ("full_attention", "chunked_attention")]
+    if len(types) != n or odd:
+        why = f"holds {odd[0]!r}" if odd else f"has {len(types)} entries for {n} layers"
+        raise CheckpointError(f"config.json: field 'layer_types' {why}; Llama 4 layers are 'full_attention' or "
+                              f"'chunked_attention', one per layer; {_CONFIG_FIX}")
+    chunked = tuple(i for i, t in enumerate(types) if t == "chunked_attention")
+    if chunked and chunk is None:
+        raise CheckpointError("config.json: field 'layer_types' has chunked_attention layers but "
+                              f"'attention_chunk_size' is null; {_CONFIG_FIX}")
+    dense = tuple(i for i in range(n) if i not in set(moe))
+    return dense, tuple(i for i in range(n) if not flags[i]), chunked, chunk if chunked else None
+
+
+def _llama4(hf: dict) -> MoEConfig:
+    """Llama 4 text model: top-k sigmoid router whose weight scales the expert's input (``weight_on="input"``), a
+    shared expert in every MoE layer, dense layers of ``intermediate_size_mlp``, NoPE layers with attention
+    temperature tuning, weightless q/k norm on the RoPE layers, chunked attention, RoPE on adjacent pairs."""
+    _no_bias(hf, "attention_bias", "Llama4")  # it would also put a bias on o_proj
+    base = _base(hf, "Llama4")
+    base.update(rope_theta=_rope_theta(hf, default=500000.0), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                head_dim=hf.get("head_dim", 128))  # transformers' defaults (null head_dim: hidden / heads)
+    dense, nope, chunked, chunk = _llama4_layers(hf)
+    temperature = None
+    if hf.get("attn_temperature_tuning", True) and nope:
+        temperature = (float(hf.get("floor_scale", 8192)), float(hf.get("attn_scale", 0.1)))
+    f = hf["intermediate_size"]
+    return MoEConfig(**base, d_ff_expert=f, n_experts=hf["num_local_experts"],
+                     routing=dialect.Routing(k=hf.get("num_experts_per_tok", 1), score="sigmoid", norm_topk=False,
+                                             weight_on="input"),
+                     n_shared_experts=1, d_ff_shared=f, dense_layers=dense,
+                     d_ff_dense=hf["intermediate_size_mlp"] if dense else None, nope_layers=nope,
+                     attn_temperature=temperature, qk_l2_norm=bool(hf.get("use_qk_norm", True)),
+                     attention_chunk_size=chunk, chunked_layers=chunked, rope_adjacent_pairs=True, family="llama4")
+
+
+def _llama4_multimodal(hf: dict) -> MoEConfig:
+    """``Llama4ForConditionalGeneration``: its text model (``text_config``); the vision tower is not loaded."""
+    text = hf.get("text_config")
+    if text is None:
+        raise CheckpointError(f"config.json lacks field 'text_config', which Llama4ForConditionalGeneration needs; "
+                              f"{_CONFIG_FIX}")
+    check_fields(text, _HF_FIELDS, file="config.json text_config", fix=_CONFIG_FIX)
+    return _llama4(text)
+
+
+def _granitemoe(hf: dict, shared: bool) -> MoEConfig:
+    """Granite MoE (and its shared-MLP variant): muP multipliers on embeddings, residual branches, logits and the
+    softmax scale (``attention_multiplier``), softmax over the top-k logits (= renormalised softmax top-k)."""
+    arch = "GraniteMoeShared" if shared else "GraniteMoe"
+    _no_bias(hf, "attention_bias", arch)  # it would also put a bias on o_proj
+    fs = (hf.get("shared_intermediate_size") or 0) if shared else 0
+    return MoEConfig(**_base(hf, arch), d_ff_expert=hf["intermediate_size"], n_experts=hf["num_local_experts"],
+                     routing=dialect.Routing(k=hf["num_experts_per_tok"], norm_topk=True),
+                     n_shared_experts=1 if fs else 0, d_ff_shared=fs or None,
+                     softmax_scale=float(hf.get("attention_multiplier", 1.0)),
+                     embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+                     residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+                     logits_scaling=float(hf.get("logits_scaling", 1.0)),
+                     family="granitemoeshared" if shared else "granitemoe")
+
+
+def _gpt_oss(hf: dict) -> MoEConfig:
+    """gpt-oss: GQA with q/k/v/o biases (``attention_bias``) and a learned sink logit per head, sliding-window
+    attention on the ``layer_types`` "sliding_attention" layers (default: every even layer), a router with a bias
+    on its logits and softmax over the top-k logits (= softmax, top-k, renormalised), experts with biases and the
+    clamped SwiGLU (``swiglu_limit``, ``swiglu_alpha``), YaRN RoPE (transformers' defaults when none is given)."""
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if len(types) != n:
+        raise CheckpointError(f"config.json: layer_types has {len(types)} entries for num_hidden_layers={n}; give "
+                              f"one per layer ({_CONFIG_FIX})")
+    if bad := sorted(set(types) - {"sliding_attention", "full_attention"}):
+        raise CheckpointError(f"config.json: layer_types holds {bad[0]!r}; gpt-oss layers are 'sliding_attention' or "
+                              f"'full_attention' ({_CONFIG_FIX})")
+    if not (hf.get("rope_parameters") or hf.get("rope_scaling")):  # GptOssConfig's default RoPE
+        hf = {**hf, "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                        "truncate": False, "original_max_position_embeddings": 4096}}
+    window = hf.get("sliding_window", 128)  # GptOssConfig's default
+    base = _base({**hf, "sliding_window": None}, "GptOss")  # its sliding window is implemented, not ignored
+    base.update(head_dim=hf.get("head_dim", 64), rope_theta=_rope_theta(hf, default=150000.0),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                activation=dialect.clamped_swiglu(float(hf.get("swiglu_limit") or 7.0),
+                                                  float(hf.get("swiglu_alpha") or 1.702)))
+    bias = bool(hf.get("attention_bias", True))
+    if mxfp4_checkpoint.is_mxfp4(hf):
+        mxfp4_checkpoint.check_dims(hf["hidden_size"], hf["intermediate_size"])
+    return MoEConfig(**base, d_ff_expert=hf["intermediate_size"], n_experts=hf["num_local_experts"],
+                     routing=dialect.Routing(k=hf["num_experts_per_tok"], norm_topk=True, bias_on_logits=True),
+                     qkv_bias=bias, o_bias=bias, sliding_window=window or None,
+                     sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else (),
+                     attention_sinks=True, expert_bias=True, family="gpt_oss")
+
+
+def _gpt_oss_rules(cfg: MoEConfig, mxfp4: bool) -> list[Rule]:
+    """gpt-oss's tensors: fused experts ``gate_up_proj [E, d, 2f]`` (gate = columns ``0::2``, up = ``1::2``) with
+    ``gate_up_proj_bias [E, 2f]``, ``down_proj [E, f, d]`` and ``down_proj_bias [E, d]``; with ``mxfp4`` the two
+    matrices are ``*_blocks`` / ``*_scales`` in the ``[E, out, in]`` orientation (``models/mxfp4_checkpoint.py``)."""
+    e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff_expert
+    r: list[Rule] = [Rule("embed_tokens/embedding", ("model.embed_tokens.weight",), "copy")]
+    for i in range(cfg.n_layers):
+        p, m = f"model.layers.{i}", f"layers/{i}/mlp/experts"
+        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
+        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
+        r += _attention_rules(cfg, i, p)
+        r.append(Rule(f"layers/{i}/self_attn/sinks", (f"{p}.self_attn.sinks",), "copy"))
+        _linear(r, f"layers/{i}/mlp/gate", f"{p}.mlp.router", bias=True)
+        x = f"{p}.mlp.experts"
+        for ours, rows in (("gate", slice(0, None, 2)), ("up", slice(1, None, 2))):
+            if mxfp4:
+                names = (f"{x}.gate_up_proj_blocks", f"{x}.gate_up_proj_scales")
+                r.append(Rule(f"{m}/w_{ours}", names, "custom", ((e, 2 * f, d // 32, 16), (e, 2 * f, d // 32)),
+                              lambda b, s, names=names, rows=rows: mxfp4_checkpoint.experts(b, s, names, rows)))
+            else:
+                r.append(Rule(f"{m}/w_{ours}", (f"{x}.gate_up_proj",), "custom", ((e, d, 2 * f),),
+                              lambda w, rows=rows: w[..., rows]))
+            r.append(Rule(f"{m}/b_{ours}", (f"{x}.gate_up_proj_bias",), "custom", ((e, 2 * f),),
+                          lambda b, rows=rows: b[..., rows]))
+        if mxfp4:
+            names = (f"{x}.down_proj_blocks", f"{x}.down_proj_scales")
+            r.append(Rule(f"{m}/w_down", names, "custom", ((e, d, f // 32, 16), (e, d, f // 32)),
+                          lambda b, s, names=names: mxfp4_checkpoint.experts(b, s, names)))
+        else:
+            r.append(Rule(f"{m}/w_down", (f"{x}.down_proj",), "copy"))
+        r.append(Rule(f"{m}/b_down", (f"{x}.down_proj_bias",), "copy"))
+    _norm(r, "norm", "model.norm")
+    if not cfg.tie_embeddings:
+        _linear(r, "lm_head", "lm_head")
+    return r
+
+
+def _gpt_oss_interleave(tensors: dict[str, np.ndarray], rule: Rule, value: np.ndarray) -> None:
+    """Export: put gate (``w_gate`` / ``b_gate``) back in the even, up in the odd columns of the fused tensor."""
+    out = tensors.setdefault(rule.srcs[0], np.zeros((*value.shape[:-1], 2 * value.shape[-1]), value.dtype))
+    first = 0 if rule.dst.endswith(("w_gate", "b_gate")) else 1
+    out[..., first::2] = value
+
+
 _CONFIG_PARSERS: dict[str, Callable[[dict], MoEConfig]] = {
     "MixtralForCausalLM": _mixtral,
     "Qwen2MoeForCausalLM": _qwen2_moe,
@@ -370,6 +675,15 @@ _CONFIG_PARSERS: dict[str, Callable[[dict], MoEConfig]] = {
     "JetMoeForCausalLM": _jetmoe,
     "Glm4MoeForCausalLM": _glm4_moe,
     "MiniMaxM2ForCausalLM": _minimax_m2,
+    "PhimoeForCausalLM": _phimoe,
+    "PhiMoEForCausalLM": _phimoe,  # the released checkpoints' remote-code name; same tensors
+    "Ernie4_5_MoeForCausalLM": _ernie4_5_moe,
+    "HunYuanMoEV1ForCausalLM": _hunyuan_v1_moe,
+    "GptOssForCausalLM": _gpt_oss,
+    "Llama4ForCausalLM": _llama4,
+    "Llama4ForConditionalGeneration": _llama4_multimodal,
+    "GraniteMoeForCausalLM": lambda hf: _granitemoe(hf, shared=False),
+    "GraniteMoeSharedForCausalLM": lambda hf: _granitemoe(hf, shared=True),
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_CONFIG_PARSERS)
 
@@ -420,7 +734,8 @@ class Rule:
 
     ``kind``: ``"copy"`` (same layout), ``"linear"`` (transpose ``[out,in] -> [in,out]``),
     ``"experts"`` (stack per-expert ``[out,in]`` tensors, each transposed), or
-    ``"custom"`` (``fn(*tensors)``, with the tensors' expected shapes in ``src_shapes``).
+    ``"custom"`` (``fn(*tensors)``, with the tensors' expected shapes in ``src_shapes``; ``inverse(value)``, if
+    given, rebuilds a one-tensor rule's checkpoint tensor for export).
     """
 
     dst: str
@@ -428,6 +743,7 @@ class Rule:
     kind: str = "linear"
     src_shapes: tuple[tuple[int, ...], ...] | None = None
     fn: Callable[..., np.ndarray] | None = None
+    inverse: Callable[[np.ndarray], np.ndarray] | None = None
 
     def expected_src_shapes(self, dst_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
         if self.kind == "copy":
@@ -448,14 +764,32 @@ class Rule:
         return self.fn(*tensors)
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedPart:
+    """What a :class:`Rule`'s ``inverse`` returns when its parameter is one part of a fused checkpoint tensor
+    (Llama 4's ``gate_up_proj``, Granite's ``input_linear``): ``value`` goes at ``index`` of a ``shape`` tensor,
+    which the other parts' rules fill in turn."""
+
+    shape: tuple[int, ...]
+    index: Any
+    value: np.ndarray
+
+    def into(self, tensor: np.ndarray | None) -> np.ndarray:
+        out = np.zeros(self.shape, self.value.dtype) if tensor is None else tensor
+        out[self.index] = self.value
+        return out
+
+
 def _linear(rules: list[Rule], dst: str, src: str, bias: bool = False) -> None:
     rules.append(Rule(f"{dst}/kernel", (f"{src}.weight",)))
     if bias:
         rules.append(Rule(f"{dst}/bias", (f"{src}.bias",), "copy"))
 
 
-def _norm(rules: list[Rule], dst: str, src: str) -> None:
+def _norm(rules: list[Rule], dst: str, src: str, bias: bool = False) -> None:
     rules.append(Rule(f"{dst}/weight", (f"{src}.weight",), "copy"))
+    if bias:
+        rules.append(Rule(f"{dst}/bias", (f"{src}.bias",), "copy"))
 
 
 def _attention_rules(cfg: MoEConfig, i: int, p: str) -> list[Rule]:
@@ -475,9 +809,10 @@ def _attention_rules(cfg: MoEConfig, i: int, p: str) -> list[Rule]:
         for n in ("q_proj", "k_proj", "v_proj"):
             _linear(r, f"{a}/{n}", f"{s}.{n}", bias=cfg.qkv_bias)
         if cfg.qk_norm:
-            _norm(r, f"{a}/q_norm", f"{s}.q_norm")
-            _norm(r, f"{a}/k_norm", f"{s}.k_norm")
-    _linear(r, f"{a}/o_proj", f"{s}.o_proj")
+            names = ("query_layernorm", "key_layernorm") if cfg.family == "hunyuan_v1_moe" else ("q_norm", "k_norm")
+            _norm(r, f"{a}/q_norm", f"{s}.{names[0]}")
+            _norm(r, f"{a}/k_norm", f"{s}.{names[1]}")
+    _linear(r, f"{a}/o_proj", f"{s}.o_proj", bias=cfg.o_bias)
     return r
 
 
@@ -487,7 +822,10 @@ def _ffn_rules(r: list[Rule], dst: str, src: str, names=("gate_proj", "up_proj",
 
 
 # Architectures whose routed experts are block_sparse_moe.experts.{e}.w1/w3/w2 (gate/up/down).
-_MIXTRAL_NAMING = ("MixtralForCausalLM", "MiniMaxM2ForCausalLM")
+_MIXTRAL_NAMING = ("MixtralForCausalLM", "MiniMaxM2ForCausalLM", "PhimoeForCausalLM", "PhiMoEForCausalLM")
+# Shared-expert module names where not "shared_experts"; router names where not "gate".
+_SHARED_NAMES = {"Qwen2MoeForCausalLM": "shared_expert", "HunYuanMoEV1ForCausalLM": "shared_mlp"}
+_ROUTER_NAMES = {"HunYuanMoEV1ForCausalLM": "gate.wg"}
 
 
 def _llama_like_rules(cfg: MoEConfig, arch: str) -> list[Rule]:
@@ -496,8 +834,9 @@ def _llama_like_rules(cfg: MoEConfig, arch: str) -> list[Rule]:
     e_range = range(cfg.n_experts)
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}"
-        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
-        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
+        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm", bias=cfg.norm == "layer_bias")
+        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm",
+              bias=cfg.norm == "layer_bias")
         r += _attention_rules(cfg, i, p)
         m = f"layers/{i}/mlp"
         if cfg.is_dense(i):
@@ -507,21 +846,23 @@ def _llama_like_rules(cfg: MoEConfig, arch: str) -> list[Rule]:
             s, names = f"{p}.block_sparse_moe", ("w1", "w3", "w2")
         else:
             s, names = f"{p}.mlp", ("gate_proj", "up_proj", "down_proj")
-        _linear(r, f"{m}/gate", f"{s}.gate")
+        _linear(r, f"{m}/gate", f"{s}.{_ROUTER_NAMES.get(arch, 'gate')}")
         for ours, theirs in zip(("w_gate", "w_up", "w_down"), names):
             r.append(Rule(f"{m}/experts/{ours}", tuple(f"{s}.experts.{e}.{theirs}.weight" for e in e_range),
                           "experts"))
-        if cfg.selection_bias:  # MiniMax-M2 keeps it on the MoE block, DeepSeek-V3 and GLM-4.5 on the gate
+        if arch == "Ernie4_5_MoeForCausalLM":  # stored [1, E] (one expert group)
+            r.append(Rule(f"{m}/selection_bias", (f"{s}.moe_statics.e_score_correction_bias",), "custom",
+                          ((1, cfg.n_experts),), lambda b: b.reshape(-1), lambda b: b.reshape(1, -1)))
+        elif cfg.selection_bias:  # MiniMax-M2 keeps it on the MoE block, DeepSeek-V3 and GLM-4.5 on the gate
             bias = "e_score_correction_bias" if arch == "MiniMaxM2ForCausalLM" else "gate.e_score_correction_bias"
             r.append(Rule(f"{m}/selection_bias", (f"{s}.{bias}",), "copy"))
         if cfg.n_shared_experts:
-            shared = "shared_expert" if arch == "Qwen2MoeForCausalLM" else "shared_experts"
-            _ffn_rules(r, f"{m}/shared", f"{s}.{shared}")
+            _ffn_rules(r, f"{m}/shared", f"{s}.{_SHARED_NAMES.get(arch, 'shared_experts')}")
         if cfg.shared_expert_gate:
             _linear(r, f"{m}/shared_gate", f"{s}.shared_expert_gate")
-    _norm(r, "norm", "model.norm")
+    _norm(r, "norm", "model.norm", bias=cfg.norm == "layer_bias")
     if not cfg.tie_embeddings:
-        _linear(r, "lm_head", "lm_head")
+        _linear(r, "lm_head", "lm_head", bias=cfg.lm_head_bias)
     return r
 
 
@@ -552,12 +893,89 @@ def _dbrx_rules(cfg: MoEConfig) -> list[Rule]:
     return r
 
 
-def weight_rules(cfg: MoEConfig, architecture: str) -> list[Rule]:
-    """The rules that build every parameter of an unrolled ``MoEDecoder(cfg)`` from a checkpoint."""
+# Llama 4: where the text model's tensors live (the multimodal checkpoint nests them under language_model.).
+_LLAMA4_PREFIX = {"Llama4ForCausalLM": "", "Llama4ForConditionalGeneration": "language_model."}
+
+
+def _llama4_rules(cfg: MoEConfig, prefix: str) -> list[Rule]:
+    """Llama 4: ``feed_forward.router``, fused ``experts.gate_up_proj [E, d, 2f]`` (gate first) and
+    ``experts.down_proj [E, f, d]`` (already ``[in, out]``), ``shared_expert``; dense layers' ``feed_forward``."""
+    e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff_expert
+    r: list[Rule] = [Rule("embed_tokens/embedding", (f"{prefix}model.embed_tokens.weight",), "copy")]
+    for i in range(cfg.n_layers):
+        p, m = f"{prefix}model.layers.{i}", f"layers/{i}/mlp"
+        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
+        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
+        r += _attention_rules(cfg, i, p)
+        s = f"{p}.feed_forward"
+        if cfg.is_dense(i):
+            _ffn_rules(r, m, s)
+            continue
+        _linear(r, f"{m}/gate", f"{s}.router")
+        gate_up, fused = (f"{s}.experts.gate_up_proj",), (e, d, 2 * f)
+        r.append(Rule(f"{m}/experts/w_gate", gate_up, "custom", (fused,), lambda w: w[..., :f],
+                      lambda v: FusedPart(fused, np.s_[..., :f], v)))
+        r.append(Rule(f"{m}/experts/w_up", gate_up, "custom", (fused,), lambda w: w[..., f:],
+                      lambda v: FusedPart(fused, np.s_[..., f:], v)))
+        r.append(Rule(f"{m}/experts/w_down", (f"{s}.experts.down_proj",), "copy"))
+        _ffn_rules(r, f"{m}/shared", f"{s}.shared_expert")
+    _norm(r, "norm", f"{prefix}model.norm")
+    if not cfg.tie_embeddings:
+        _linear(r, "lm_head", f"{prefix}lm_head")
+    return r
+
+
+def _granitemoe_rules(cfg: MoEConfig) -> list[Rule]:
+    """Granite MoE as saved (the released names): ``block_sparse_moe.router.layer``, fused
+    ``input_linear [E, 2f, d]`` (gate rows first) and ``output_linear [E, d, f]``; the shared variant's
+    ``shared_mlp.input_linear [2fs, d]`` / ``output_linear [d, fs]``."""
+    e, d, f, fs = cfg.n_experts, cfg.d_model, cfg.d_ff_expert, cfg.d_ff_shared
+    t = lambda w: w.transpose(0, 2, 1)  # noqa: E731  [E, out, in] -> [E, in, out]
+    r: list[Rule] = [Rule("embed_tokens/embedding", ("model.embed_tokens.weight",), "copy")]
+    for i in range(cfg.n_layers):
+        p, m = f"model.layers.{i}", f"layers/{i}/mlp"
+        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
+        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
+        r += _attention_rules(cfg, i, p)
+        s = f"{p}.block_sparse_moe"
+        _linear(r, f"{m}/gate", f"{s}.router.layer")
+        gate_up, fused = (f"{s}.input_linear.weight",), (e, 2 * f, d)
+        r.append(Rule(f"{m}/experts/w_gate", gate_up, "custom", (fused,), lambda w: t(w[:, :f]),
+                      lambda v: FusedPart(fused, np.s_[:, :f], t(v))))
+        r.append(Rule(f"{m}/experts/w_up", gate_up, "custom", (fused,), lambda w: t(w[:, f:]),
+                      lambda v: FusedPart(fused, np.s_[:, f:], t(v))))
+        r.append(Rule(f"{m}/experts/w_down", (f"{s}.output_linear.weight",), "custom", ((e, d, f),), t, t))
+        if cfg.n_shared_experts:
+            shared_in, sfused = (f"{p}.shared_mlp.input_linear.weight",), (2 * fs, d)
+            r.append(Rule(f"{m}/shared/gate_proj/kernel", shared_in, "custom", (sfused,), lambda w: w[:fs].T,
+                          lambda v: FusedPart(sfused, np.s_[:fs], v.T)))
+            r.append(Rule(f"{m}/shared/up_proj/kernel", shared_in, "custom", (sfused,), lambda w: w[fs:].T,
+                          lambda v: FusedPart(sfused, np.s_[fs:], v.T)))
+            _linear(r, f"{m}/shared/down_proj", f"{p}.shared_mlp.output_linear")
+    _norm(r, "norm", "model.norm")
+    if not cfg.tie_embeddings:
+        _linear(r, "lm_head", "lm_head")
+    return r
+
+
+def weight_rules(cfg: MoEConfig, architecture: str, mxfp4: bool = False) -> list[Rule]:
+    """The rules that build every parameter of an unrolled ``MoEDecoder(cfg)`` from a checkpoint.
+
+    ``mxfp4``: the checkpoint's experts are MXFP4 (``quant_method: "mxfp4"``; gpt-oss only).
+    """
+    if architecture == "GptOssForCausalLM":
+        return _gpt_oss_rules(cfg, mxfp4)
+    if mxfp4:
+        raise NotImplementedError(f"{architecture}: MXFP4 checkpoints (quantization_config.quant_method 'mxfp4') load "
+                                  "for GptOssForCausalLM only; load an unquantized checkpoint")
     if architecture == "DbrxForCausalLM":
         return _dbrx_rules(cfg)
     if architecture == "JetMoeForCausalLM":
         return _jetmoe_rules(cfg)
+    if architecture in _LLAMA4_PREFIX:
+        return _llama4_rules(cfg, _LLAMA4_PREFIX[architecture])
+    if architecture in ("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"):
+        return _granitemoe_rules(cfg)
     if architecture in _CONFIG_PARSERS:
         return _llama_like_rules(cfg, architecture)
     raise NotImplementedError(f"unsupported architecture {architecture!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
@@ -567,12 +985,20 @@ def weight_rules(cfg: MoEConfig, architecture: str) -> list[Rule]:
 # multi-token-prediction layers past num_hidden_layers, a tied lm_head copy).
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
 _MTP_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM")
+# ERNIE 4.5's multi-token-prediction tensors: any name holding "mtp", as transformers skips them.
+_ERNIE_MTP = re.compile(r"mtp")
+# Llama 4's multimodal checkpoint: the vision tower and projector (moejax loads the text model).
+_LLAMA4_VISION = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
 
 
 def _ignorable(name: str, cfg: MoEConfig, architecture: str) -> bool:
     if any(p.match(name) for p in _IGNORED):
         return True
     if cfg.tie_embeddings and name == "lm_head.weight":
+        return True
+    if architecture == "Ernie4_5_MoeForCausalLM" and _ERNIE_MTP.search(name):
+        return True
+    if architecture == "Llama4ForConditionalGeneration" and name.startswith(_LLAMA4_VISION):
         return True
     m = re.match(r"model\.layers\.(\d+)\.", name)
     return architecture in _MTP_ARCHITECTURES and m is not None and int(m.group(1)) >= cfg.n_layers
@@ -660,7 +1086,11 @@ def from_pretrained(path: str, dtype: Any = None, *, scan_layers: bool = False, 
     dtype = _resolve_dtype(dtype, hf)
     blocks = fp8_checkpoint.fp8_blocks_from_config(hf)
     ckpt = Checkpoint(path)
-    tensor_rules = weight_rules(cfg.replace(scan_layers=False), arch)
+    mxfp4 = mxfp4_checkpoint.is_mxfp4(hf)
+    if mxfp4 and mesh is not None:
+        raise NotImplementedError("from_pretrained(mesh=...): MXFP4 experts do not load onto a mesh yet; load without "
+                                  "mesh= (the ep pass then places the experts)")
+    tensor_rules = weight_rules(cfg.replace(scan_layers=False), arch, mxfp4)
     check_rules(tensor_rules, ckpt, cfg.replace(scan_layers=False), arch, strict, blocks)
     reader = RuleReader(ckpt, blocks, dtype)
     if mesh is not None:
@@ -774,7 +1204,10 @@ class RuleReader:
         """The whole parameter ``rule.dst``."""
         if self.is_fp8_experts(rule):
             return self.fp8_experts(rule)
-        return np.asarray(rule.build([self.tensor(s, rule.dst) for s in rule.srcs])).astype(self.dtype)
+        built = rule.build([self.tensor(s, rule.dst) for s in rule.srcs])
+        if wf.is_structured(built):  # MXFP4 experts, as shipped
+            return built
+        return np.asarray(built).astype(self.dtype)
 
 
 def check_finite_tensor(t: np.ndarray, src: str, dst: str, folder: str) -> None:
@@ -873,6 +1306,10 @@ def export_tensors_from(state: dict[str, Any], cfg: MoEConfig, architecture: str
     """
     from moejax.models.export_hf import fp8_expert_tensors
 
+    if architecture == "Llama4ForConditionalGeneration":  # the written folder would lack the vision tower
+        raise NotImplementedError("export of a Llama4ForConditionalGeneration checkpoint: moejax loads only its text "
+                                  "model, not the vision tower; export the text model from a Llama4ForCausalLM "
+                                  "checkpoint")
     if cfg.scan_layers:
         state = _unstack_layers(state)
     tensors: dict[str, np.ndarray] = {}
@@ -889,6 +1326,11 @@ def export_tensors_from(state: dict[str, Any], cfg: MoEConfig, architecture: str
         elif rule.kind == "experts":
             for e, src in enumerate(rule.srcs):
                 tensors[src] = val[e].T
+        elif rule.kind == "custom" and rule.inverse is not None and len(rule.srcs) == 1:
+            out = rule.inverse(val)  # a whole tensor, or one part of a fused one
+            tensors[rule.srcs[0]] = out.into(tensors.get(rule.srcs[0])) if isinstance(out, FusedPart) else out
+        elif rule.kind == "custom" and architecture == "GptOssForCausalLM":
+            _gpt_oss_interleave(tensors, rule, val)
         else:
             raise NotImplementedError(f"export to {architecture}: parameter {rule.dst} has no inverse mapping")
     return tensors

@@ -56,15 +56,16 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-NORMS = ("rms", "layer")
+NORMS = ("rms", "layer", "layer_bias")
 
 
 def make_norm(kind: str, dim: int, eps: float, dtype=jnp.float32) -> nnx.Module:
-    """``"rms"`` -> :class:`RMSNorm`, ``"layer"`` -> bias-free :class:`LayerNorm`."""
+    """``"rms"`` -> :class:`RMSNorm`, ``"layer"`` -> bias-free :class:`LayerNorm` (DBRX),
+    ``"layer_bias"`` -> :class:`LayerNorm` with bias (PhiMoE's ``nn.LayerNorm``)."""
     if kind == "rms":
         return RMSNorm(dim, eps, dtype)
-    if kind == "layer":
-        return LayerNorm(dim, eps, dtype)
+    if kind in ("layer", "layer_bias"):
+        return LayerNorm(dim, eps, dtype, bias=kind == "layer_bias")
     raise ValueError(f"unknown norm {kind!r}; choose one of {NORMS}")
 
 
@@ -138,6 +139,44 @@ class Yarn:
         return _yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Llama3Rope:
+    """Llama 3 RoPE scaling (``rope_type: "llama3"``; Llama 4 Scout as released), computed as transformers'
+    ``_compute_llama3_parameters``: frequencies whose wavelength exceeds ``original / low_freq_factor`` are
+    divided by ``factor``, those under ``original / high_freq_factor`` kept, the ones between interpolated.
+    cos/sin are not rescaled. (Same interface as :class:`Yarn` for :func:`rope`.)"""
+
+    factor: float
+    original_max_position_embeddings: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self):
+        if not (self.factor > 0 and self.original_max_position_embeddings > 0 and self.low_freq_factor > 0
+                and self.high_freq_factor > 0):
+            raise ValueError(f"llama3 rope scaling needs positive factor, original_max_position_embeddings, "
+                             f"low_freq_factor and high_freq_factor, got {self}")
+
+    def inv_freq(self, dim: int, theta: float) -> np.ndarray:
+        """Inverse frequencies ``[dim / 2]`` (float32, the arithmetic of transformers)."""
+        inv = (1.0 / np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
+        old = self.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+        wavelen = (2 * math.pi / inv).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv / np.float32(self.factor), inv).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):  # equal factors: no medium band, smooth unused
+            smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / np.float32(self.factor) + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+
+    def attention_scale(self) -> float:
+        return 1.0
+
+    def mla_softmax_factor(self) -> float:
+        return 1.0
+
+
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
 
@@ -177,27 +216,52 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = F
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+def l2_norm(x: jax.Array, eps: float) -> jax.Array:
+    """RMS norm without weight over the last axis, in float32 (Llama 4's ``L2Norm`` of q and k heads)."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE and an optional KV cache.
 
     ``qk_norm`` adds RMS norms on queries and keys: over the whole projections (OLMoE,
     MiniMax-M2) or, with ``qk_norm_per_head``, over each head's ``head_dim`` with one weight
-    shared by all heads (Qwen3-MoE, GLM-4.5), before RoPE either way. ``clip_qkv`` clamps
+    shared by all heads (Qwen3-MoE, GLM-4.5), before RoPE either way unless ``qk_norm_after_rope``
+    (Hunyuan: per-head norms on the rotated q and k). ``clip_qkv`` clamps
     q, k, v to ``[-c, c]`` (DBRX, OLMoE). ``rope_scaling``: YaRN-scaled rotary frequencies.
     ``rotary_dim``: partial rotary, RoPE on the first ``rotary_dim`` dimensions of each head.
+    ``o_bias``: a bias on the output projection (PhiMoE's ``attention_bias``).
+    Llama 4: ``use_rope=False`` (a NoPE layer), ``rope_interleave`` (RoPE on adjacent pairs, its
+    complex form), ``qk_l2_norm`` (weightless RMS norm of each rotated q and k head),
+    ``temperature=(floor_scale, attn_scale)`` (queries scaled by
+    ``1 + attn_scale * log1p(floor((pos + 1) / floor_scale))``), ``chunk_size`` (a query sees
+    only keys of its own ``chunk_size``-token chunk). ``softmax_scale`` overrides
+    ``head_dim ** -0.5`` (Granite's ``attention_multiplier``).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, rope_theta: float,
                  rngs: nnx.Rngs, qkv_bias: bool = False, qk_norm: bool = False, qk_norm_per_head: bool = False,
                  norm_eps: float = 1e-5, clip_qkv: float | None = None, rope_scaling: Yarn | None = None,
-                 rotary_dim: int | None = None, dtype=jnp.float32):
+                 rotary_dim: int | None = None, o_bias: bool = False, qk_norm_after_rope: bool = False,
+                 use_rope: bool = True, rope_interleave: bool = False, qk_l2_norm: bool = False,
+                 temperature: tuple[float, float] | None = None, chunk_size: int | None = None,
+                 softmax_scale: float | None = None, sliding_window: int | None = None, sinks: bool = False,
+                 dtype=jnp.float32):
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
+        # gpt-oss: a query sees only the last sliding_window keys; a learned logit per head joins each softmax
+        self.sliding_window = sliding_window
+        self.sinks = nnx.Param(jnp.zeros((n_heads,), dtype)) if sinks else None
+        self.use_rope, self.rope_interleave, self.qk_l2_norm = use_rope, rope_interleave, qk_l2_norm
+        self.norm_eps = norm_eps
+        self.temperature, self.chunk_size, self.softmax_scale = temperature, chunk_size, softmax_scale
+        self.qk_norm_after_rope = qk_norm_after_rope
         self.clip_qkv, self.rope_scaling, self.qk_norm_per_head = clip_qkv, rope_scaling, qk_norm_per_head
         self.rotary_dim = rotary_dim
         self.q_proj = Linear(d_model, n_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.k_proj = Linear(d_model, n_kv_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
         self.v_proj = Linear(d_model, n_kv_heads * head_dim, rngs=rngs, bias=qkv_bias, dtype=dtype)
-        self.o_proj = Linear(n_heads * head_dim, d_model, rngs=rngs, dtype=dtype)
+        self.o_proj = Linear(n_heads * head_dim, d_model, rngs=rngs, bias=o_bias, dtype=dtype)
         q_dim, k_dim = (head_dim, head_dim) if qk_norm_per_head else (n_heads * head_dim, n_kv_heads * head_dim)
         self.q_norm = RMSNorm(q_dim, norm_eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(k_dim, norm_eps, dtype) if qk_norm else None
@@ -212,12 +276,24 @@ class Attention(nnx.Module):
             q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.reshape(b, s, self.n_heads, self.head_dim)
         k = k.reshape(b, s, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.qk_norm_per_head:  # norms act on the last axis: head_dim
+        per_head = self.q_norm is not None and self.qk_norm_per_head
+        if per_head and not self.qk_norm_after_rope:  # norms act on the last axis: head_dim
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rope(q, positions, self.rope_theta, scaling=self.rope_scaling, rotary_dim=self.rotary_dim)
-        k = rope(k, positions, self.rope_theta, scaling=self.rope_scaling, rotary_dim=self.rotary_dim)
+        if self.use_rope:
+            q = rope(q, positions, self.rope_theta, self.rope_interleave, self.rope_scaling, self.rotary_dim)
+            k = rope(k, positions, self.rope_theta, self.rope_interleave, self.rope_scaling, self.rotary_dim)
+        if per_head and self.qk_norm_after_rope:  # the norm weights do not commute with the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_l2_norm:
+            q, k = l2_norm(q, self.norm_eps), l2_norm(k, self.norm_eps)
+        if self.temperature is not None:  # by absolute position, so a decode step scales as the prefill did
+            floor_scale, attn_scale = self.temperature
+            pos = positions.astype(jnp.float32)
+            scales = jnp.log1p(jnp.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
+            q = (q * scales[:, :, None, None]).astype(q.dtype)
         v = v.reshape(b, s, self.n_kv_heads, self.head_dim)
-        out, cache = attend(q, k, v, positions, cache, cache_index)
+        out, cache = attend(q, k, v, positions, cache, cache_index, scale=self.softmax_scale, chunk=self.chunk_size,
+                            window=self.sliding_window, sinks=None if self.sinks is None else self.sinks[...])
         return self.o_proj(out.reshape(b, s, -1)), cache
 
     @staticmethod
@@ -356,23 +432,37 @@ def write_cache(buf: jax.Array, new: jax.Array, cache_index) -> jax.Array:
     return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), start)
 
 
-def causal_attention(q, k, v, positions, key_pos, scale: float):
+def causal_attention(q, k, v, positions, key_pos, scale: float, chunk: int | None = None,
+                     window: int | None = None, sinks: jax.Array | None = None):
     """Softmax attention of ``q [B,S,H,dk]`` on ``k [B,L,Hkv,dk]``, ``v [B,L,Hkv,dv]``.
 
     Key ``j`` is visible to query ``i`` when ``key_pos[j] <= positions[i]`` (causal, and it
-    hides cache slots not written yet).
+    hides cache slots not written yet) and, with ``chunk``, both lie in the same
+    ``chunk``-token chunk (Llama 4's chunked attention), and, with ``window``, it is one of
+    the last ``window`` positions (``key_pos[j] > positions[i] - window``; gpt-oss's sliding
+    layers). ``sinks [H]`` (gpt-oss): a per-head logit joins each softmax as an extra
+    column that is then dropped, so a query may give less than all its weight to keys.
     """
     rep = q.shape[2] // k.shape[2]
     k = jnp.repeat(k, rep, axis=2)
     v = jnp.repeat(v, rep, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     mask = key_pos[None, None, :, :] <= positions[:, None, :, None]
+    if chunk is not None:
+        mask = mask & (key_pos[None, None, :, :] // chunk == positions[:, None, :, None] // chunk)
+    if window is not None:
+        mask = mask & (key_pos[None, None, :, :] > positions[:, None, :, None] - window)
     scores = jnp.where(mask, scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if sinks is not None:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], (*scores.shape[:3], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1].astype(v.dtype)
+    else:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def attend(q, k, v, positions, cache: KVCache | None, cache_index, scale: float | None = None):
+def attend(q, k, v, positions, cache: KVCache | None, cache_index, scale: float | None = None,
+           chunk: int | None = None, window: int | None = None, sinks: jax.Array | None = None):
     """Causal softmax attention; with a cache, new keys are written at ``cache_index``."""
     if cache is not None:
         k_all, v_all = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
@@ -382,7 +472,7 @@ def attend(q, k, v, positions, cache: KVCache | None, cache_index, scale: float 
     else:
         key_pos = positions[0][None, :]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return causal_attention(q, k, v, positions, key_pos, scale), cache
+    return causal_attention(q, k, v, positions, key_pos, scale, chunk, window, sinks), cache
 
 
 class DenseFFN(nnx.Module):
@@ -390,7 +480,7 @@ class DenseFFN(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, activation: str = "swiglu", dtype=jnp.float32):
         self.activation = activation
-        gated = activation in dialect.GATED_ACTIVATIONS
+        gated = dialect.is_gated(activation)
         self.gate_proj = Linear(d_model, d_ff, rngs=rngs, dtype=dtype) if gated else None
         self.up_proj = Linear(d_model, d_ff, rngs=rngs, dtype=dtype)
         self.down_proj = Linear(d_ff, d_model, rngs=rngs, dtype=dtype)
@@ -402,17 +492,26 @@ class DenseFFN(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """Stacked expert weights ``w_gate/w_up [E,d,f]`` and ``w_down [E,f,d]``."""
+    """Stacked expert weights ``w_gate/w_up [E,d,f]`` and ``w_down [E,f,d]``.
+
+    ``bias`` (gpt-oss) adds ``b_gate/b_up [E,f]`` and ``b_down [E,d]``, which
+    :meth:`weights` returns after the matrices (the dialect's convention).
+    """
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, *, rngs: nnx.Rngs, activation: str = "swiglu",
-                 dtype=jnp.float32):
-        gated = activation in dialect.GATED_ACTIVATIONS
+                 bias: bool = False, dtype=jnp.float32):
+        gated = dialect.is_gated(activation)
         self.w_gate = _init(rngs, (n_experts, d_model, d_ff), d_model, dtype) if gated else None
         self.w_up = _init(rngs, (n_experts, d_model, d_ff), d_model, dtype)
         self.w_down = _init(rngs, (n_experts, d_ff, d_model), d_ff, dtype)
+        zeros = lambda n: nnx.Param(jnp.zeros((n_experts, n), dtype)) if bias else None  # noqa: E731
+        self.b_gate = zeros(d_ff) if gated else None
+        self.b_up, self.b_down = zeros(d_ff), zeros(d_model)
 
     def weights(self) -> tuple[Any, ...]:
         mats = (self.w_gate, self.w_up, self.w_down) if self.w_gate is not None else (self.w_up, self.w_down)
+        if self.b_down is not None:
+            mats += tuple(b for b in (self.b_gate, self.b_up, self.b_down) if b is not None)
         return tuple(m.get_value() for m in mats)  # (a structured weight, e.g. FP8 blocks, cannot be indexed)
 
 
@@ -425,11 +524,13 @@ class SparseMoE(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, n_experts: int, routing: dialect.Routing, *, rngs: nnx.Rngs,
                  activation: str = "swiglu", n_shared: int = 0, d_ff_shared: int | None = None,
                  shared_gate: bool = False, selection_bias: bool = False, out_bias: bool = False, name: str = "",
-                 dtype=jnp.float32):
+                 router_bias: bool = False, expert_bias: bool = False, dtype=jnp.float32):
         self.routing, self.activation, self.name = routing, activation, name
         self.bias = nnx.Param(jnp.zeros((d_model,), dtype)) if out_bias else None  # JetMoE
-        self.gate = Linear(d_model, n_experts, rngs=rngs, dtype=dtype)
-        self.experts = Experts(n_experts, d_model, d_ff, rngs=rngs, activation=activation, dtype=dtype)
+        # gpt-oss: a router bias on the logits (the route op's bias operand, routing.bias_on_logits)
+        self.gate = Linear(d_model, n_experts, rngs=rngs, bias=router_bias, dtype=dtype)
+        self.experts = Experts(n_experts, d_model, d_ff, rngs=rngs, activation=activation, bias=expert_bias,
+                               dtype=dtype)
         self.selection_bias = nnx.Param(jnp.zeros((n_experts,), jnp.float32)) if selection_bias else None
         self.shared = (DenseFFN(d_model, (d_ff_shared or d_ff) * max(n_shared, 1), rngs=rngs,
                                 activation=activation, dtype=dtype) if n_shared else None)
@@ -437,6 +538,8 @@ class SparseMoE(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         bias = self.selection_bias[...] if self.selection_bias is not None else None
+        if self.gate.bias is not None:
+            bias = self.gate.bias[...]
         y = dialect.sparse_moe(x, self.gate.kernel[...], self.experts.weights(), routing=self.routing,
                                activation=self.activation, selection_bias=bias, name=self.name)
         if self.bias is not None:
@@ -450,7 +553,8 @@ class SparseMoE(nnx.Module):
 
     def router_logits(self, x: jax.Array) -> jax.Array:
         """Router logits [T, E] (for load-balancing losses during training)."""
-        return jnp.dot(x.reshape(-1, x.shape[-1]).astype(jnp.float32), self.gate.kernel[...].astype(jnp.float32))
+        logits = jnp.dot(x.reshape(-1, x.shape[-1]).astype(jnp.float32), self.gate.kernel[...].astype(jnp.float32))
+        return logits if self.gate.bias is None else logits + self.gate.bias[...].astype(jnp.float32)
 
 
 def init_cache(batch: int, max_len: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32,

@@ -16,9 +16,9 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.dialect import Routing
+from moejax.dialect import Routing, clamped_swiglu, is_gated
 from moejax.models.decoder import MoEConfig, MoEDecoder, tiny_mixtral
-from moejax.models.layers import Yarn
+from moejax.models.layers import Llama3Rope, Yarn
 
 __all__ = ["PRESETS", "PUBLISHED_PARAMS", "TINY", "preset", "tiny", "param_count", "active_param_count"]
 
@@ -173,6 +173,68 @@ def jetmoe_8b(**kw: Any) -> MoEConfig:
                      tie_embeddings=True, norm_eps=1e-6, family="jetmoe").replace(**kw)
 
 
+def phi_3_5_moe(**kw: Any) -> MoEConfig:
+    """Phi-3.5-MoE (microsoft/Phi-3.5-MoE-instruct): 16 experts, SparseMixer top-2 (jitter 0.01), LayerNorms with
+    bias, q/k/v/o and lm_head biases. Its released longrope RoPE is not implemented: default RoPE here."""
+    return MoEConfig(vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff_expert=6400,
+                     n_experts=16, routing=Routing(k=2, score="sparsemixer", norm_topk=False, jitter_eps=0.01),
+                     norm="layer_bias", qkv_bias=True, o_bias=True, lm_head_bias=True, norm_eps=1e-5,
+                     family="phimoe").replace(**kw)
+
+
+def _gpt_oss(layers: int, experts: int, **kw: Any) -> MoEConfig:
+    """gpt-oss (openai/gpt-oss-20b and -120b config.json): 64 query heads of 64, 8 KV heads, attention biases and
+    sinks, sliding window 128 on every even layer, experts of 2880 with biases and the clamped SwiGLU (limit 7),
+    router bias, top-4, YaRN (factor 32 over 4096, untruncated ramp)."""
+    return MoEConfig(vocab_size=201088, d_model=2880, n_layers=layers, n_heads=64, n_kv_heads=8, head_dim=64,
+                     d_ff_expert=2880, n_experts=experts, routing=Routing(k=4, norm_topk=True, bias_on_logits=True),
+                     activation=clamped_swiglu(7.0), qkv_bias=True, o_bias=True, sliding_window=128,
+                     sliding_layers=tuple(range(0, layers, 2)), attention_sinks=True, expert_bias=True,
+                     rope_theta=150000.0, rope_scaling=Yarn(factor=32.0, original_max_position_embeddings=4096,
+                                                            truncate=False),
+                     norm_eps=1e-5, family="gpt_oss").replace(**kw)
+
+
+def gpt_oss_20b(**kw: Any) -> MoEConfig:
+    """gpt-oss-20b: 24 layers of 32 experts."""
+    return _gpt_oss(24, 32, **kw)
+
+
+def gpt_oss_120b(**kw: Any) -> MoEConfig:
+    """gpt-oss-120b: 36 layers of 128 experts."""
+    return _gpt_oss(36, 128, **kw)
+
+
+def _llama4(experts: int, moe_step: int, qk_norm: bool, **kw: Any) -> MoEConfig:
+    """Llama 4 text model (``text_config`` of the released config.json): 48 layers, 40 query and 8 KV heads of 128,
+    routed experts of 8192 (top-1 sigmoid, weight on the expert input) plus a shared one, dense layers of 16384
+    between MoE layers when ``moe_step`` > 1; every 4th layer NoPE with temperature tuning (floor 8192, scale
+    0.1), the others RoPE (theta 5e5, adjacent pairs) with 8192-token chunked attention."""
+    n = 48
+    return MoEConfig(vocab_size=202048, d_model=5120, n_layers=n, n_heads=40, n_kv_heads=8, head_dim=128,
+                     d_ff_expert=8192, n_experts=experts,
+                     routing=Routing(k=1, score="sigmoid", norm_topk=False, weight_on="input"),
+                     n_shared_experts=1, d_ff_shared=8192,
+                     dense_layers=tuple(i for i in range(n) if (i + 1) % moe_step),
+                     d_ff_dense=16384 if moe_step > 1 else None,
+                     nope_layers=tuple(range(3, n, 4)), attn_temperature=(8192.0, 0.1), qk_l2_norm=qk_norm,
+                     attention_chunk_size=8192, chunked_layers=tuple(i for i in range(n) if (i + 1) % 4),
+                     rope_adjacent_pairs=True, rope_theta=500000.0, norm_eps=1e-5, family="llama4").replace(**kw)
+
+
+def llama4_scout(**kw: Any) -> MoEConfig:
+    """Llama 4 Scout (meta-llama/Llama-4-Scout-17B-16E, text model): 16 experts in every layer, L2 q/k norm,
+    llama3-type RoPE scaling (factor 16 over 8192 positions, low and high frequency factors 1) as released."""
+    return _llama4(16, 1, True, rope_scaling=Llama3Rope(factor=16.0, original_max_position_embeddings=8192,
+                                                        low_freq_factor=1.0, high_freq_factor=1.0)).replace(**kw)
+
+
+def llama4_maverick(**kw: Any) -> MoEConfig:
+    """Llama 4 Maverick (meta-llama/Llama-4-Maverick-17B-128E, text model): 128 experts on every other layer
+    (dense layers between), no q/k norm."""
+    return _llama4(128, 2, False, **kw)
+
+
 # name -> (config factory, published total parameters in billions)
 PRESETS: dict[str, Callable[..., MoEConfig]] = {
     "mixtral-8x7b": mixtral_8x7b,
@@ -191,11 +253,18 @@ PRESETS: dict[str, Callable[..., MoEConfig]] = {
     "olmoe-1b-7b": olmoe_1b_7b,
     "dbrx": dbrx,
     "jetmoe-8b": jetmoe_8b,
+    "phi-3.5-moe": phi_3_5_moe,
+    "gpt-oss-20b": gpt_oss_20b,
+    "gpt-oss-120b": gpt_oss_120b,
+    "llama4-scout": llama4_scout,
+    "llama4-maverick": llama4_maverick,
 }
 PUBLISHED_PARAMS: dict[str, float] = {
     "mixtral-8x7b": 46.7, "mixtral-8x22b": 141.0, "qwen1.5-moe-a2.7b": 14.3, "qwen2-57b-a14b": 57.4,
     "deepseekmoe-16b": 16.4, "deepseek-v2": 236.0, "deepseek-v3": 671.0, "olmoe-1b-7b": 6.9, "dbrx": 132.0,
     "jetmoe-8b": 8.5,
+    # Phi-3.5-MoE: 41.9B total (6.6B active), microsoft/Phi-3.5-MoE-instruct.
+    "phi-3.5-moe": 41.9,
     # Not in the survey's table. Qwen3: the totals on the Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B model cards.
     "qwen3-30b-a3b": 30.5, "qwen3-235b-a22b": 235.0,
     # Kimi K2: 1.026T, the total of the released checkpoint's weights as third-party cards quote it (e.g.
@@ -204,6 +273,12 @@ PUBLISHED_PARAMS: dict[str, float] = {
     # The totals on the zai-org/GLM-4.5 model card (355B, and 106B for GLM-4.5-Air) and the MiniMaxAI/MiniMax-M2
     # card (230B); the presets leave out the MTP layers, which these totals do not count either.
     "glm-4.5": 355.0, "glm-4.5-air": 106.0, "minimax-m2": 230.0,
+    # The totals of OpenAI's gpt-oss model card (20.9B and 116.8B, MXFP4 experts counted as parameters).
+    "gpt-oss-20b": 20.9, "gpt-oss-120b": 116.8,
+    # Meta's Llama 4 model card: 109B total (Scout) and 400B total (Maverick), 17B active each. These totals are
+    # of the released multimodal checkpoints; the presets are the text models, so Scout's count (107.77B) is 1.1%
+    # under its total, which also counts the vision encoder; Maverick's (400.71B) is 0.2% over.
+    "llama4-scout": 109.0, "llama4-maverick": 400.0,
 }
 
 
@@ -264,6 +339,35 @@ TINY: dict[str, Callable[..., MoEConfig]] = {
                                         "tie_embeddings": True, "norm_eps": 1e-6, "family": "jetmoe", **kw}),
     "dbrx": lambda **kw: MoEConfig(**{**_T, "d_ff_expert": 48, "n_experts": 4, "routing": Routing(k=2),
                                       "norm": "layer", "clip_qkv": 4.0, "family": "dbrx", **kw}),
+    "phimoe": lambda **kw: MoEConfig(**{**_T, "d_ff_expert": 48, "n_experts": 4,
+                                        "routing": Routing(k=2, score="sparsemixer", norm_topk=False,
+                                                           jitter_eps=0.01),
+                                        "norm": "layer_bias", "qkv_bias": True, "o_bias": True,
+                                        "lm_head_bias": True, "family": "phimoe", **kw}),
+    "ernie4_5_moe": lambda **kw: MoEConfig(**{**_T, "d_ff_expert": 16, "n_experts": 8,
+                                              "routing": Routing(k=2, norm_min=1e-12), "selection_bias": True,
+                                              "n_shared_experts": 2, "d_ff_shared": 16, "dense_layers": (0,),
+                                              "d_ff_dense": 64, "rope_adjacent_pairs": True, "tie_embeddings": True,
+                                              "family": "ernie4_5_moe", **kw}),
+    "hunyuan_v1_moe": lambda **kw: MoEConfig(**{**_T, "head_dim": 8, "d_ff_expert": 16, "n_experts": 8,
+                                                "routing": Routing(k=2), "n_shared_experts": 1, "d_ff_shared": 16,
+                                                "qk_norm": True, "qk_norm_per_head": True,
+                                                "qk_norm_after_rope": True, "family": "hunyuan_v1_moe", **kw}),
+    "gpt_oss": lambda **kw: MoEConfig(**{**_T, "head_dim": 8, "d_ff_expert": 32, "n_experts": 4,
+                                         "routing": Routing(k=2, bias_on_logits=True),
+                                         "activation": clamped_swiglu(7.0), "qkv_bias": True, "o_bias": True,
+                                         "sliding_window": 4, "sliding_layers": (0,), "attention_sinks": True,
+                                         "expert_bias": True, "family": "gpt_oss", **kw}),
+    "llama4": lambda **kw: MoEConfig(**{**_T, "head_dim": 8, "d_ff_expert": 16, "n_experts": 4,
+                                        "routing": Routing(k=1, score="sigmoid", norm_topk=False, weight_on="input"),
+                                        "n_shared_experts": 1, "d_ff_shared": 16, "dense_layers": (0,),
+                                        "d_ff_dense": 24, "nope_layers": (1,), "attn_temperature": (2.0, 0.5),
+                                        "qk_l2_norm": True, "attention_chunk_size": 4, "chunked_layers": (0,),
+                                        "rope_adjacent_pairs": True, "family": "llama4", **kw}),
+    "granitemoe": lambda **kw: MoEConfig(**{**_T, "d_ff_expert": 16, "n_experts": 6, "routing": Routing(k=2),
+                                            "softmax_scale": 0.2, "embedding_multiplier": 2.0,
+                                            "residual_multiplier": 0.5, "logits_scaling": 2.0,
+                                            "family": "granitemoe", **kw}),
 }
 
 
@@ -306,7 +410,7 @@ def active_param_count(cfg: MoEConfig) -> int:
     Embedding and head count as active (published "active" figures sometimes exclude them).
     """
     total = param_count(cfg)
-    mats = 3 if cfg.activation in ("swiglu", "geglu") else 2
+    mats = 3 if is_gated(cfg.activation) else 2
     n_moe = sum(not cfg.is_dense(i) for i in range(cfg.n_layers))
     per_expert = mats * cfg.d_model * cfg.d_ff_expert
     inactive = n_moe * (cfg.n_experts - cfg.routing.k) * per_expert

@@ -9,7 +9,7 @@ shows its MoE structure and passes can read and rewrite every decision:
 ``moe_dispatch``   x [T,d], expert ids [T,K]
                    -> grouped rows [T*K,d], group sizes [E], order [T*K]
 ``moe_expert_ffn`` grouped rows [N,d], group sizes [E], *expert weights
-                   -> grouped outputs [N,d]
+                   (, *expert biases) -> grouped outputs [N,d]
 ``moe_combine``    grouped outputs [N,d], order [N], combine weights [T,K]
                    -> y [T,d]
 =================  ==========================================================
@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,12 +68,23 @@ __all__ = [
     "ffn_reference",
     "activation_fn",
     "ACTIVATIONS",
+    "clamped_swiglu",
+    "parse_activation",
+    "is_gated",
+    "split_biases",
+    "ffn_impl_refusal",
 ]
 
 GATING_MODES = ("topk", "top_p", "threshold", "skip")
-SCORE_FNS = ("softmax", "sigmoid")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+SCORE_FNS = ("softmax", "sigmoid", "sparsemixer")
+# Gating modes defined on sparsemixer's two weights (top_p needs one distribution over all experts).
+SPARSEMIXER_GATING = ("topk", "threshold", "skip")
+# Where a slot's routing weight is applied: to the expert's output (default) or to its input (Llama 4).
+WEIGHT_ON = ("output", "input")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu", "clamped_swiglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
+# What an implementation registered without saying otherwise computes (no expert biases).
+BASIC_ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 
 
 # --------------------------------------------------------------------------
@@ -84,7 +97,12 @@ class Routing:
     Attributes:
       k: experts selected per token (for ``top_p``/``threshold`` the cap is
         ``max_k``).
-      score: ``"softmax"`` or ``"sigmoid"`` scoring of router logits.
+      score: ``"softmax"`` or ``"sigmoid"`` scoring of router logits, or
+        ``"sparsemixer"`` (PhiMoE's SparseMixer as transformers runs it at
+        inference): expert 1 is the argmax of the logits, weighted by a softmax
+        over the logits within ``jitter_eps`` (relative) of the max; expert 2 is
+        the argmax once expert 1 is masked, weighted by its own such softmax
+        with expert 1 excluded. Needs ``k=2``; no selection bias or groups.
       norm_topk: renormalise the selected weights to sum to 1.
       scale: multiplier on the final weights (DeepSeek's routed scaling).
       n_group, topk_group: group-limited routing (DeepSeek-V2/V3): experts are
@@ -98,6 +116,27 @@ class Routing:
       max_k: the cap on experts per token for dynamic modes (defaults to k).
       expert_map: after selection, expert ``e`` is replaced by
         ``expert_map[e]`` (merging); slots landing on the same expert add up.
+      norm_min: with ``norm_topk``, the weights' sum is clamped to at least
+        this before dividing (ERNIE 4.5's ``moe_norm_min``).
+      jitter_eps: ``"sparsemixer"``'s threshold (PhiMoE's
+        ``router_jitter_noise``): logits whose gap to the max, relative to
+        ``max(|logit|, max)``, exceeds ``2 * jitter_eps`` are left out of the
+        softmax that weights the chosen expert.
+      weight_on: ``"output"`` (default): ``y = sum_j w_j E_j(x)``. ``"input"``
+        (Llama 4): ``y = sum_j E_j(w_j x)``, the weight scales the token before
+        its expert. The route op's outputs are the same either way;
+        :func:`sparse_moe` applies the weights to the slot copies of the token
+        before dispatch and combines with unit weights, so the expert op and the
+        dispatch/combine pair see an ordinary (k=1) layer. Input weighting
+        keeps the slot count fixed (``max_k`` must equal ``k``: the program's
+        shapes follow it) and, with more than one slot, takes no ``expert_map``
+        (two slots on one merged expert cannot add their weights:
+        ``E(w1 x) + E(w2 x) != E((w1 + w2) x)``).
+      bias_on_logits: the op's optional bias operand ``[E]`` is a router
+        bias added to the logits before scoring, so it moves the weights too
+        (gpt-oss), instead of a selection-only bias added to the scores
+        (DeepSeek-V3). Kept in the routing (not in the operand's position)
+        so every consumer of a route op reads the one bias the same way.
     """
 
     k: int
@@ -113,6 +152,10 @@ class Routing:
     skip_ratio: float = 0.0
     max_k: int | None = None
     expert_map: tuple[int, ...] | None = None
+    norm_min: float = 1e-20
+    jitter_eps: float = 0.0
+    weight_on: str = "output"
+    bias_on_logits: bool = False
 
     def __post_init__(self):
         if self.k < 1:
@@ -127,6 +170,25 @@ class Routing:
             raise ValueError(f"Routing.top_p must be in (0, 1], got {self.top_p}")
         if self.max_k is not None and self.max_k < 1:
             raise ValueError(f"Routing.max_k must be >= 1, got {self.max_k}")
+        if not self.norm_min > 0:
+            raise ValueError(f"Routing.norm_min must be > 0, got {self.norm_min}")
+        if self.jitter_eps < 0:
+            raise ValueError(f"Routing.jitter_eps must be >= 0, got {self.jitter_eps}")
+        if self.score == "sparsemixer" and (self.k != 2 or self.n_group != 1 or self.slots != 2
+                                            or self.gating not in SPARSEMIXER_GATING):
+            raise ValueError(f"Routing(score='sparsemixer') picks exactly 2 experts without groups: it needs k=2 "
+                             f"(max_k None or 2), n_group=1 and gating in {SPARSEMIXER_GATING}; got k={self.k}, "
+                             f"max_k={self.max_k}, n_group={self.n_group}, gating={self.gating!r}")
+        if self.weight_on not in WEIGHT_ON:
+            raise ValueError(f"Routing.weight_on must be one of {WEIGHT_ON}, got {self.weight_on!r}")
+        if self.weight_on == "input" and self.slots != self.k:
+            raise ValueError(f"Routing(weight_on='input') keeps k={self.k} slots per token (the layer's traced shapes "
+                             f"follow them); got gating={self.gating!r} with max_k={self.max_k}: use max_k={self.k} "
+                             "or gating 'topk'/'skip'")
+        if self.weight_on == "input" and self.expert_map is not None and self.slots > 1:
+            raise ValueError(f"Routing(weight_on='input') with k={self.k} slots cannot take an expert_map (merged "
+                             "experts): two slots landing on one merged expert would need E(w1 x) + E(w2 x), not "
+                             "the summed weight; merge only k=1 input-weighted layers")
 
     @property
     def slots(self) -> int:
@@ -146,7 +208,33 @@ class Routing:
 # Reference implementations: the meaning of each op in plain jax.numpy.
 # --------------------------------------------------------------------------
 def _scores(logits: jax.Array, score: str) -> jax.Array:
+    if score == "sparsemixer":  # its weights are two masked softmaxes, not one score per expert
+        raise ValueError("Routing(score='sparsemixer') has no per-expert score distribution; use "
+                         "route_reference for its weights (or softmax logits as an approximation, by choice)")
     return jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
+
+
+def _sparsemixer(logits: jax.Array, jitter_eps: float) -> tuple[jax.Array, jax.Array]:
+    """PhiMoE's SparseMixer in eval mode (transformers' ``sparsemixer`` with ``training=False``).
+
+    Returns weights ``[T, 2]`` and ids ``[T, 2]``. Each pick is the argmax of the
+    logits still eligible; its weight is its softmax probability among the logits
+    within the jitter threshold of that max. The threshold's denominator uses the
+    unmasked logits in both picks, as transformers does.
+    """
+    rows = jnp.arange(logits.shape[0])
+
+    def pick(masked: jax.Array) -> tuple[jax.Array, jax.Array]:
+        top = masked.max(-1, keepdims=True)
+        idx = jnp.argmax(masked, axis=-1)  # first index on ties, as torch.max
+        factor = jnp.maximum(jnp.abs(logits), top)
+        outside = (top - logits) / factor > 2 * jitter_eps
+        gates = jax.nn.softmax(jnp.where(outside, -jnp.inf, masked), axis=-1)
+        return gates[rows, idx], idx
+
+    w1, i1 = pick(logits)
+    w2, i2 = pick(logits.at[rows, i1].set(-jnp.inf))
+    return jnp.stack([w1, w2], -1), jnp.stack([i1, i2], -1)
 
 
 def _group_limit(sel_scores: jax.Array, r: Routing) -> jax.Array:
@@ -171,13 +259,21 @@ def route_reference(x, w_router, *bias, routing: Routing, name: str = "", impl: 
     """Router scores, expert selection and combine weights for every token."""
     r = routing
     logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32))
-    probs = _scores(logits, r.score)
-    sel = probs + bias[0].astype(jnp.float32) if bias else probs
-    sel = _group_limit(sel, r)
-    n_experts = probs.shape[-1]
+    if bias and r.bias_on_logits:
+        logits = logits + bias[0].astype(jnp.float32)
+        bias = ()  # consumed: not a selection bias
+    n_experts = logits.shape[-1]
     kk = min(r.slots, n_experts)
-    _, ids = jax.lax.top_k(sel, kk)
-    w = jnp.take_along_axis(probs, ids, axis=-1)
+    if r.score == "sparsemixer":
+        if bias:
+            raise ValueError("Routing(score='sparsemixer') takes no selection bias")
+        w, ids = _sparsemixer(logits, r.jitter_eps)  # top_p (the one user of probs) is refused for it
+    else:
+        probs = _scores(logits, r.score)
+        sel = probs + bias[0].astype(jnp.float32) if bias else probs
+        sel = _group_limit(sel, r)
+        _, ids = jax.lax.top_k(sel, kk)
+        w = jnp.take_along_axis(probs, ids, axis=-1)
     keep = jnp.ones_like(w, dtype=bool)
     if r.gating == "top_p":
         # Smallest prefix (by descending weight) whose mass reaches top_p.
@@ -191,7 +287,7 @@ def route_reference(x, w_router, *bias, routing: Routing, name: str = "", impl: 
     keep = keep.at[:, 0].set(True)  # every token keeps its best expert
     w = jnp.where(keep, w, 0.0)
     if r.norm_topk:
-        w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-20)
+        w = w / jnp.maximum(w.sum(-1, keepdims=True), r.norm_min)
     w = w * r.scale
     ids = jnp.where(keep, ids, -1).astype(jnp.int32)
     if r.expert_map is not None:
@@ -239,15 +335,75 @@ def combine_reference(out, order, weights, *, name: str = ""):
     return y.astype(out.dtype)
 
 
+_CLAMPED_RE = re.compile(r"clamped_swiglu\(limit=([^,()]+),alpha=([^,()]+)\)")
+
+
+def clamped_swiglu(limit: float, alpha: float = 1.702) -> str:
+    """The activation name of gpt-oss's clamped SwiGLU with its two constants.
+
+    ``gate = min(gate, limit)``, ``up = clip(up, -limit, limit)``,
+    ``gate * sigmoid(alpha * gate) * (up + 1)``. The constants live in the name
+    because the op's ``activation`` param is a string that every pass copies.
+    """
+    if not (math.isfinite(limit) and limit > 0 and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"clamped_swiglu: limit and alpha must be positive and finite, got {limit}, {alpha}")
+    return f"clamped_swiglu(limit={float(limit)!r},alpha={float(alpha)!r})"
+
+
+def parse_activation(activation: str) -> tuple[str, dict[str, float]]:
+    """``(base name, constants)`` of an activation name; ValueError for an unknown one."""
+    if activation in BASIC_ACTIVATIONS:
+        return activation, {}
+    m = _CLAMPED_RE.fullmatch(activation) if isinstance(activation, str) else None
+    if m is None:
+        raise ValueError(f"unknown activation {activation!r}: one of {BASIC_ACTIVATIONS} or "
+                         "clamped_swiglu(limit=L,alpha=A) (dialect.clamped_swiglu(limit, alpha))")
+    try:
+        return "clamped_swiglu", {"limit": float(m.group(1)), "alpha": float(m.group(2))}
+    except ValueError:
+        raise ValueError(f"activation {activation!r}: limit and alpha must be numbers") from None
+
+
+def is_gated(activation: str) -> bool:
+    """Whether ``activation`` takes (gate, up): its experts have three matrices."""
+    return parse_activation(activation)[0] in GATED_ACTIVATIONS
+
+
 def activation_fn(activation: str) -> Callable:
     """The pointwise part of an expert FFN (gated ones take (gate, up))."""
+    base, c = parse_activation(activation)
+    if base == "clamped_swiglu":
+        def clamped(g, u, limit=c["limit"], alpha=c["alpha"]):
+            g = jnp.minimum(g, limit)
+            u = jnp.clip(u, -limit, limit)
+            return g * jax.nn.sigmoid(alpha * g) * (u + 1)
+        return clamped
     return {
         "swiglu": lambda g, u: jax.nn.silu(g) * u,
         "geglu": lambda g, u: jax.nn.gelu(g, approximate=False) * u,
         "gelu": lambda u: jax.nn.gelu(u, approximate=False),
         "relu": jax.nn.relu,
         "silu": jax.nn.silu,
-    }[activation]
+    }[base]
+
+
+def split_biases(weights: Sequence[Any], activation: str) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+    """``(matrices, biases or None)`` of an expert op's weights.
+
+    An expert op's weights are its ``m`` matrices (3 gated, 2 otherwise), each
+    ``[E, in, out]``, optionally followed by one bias ``[E, out]`` per matrix
+    (gpt-oss). Biases trail the matrices in the same tuple so that passes which
+    cut or gather every weight along the expert axis (prune, expert
+    parallelism) carry them along unchanged.
+    """
+    weights = tuple(weights)
+    m = 3 if is_gated(activation) else 2
+    if len(weights) == m:
+        return weights, None
+    if len(weights) == 2 * m:
+        return weights[:m], weights[m:]
+    raise ValueError(f"activation {activation!r} needs {m} weight matrices, optionally followed by {m} expert "
+                     f"biases; got {len(weights)} weights")
 
 
 def materialize(w: Any, dtype: Any) -> jax.Array:
@@ -275,10 +431,15 @@ def expert_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32)
 
 
+def _add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
+    """``y [..., m, n]`` plus a bias ``[n]`` (one expert) or ``[..., E, n]`` (stacked: ``y`` is ``[..., E, m, n]``)."""
+    return y + (b if b.ndim == 1 else b[..., None, :]).astype(jnp.float32)
+
+
 def expert_ffn_math(x: jax.Array, mats: Sequence[jax.Array], activation: str,
                     matmul: Callable[[jax.Array, jax.Array], jax.Array] = expert_matmul,
-                    input_matmuls: Callable[[jax.Array, Sequence[Any]], Sequence[jax.Array]] | None = None
-                    ) -> jax.Array:
+                    input_matmuls: Callable[[jax.Array, Sequence[Any]], Sequence[jax.Array]] | None = None,
+                    add_bias: Callable[[jax.Array, jax.Array], jax.Array] = _add_bias) -> jax.Array:
     """The expert FFN, the one formulation every implementation and analysis uses.
 
     ``act(x @ w_gate, x @ w_up) @ w_down`` (gated) or ``act(x @ w_up) @ w_down``:
@@ -288,14 +449,20 @@ def expert_ffn_math(x: jax.Array, mats: Sequence[jax.Array], activation: str,
     experts: :func:`expert_matmul` (one expert, or every expert at once) by
     default, ``ragged_dot`` over groups in :func:`ffn_ragged`. ``input_matmuls(x,
     mats[:-1])``, if given, computes the input projections together (the native
-    kernel does gate and up in one call).
+    kernel does gate and up in one call). Biases trailing ``mats`` (see
+    :func:`split_biases`) are added in f32 after each matmul by ``add_bias``
+    (``ffn_ragged`` gathers each row's expert bias).
     """
     act = activation_fn(activation)
+    mats, biases = split_biases(mats, activation)
     if input_matmuls is None:
-        h = act(*(matmul(x, m) for m in mats[:-1]))
+        pre = [matmul(x, m) for m in mats[:-1]]
     else:
-        h = act(*input_matmuls(x, mats[:-1]))
-    return matmul(h.astype(x.dtype), mats[-1])
+        pre = list(input_matmuls(x, mats[:-1]))
+    if biases is not None:
+        pre = [add_bias(p, b) for p, b in zip(pre, biases[:-1])]
+    y = matmul(act(*pre).astype(x.dtype), mats[-1])
+    return y if biases is None else add_bias(y, biases[-1])
 
 
 def ffn_reference(grouped, group_sizes, weights, *, activation: str):
@@ -323,20 +490,52 @@ def ffn_ragged(grouped, group_sizes, weights, *, activation: str, ragged_dot: Ca
     def mm(a, w):
         return ragged_dot(a, w, gs, preferred_element_type=jnp.float32)
 
-    return expert_ffn_math(grouped, mats, activation, matmul=mm).astype(dtype)
+    def add_bias(y, b):  # each row gets its expert's bias; padding rows (group E) get zeros
+        gid = row_groups(gs, grouped.shape[0])
+        b_rows = jnp.concatenate([b.astype(jnp.float32), jnp.zeros((1, b.shape[-1]), jnp.float32)])
+        return y + jnp.take(b_rows, gid, axis=0)
+
+    return expert_ffn_math(grouped, mats, activation, matmul=mm, add_bias=add_bias).astype(dtype)
 
 
-# name -> (implementation, platforms it lowers on or None for all)
+# name -> implementation
 _FFN_IMPLS: dict[str, Callable] = {"reference": ffn_reference, "ragged": ffn_ragged}
+# name -> (activation base names it computes, whether it adds expert biases)
+_FFN_CAPS: dict[str, tuple[tuple[str, ...], bool]] = {"reference": (ACTIVATIONS, True),
+                                                      "ragged": (ACTIVATIONS, True)}
 
 
-def register_ffn_impl(name: str, fn: Callable) -> None:
+def register_ffn_impl(name: str, fn: Callable, *, activations: Sequence[str] = BASIC_ACTIVATIONS,
+                      biases: bool = False) -> None:
     """Register an expert-FFN implementation selectable by the ``impl`` param.
 
     ``fn(grouped, group_sizes, weights, *, activation) -> out`` must compute
-    exactly what :func:`ffn_reference` computes (rows past the groups are 0).
+    exactly what :func:`ffn_reference` computes (rows past the groups are 0)
+    for the activation base names in ``activations``, and with expert biases
+    (trailing ``weights``, see :func:`split_biases`) if ``biases``. The op
+    refuses other activations or biases with this impl (one-line
+    :class:`DialectTypeError`), and ``select-impl`` does not pick it for them.
     """
     _FFN_IMPLS[name] = fn
+    _FFN_CAPS[name] = (tuple(activations), bool(biases))
+
+
+def ffn_impl_refusal(impl: str, activation: str, has_biases: bool) -> str | None:
+    """Why ``impl`` cannot compute experts with ``activation`` (and biases); ``None`` if it can."""
+    acts, biases = _FFN_CAPS.get(impl, (BASIC_ACTIVATIONS, False))
+    base = parse_activation(activation)[0]
+    can = sorted(n for n, (a, b) in _FFN_CAPS.items() if base in a and (b or not has_biases))
+    if base not in acts:
+        return f"impl {impl!r} does not compute activation {base!r}; use one of {can} (select-impl picks one)"
+    if has_biases and not biases:
+        return f"impl {impl!r} does not add expert biases; use one of {can} (select-impl picks one)"
+    return None
+
+
+def ffn_op_has_biases(params: dict[str, Any]) -> bool:
+    """Whether a ``moe_expert_ffn`` equation (its params) carries expert biases."""
+    n = len(jax.tree_util.treedef_children(params["weights_tree"]))
+    return n == 2 * (3 if is_gated(params["activation"]) else 2)
 
 
 def ffn_impls() -> tuple[str, ...]:
@@ -494,6 +693,9 @@ def _route_abstract(x, w_router, *bias, routing: Routing, name: str = "", impl: 
         fail(f"takes at most one selection bias, got {len(bias)}")
     if bias and (bias[0].shape != (w_router.shape[1],) or not numerics.is_float(bias[0])):
         fail(f"selection bias {_fmt(bias[0])} must be float [E={w_router.shape[1]}]")
+    if routing.score == "sparsemixer" and ((bias and not routing.bias_on_logits) or w_router.shape[1] < 2):
+        fail(f"sparsemixer routing picks 2 of E >= 2 experts and takes no selection bias; got router weight "
+             f"{_fmt(w_router)} and {len(bias)} selection bias operand(s)")
     t = x.shape[0]
     return [_sd((t, routing.slots), jnp.float32), _sd((t, routing.slots), jnp.int32)]
 
@@ -584,10 +786,11 @@ def _check_expert_weights(grouped, group_sizes, leaves, activation: str, weights
         weights = tuple(jax.tree_util.tree_unflatten(weights_tree, leaves))
     except Exception:  # noqa: BLE001 - a pytree that cannot hold avals: nothing to check
         return
-    names = ("w_gate", "w_up", "w_down") if activation in GATED_ACTIVATIONS else ("w_up", "w_down")
-    if len(weights) != len(names):
+    names = ("w_gate", "w_up", "w_down") if is_gated(activation) else ("w_up", "w_down")
+    if len(weights) not in (len(names), 2 * len(names)):
         raise _type_error("moe_expert_ffn", name, f"activation {activation!r} takes {len(names)} weights "
-                          f"({', '.join(names)}), got {len(weights)}")
+                          f"({', '.join(names)}), optionally followed by as many biases, got {len(weights)}")
+    weights, biases = weights[:len(names)], weights[len(names):]
     n, d = grouped.shape
     e = group_sizes.shape[0]
     shapes = dict(zip(names, map(_logical_shape, weights)))
@@ -607,6 +810,11 @@ def _check_expert_weights(grouped, group_sizes, leaves, activation: str, weights
                 "moe_expert_ffn", name,
                 f"{nm} has shape {_fmt_shape(s)} but the rows are [N={n},d={d}] and there are E={e} group sizes; "
                 f"expected {nm} {want_txt} ({activation} experts take {layout})")
+    for nm, b in zip(names, biases):  # each bias: [E, the width of its matrix's output]
+        s, out = _logical_shape(b), {"w_down": d}.get(nm, f)
+        if s is not None and (len(s) != 2 or s[0] != e or (out is not None and s[1] != out)):
+            raise _type_error("moe_expert_ffn", name, f"bias of {nm} has shape {_fmt_shape(s)}; expected "
+                              f"[E={e},{'f' if out is None else out}] (one bias per expert and output unit)")
 
 
 def _ffn_abstract(grouped, group_sizes, *leaves, activation, weights_tree, impl="reference",
@@ -614,8 +822,10 @@ def _ffn_abstract(grouped, group_sizes, *leaves, activation, weights_tree, impl=
     def fail(msg):
         raise _type_error("moe_expert_ffn", name, msg)
 
-    if activation not in ACTIVATIONS:
-        fail(f"activation {activation!r} not in {ACTIVATIONS}")
+    try:
+        parse_activation(activation)
+    except ValueError as e:
+        fail(str(e))
     if grouped.ndim != 2 or group_sizes.ndim != 1:
         fail(f"grouped {_fmt(grouped)} must be [N,d], group sizes {_fmt(group_sizes)} [E]")
     if not numerics.is_float(grouped):
@@ -623,6 +833,10 @@ def _ffn_abstract(grouped, group_sizes, *leaves, activation, weights_tree, impl=
     if not _is_int(group_sizes):
         fail(f"group sizes {_fmt(group_sizes)} must have an integer dtype")
     _check_expert_weights(grouped, group_sizes, leaves, activation, weights_tree, name)
+    refusal = impl in _FFN_IMPLS and ffn_impl_refusal(
+        impl, activation, ffn_op_has_biases(dict(weights_tree=weights_tree, activation=activation)))
+    if refusal:
+        fail(refusal)
     return _sd(grouped.shape, grouped.dtype)
 
 
@@ -737,16 +951,16 @@ def moe_expert_ffn(grouped: jax.Array, group_sizes: jax.Array, weights: Sequence
 
     ``weights`` is ``(w_gate [E,d,f], w_up [E,d,f], w_down [E,f,d])`` for gated
     activations or ``(w_up, w_down)`` otherwise; any of them may be a quantized
-    tensor (a pytree with ``dequantize(dtype)`` and ``format``).
+    tensor (a pytree with ``dequantize(dtype)`` and ``format``). Expert biases,
+    if any, follow as float ``(b_gate [E,f], b_up [E,f], b_down [E,d])``.
     """
-    weights = tuple(weights)
-    expected = 3 if activation in GATED_ACTIVATIONS else 2
-    if len(weights) != expected:
-        raise ValueError(f"moe_expert_ffn[{name}]: activation {activation!r} needs {expected} weight "
-                         f"matrices, got {len(weights)}")
-    leaves, tree = jax.tree_util.tree_flatten(weights)
+    try:
+        mats, _ = split_biases(weights, activation)
+    except ValueError as e:
+        raise ValueError(f"moe_expert_ffn[{name}]: {e}") from None
+    leaves, tree = jax.tree_util.tree_flatten(tuple(weights))
     return expert_ffn_p.bind(grouped, group_sizes, *leaves, activation=activation, weights_tree=tree,
-                             impl=impl, weight_format=weight_format_of(weights), name=name)
+                             impl=impl, weight_format=weight_format_of(mats), name=name)
 
 
 def moe_combine(out: jax.Array, order: jax.Array, weights: jax.Array, *, name: str = "") -> jax.Array:
@@ -762,9 +976,35 @@ def sparse_moe(x: jax.Array, w_router: jax.Array, expert_weights: Sequence[Any],
     x2 = x.reshape(-1, x.shape[-1])
     num_experts = routing.num_selected_experts(w_router.shape[1])
     w, ids = moe_route(x2, w_router, selection_bias, routing=routing, name=name)
+    if routing.weight_on == "input":
+        y = _input_weighted_experts(x2, w, ids, expert_weights, num_experts=num_experts, activation=activation,
+                                    name=name)
+        return y.reshape(*lead, x.shape[-1])
     grouped, sizes, order = moe_dispatch(x2, ids, num_experts=num_experts, name=name)
     out = moe_expert_ffn(grouped, sizes, expert_weights, activation=activation, name=name)
     return moe_combine(out, order, w, name=name).reshape(*lead, x.shape[-1])
+
+
+def _input_weighted_experts(x2: jax.Array, w: jax.Array, ids: jax.Array, expert_weights: Sequence[Any], *,
+                            num_experts: int, activation: str, name: str) -> jax.Array:
+    """``sum_j E_j(w_j x)`` (``Routing.weight_on="input"``, Llama 4) with the dialect's ops.
+
+    Each slot's copy of a token, scaled by its weight, is one row of an ordinary
+    one-slot layer: dispatch, the expert op and a combine with unit weights (0 for
+    dropped slots). So expert-op implementations, quantisation and expert
+    parallelism, which see only those ops, stay exact without knowing about it.
+    With one slot (Llama 4 as released) the route's ids feed dispatch directly.
+    """
+    t, k = ids.shape
+    scaled = x2.astype(jnp.float32)[:, None, :] * w[:, :, None]  # [T, K, d]
+    rows = scaled.astype(x2.dtype).reshape(t * k, x2.shape[-1])
+    slot_ids = ids if k == 1 else ids.reshape(t * k, 1)
+    grouped, sizes, order = moe_dispatch(rows, slot_ids, num_experts=num_experts, name=name)
+    out = moe_expert_ffn(grouped, sizes, expert_weights, activation=activation, name=name)
+    y = moe_combine(out, order, (slot_ids >= 0).astype(jnp.float32), name=name)
+    if k == 1:
+        return y
+    return y.astype(jnp.float32).reshape(t, k, -1).sum(1).astype(x2.dtype)
 
 
 def einsum_moe_reference(x, w_router, expert_weights, *, routing: Routing, activation="swiglu",
@@ -777,6 +1017,11 @@ def einsum_moe_reference(x, w_router, expert_weights, *, routing: Routing, activ
     dense_w = jnp.zeros((x2.shape[0], n_exp), jnp.float32)
     dense_w = dense_w.at[jnp.arange(x2.shape[0])[:, None], jnp.maximum(ids, 0)].add(jnp.where(ids >= 0, w, 0.0))
     mats = [materialize(m, x.dtype) for m in expert_weights]
+    if routing.weight_on == "input":  # expert e on each token scaled by its weight (0: not selected)
+        xs = (dense_w.T[:, :, None] * x2.astype(jnp.float32)[None]).astype(x.dtype)  # [E, T, d]
+        y = expert_ffn_math(xs, mats, activation)
+        out = jnp.where((dense_w.T > 0)[:, :, None], y, 0.0).sum(0)
+        return out.astype(x.dtype).reshape(x.shape)
     y = expert_ffn_math(x2, mats, activation)  # [E, T, d]: every expert on every token
     out = jnp.einsum("etd,te->td", y, dense_w)
     return out.astype(x.dtype).reshape(x.shape)

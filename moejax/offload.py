@@ -150,6 +150,9 @@ def _prediction_routing(routing: dialect.Routing, prefetch_k: int) -> dialect.Ro
     """
     if not prefetch_k or routing.expert_map is not None:
         return routing
+    if routing.score == "sparsemixer":
+        # SparseMixer's two picks are the two largest logits, so softmax top-k names them (and more when k > 2).
+        return dataclasses.replace(routing, k=prefetch_k, gating="topk", max_k=None, score="softmax")
     return dataclasses.replace(routing, k=prefetch_k, gating="topk", max_k=None)
 
 

@@ -16,9 +16,18 @@ __all__ = ["program_stats", "expert_weight_leaf_indices", "ffn_matrix_shapes", "
 def _expert_weight_reads(program) -> list[tuple[str, set[tuple[int, int]]]]:
     """Per ``moe_expert_ffn`` equation reading stored weights: (layer name, {(weight operand position, leaf index)})."""
     reads = dataflow.weight_reads(program, lambda e: e.primitive is dialect.expert_ffn_p)
-    # operands 0, 1 are the grouped rows and the group sizes; the rest are weights
-    out = [(r.name, {(pos - 2, src.input) for pos, src in r.sources(start=2)}) for r in reads]
+    # operands 0, 1 are the grouped rows and the group sizes; the rest are weights, then expert biases
+    # (gpt-oss), which are not expert matrices: passes that quantize or re-lay matrices leave them alone.
+    out = [(r.name, {(pos - 2, src.input) for pos, src in r.sources(start=2) if pos < 2 + _num_matrix_leaves(r.eqn)})
+           for r in reads]
     return [(name, hits) for name, hits in out if hits]
+
+
+def _num_matrix_leaves(eqn) -> int:
+    """Operand count of an expert op's matrices (its weight leaves before any expert biases)."""
+    children = jax.tree_util.treedef_children(eqn.params["weights_tree"])
+    mats, _ = dialect.split_biases(children, eqn.params["activation"])
+    return sum(c.num_leaves for c in mats)
 
 
 def expert_weight_leaf_indices(program) -> set[int]:
@@ -44,6 +53,7 @@ def ffn_matrix_shapes(eqn) -> list[tuple[int, ...]]:
     """Logical [E, in, out] shapes of an expert op's weight matrices."""
     avals = [v.aval for v in eqn.invars[2:]]
     mats = jax.tree_util.tree_unflatten(eqn.params["weights_tree"], avals)
+    mats, _ = dialect.split_biases(mats, eqn.params["activation"])  # expert biases are not matrices
     return [tuple(m.shape) for m in mats]
 
 

@@ -26,7 +26,8 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _select_topk(logits, bias, *, num_experts, k, score, n_group, topk_group, group_score, norm, scale, kp):
+def _select_topk(logits, bias, *, num_experts, k, score, n_group, topk_group, group_score, norm, scale, kp,
+                 norm_min=1e-20):
     """Scores and top-k on an f32 ``[tt, Ep]`` logits tile; returns ([tt, kp] f32, [tt, kp] i32)."""
     tt, ep = logits.shape
     col = jax.lax.broadcasted_iota(jnp.int32, (tt, ep), 1)
@@ -77,14 +78,15 @@ def _select_topk(logits, bias, *, num_experts, k, score, n_group, topk_group, gr
         weights = jnp.where(kcol == j, w, weights)
         ids = jnp.where(kcol == j, idx, ids)
     if norm:
-        weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-20)
+        weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), norm_min)
     return weights * scale, ids
 
 
 def fused_route(x: jax.Array, w_router: jax.Array, bias: jax.Array | None = None, *, k: int,
                 score: str = "softmax", n_group: int = 1, topk_group: int = 1, group_score: str = "max",
                 norm_topk: bool = True, scale: float = 1.0, backend: str | None = None,
-                interpret: bool | None = None, block_tokens: int | None = None) -> tuple[jax.Array, jax.Array]:
+                interpret: bool | None = None, block_tokens: int | None = None,
+                norm_min: float = 1e-20) -> tuple[jax.Array, jax.Array]:
     """Top-k routing of ``x [T, d]`` with ``w_router [d, E]``: (weights [T, k] f32, ids [T, k] i32).
 
     ``k`` must be at most ``E``. ``backend``/``interpret`` as for ``gmm``
@@ -101,8 +103,10 @@ def fused_route(x: jax.Array, w_router: jax.Array, bias: jax.Array | None = None
                          f"with topk_group={topk_group}")
     if bias is not None and bias.shape != (e,):
         raise ValueError(f"fused_route: selection bias must be [E={e}], got {bias.shape}")
+    if score not in ("softmax", "sigmoid"):  # sparsemixer has no fused kernel (route_pallas falls back)
+        raise ValueError(f"fused_route: score {score!r} has no fused kernel; supported: softmax, sigmoid")
     cfg = dict(k=k, score=score, n_group=n_group, topk_group=topk_group, group_score=group_score,
-               norm=norm_topk, scale=float(scale))
+               norm=norm_topk, scale=float(scale), norm_min=float(norm_min))
 
     def call(driver: str, interp: bool):
         return _route_call(x, w_router, bias, cfg, driver=driver, interpret=interp, block_tokens=block_tokens)
@@ -178,19 +182,23 @@ def _route_call(x, w_router, bias, cfg, *, driver, interpret, block_tokens):
 def route_pallas(x: jax.Array, w_router: jax.Array, *bias: jax.Array, routing: Any) -> tuple[jax.Array, jax.Array]:
     """The ``"pallas"`` ``moe_route`` implementation (same contract as ``route_reference``).
 
-    The fused kernel handles ``gating="topk"``; other gating modes use the
-    reference. ``expert_map`` (merged experts) and ``k > E`` padding are applied
-    to the kernel's output exactly as the reference does.
+    The fused kernel handles ``gating="topk"`` with softmax or sigmoid scores;
+    other gating modes and scores (``"sparsemixer"``, PhiMoE), and a router bias
+    on the logits (``bias_on_logits``, gpt-oss; the kernel adds its bias to the
+    selection scores only), use the reference.
+    ``expert_map`` (merged experts) and ``k > E`` padding are applied to the
+    kernel's output exactly as the reference does.
     """
     from moejax import dialect
 
     r = routing
-    if r.gating != "topk":
+    if r.gating != "topk" or r.score not in ("softmax", "sigmoid") or r.bias_on_logits:
         return dialect.route_reference(x, w_router, *bias, routing=r)
     e = w_router.shape[1]
     kk = min(r.slots, e)
     w, ids = fused_route(x, w_router, bias[0] if bias else None, k=kk, score=r.score, n_group=r.n_group,
-                         topk_group=r.topk_group, group_score=r.group_score, norm_topk=r.norm_topk, scale=r.scale)
+                         topk_group=r.topk_group, group_score=r.group_score, norm_topk=r.norm_topk, scale=r.scale,
+                         norm_min=r.norm_min)
     if r.expert_map is not None:
         ids, w = dialect._apply_expert_map(ids, w, r.expert_map)
     if kk < r.slots:

@@ -39,7 +39,9 @@ class SelectImpl(Pass):
         platform (on CPU ``native``, the C++ kernel for decode-sized inputs
         that runs ``blocked`` otherwise, or ``blocked`` where no C++ compiler
         is found; Pallas kernels on GPU/TPU; ``ragged_dot`` otherwise). All
-        compute the same function.
+        compute the same function. A layer whose activation or expert biases
+        (gpt-oss) the chosen impl cannot compute gets ``ragged`` under
+        ``auto``; an explicit impl that cannot is refused.
       layout: ``per-expert`` stores each expert's weights as its own buffer
         (what ``blocked`` and ``native`` read in place), ``stacked`` keeps ``[E, k, n]``
         arrays, ``auto`` splits for per-expert implementations on layers of
@@ -87,13 +89,26 @@ class SelectImpl(Pass):
             return False
         return impl in PER_EXPERT_IMPLS and weight.shape[0] <= AUTO_SPLIT_MAX_EXPERTS
 
+    def impl_for(self, impl: str, params: Mapping[str, Any]) -> str:
+        """The impl one expert op gets: ``impl`` if it computes the op's activation (and expert biases); under
+        ``auto`` else ``ragged``, which computes every activation with biases; an explicit impl that cannot is
+        refused."""
+        refusal = dialect.ffn_impl_refusal(impl, params["activation"], dialect.ffn_op_has_biases(params))
+        if refusal is None:
+            return impl
+        if self.impl != "auto":
+            raise PassError(f"select-impl: layer {params.get('name', '')!r}: {refusal}")
+        return "ragged"
+
     def run(self, program: Program, ctx: PassContext) -> Program:
         impl = self.resolve(ctx.platform)
+        per_layer = {s.eqn.params.get("name", ""): self.impl_for(impl, s.eqn.params)
+                     for s in rewrite.dialect_sites(program.jaxpr, dialect.expert_ffn_p.name)}
         relaid: dict[str, Any] = {}
         layout: dict[str, str] = {}
-        for path in stats.expert_weight_sites(program):
+        for path, (layer, _) in stats.expert_weight_sites(program).items():
             w = program.weights[path]
-            want = self._wants_split(impl, w, program)
+            want = self._wants_split(per_layer.get(layer, impl), w, program)
             if want != expert_layout.is_split(w):
                 # once per source weight: the programs of one optimize call share the new buffers
                 relaid[path] = ctx.derived_weight(
@@ -101,5 +116,6 @@ class SelectImpl(Pass):
                     lambda w=w, want=want: abstract.eval_or_shape(
                         lambda v: expert_layout.with_layout_of(v, want), w))
             layout[path] = "per-expert" if want else "stacked"
-        return program.rewrite({dialect.expert_ffn_p.name: lambda rc: rewrite.rebind_expert_ffn(rc, impl=impl)},
+        return program.rewrite({dialect.expert_ffn_p.name: lambda rc: rewrite.rebind_expert_ffn(
+                                    rc, impl=self.impl_for(impl, rc.params))},
                                weights=relaid, metadata={"expert_layout": layout})

@@ -191,7 +191,7 @@ def activation_bytes(cfg: Any, batch: int, context: int, n: int, data: int, item
     # Measured on 8 CPU devices, XLA holds one to three and a half of them at the attention peak
     # (by shape and scheduler, sharding/README.md); three errs on the safe side.
     attention = (q + keys + out) * itemsize + 3 * t * h * L * 4
-    mats = 3 if cfg.activation in dialect.GATED_ACTIVATIONS else 2  # gate, up, activated product
+    mats = 3 if dialect.is_gated(cfg.activation) else 2  # gate, up, activated product
     rows = _exchange_rows(cfg, t, n, chunks, capacity_factor) if n > 1 else t * cfg.routing.k
     shared = t * (cfg.d_ff_shared or cfg.d_ff_expert) * cfg.n_shared_experts * mats
     moe = t * cfg.n_experts * 4 + (rows * cfg.d_ff_expert * mats + shared) * itemsize
