@@ -18,10 +18,11 @@
 from moejax.models.abstract import abstract_model
 from moejax.models.byte_level import is_byte_level
 from moejax.models.decoder import DecoderLayer, MoEConfig, MoEDecoder, tiny_mixtral
-from moejax.models.default_model import DEFAULT_MODEL_DIR, load_default_model
+from moejax.models.default_model import (BUNDLED_MODELS, DEFAULT_MODEL_DIR, FINE_GRAINED_MODEL_DIR,
+                                         load_bundled_model, load_default_model)
 from moejax.models.generation import generate, sample_next, stream
 from moejax.models.hf import SUPPORTED_ARCHITECTURES, check_checkpoint, config_from_hf, from_pretrained, save_pretrained_hf
 from moejax.models.validation import CheckpointError
 
-__all__ = ["load_default_model", "DEFAULT_MODEL_DIR", "MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral", "generate", "stream", "sample_next", "from_pretrained", "check_checkpoint",
+__all__ = ["load_default_model", "load_bundled_model", "BUNDLED_MODELS", "DEFAULT_MODEL_DIR", "FINE_GRAINED_MODEL_DIR", "MoEConfig", "MoEDecoder", "DecoderLayer", "tiny_mixtral", "generate", "stream", "sample_next", "from_pretrained", "check_checkpoint",
            "save_pretrained_hf", "config_from_hf", "SUPPORTED_ARCHITECTURES", "CheckpointError", "is_byte_level", "abstract_model"]

@@ -43,6 +43,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_default_model",
+    "load_bundled_model",
+    "BUNDLED_MODELS",
+    "FINE_GRAINED_MODEL_DIR",
 ]
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
@@ -227,4 +230,15 @@ def to_scanned(model: MoEDecoder) -> MoEDecoder:
 def load_default_model(scan_layers: bool = False) -> MoEDecoder:
     """The bundled default model (weights from ``DEFAULT_MODEL_DIR``)."""
     return load_checkpoint(DEFAULT_MODEL_DIR, scan_layers=scan_layers)
+
+
+# The models shipped in the package, by the name ``--model`` takes.
+BUNDLED_MODELS = {"default": DEFAULT_MODEL_DIR, "fine-grained": FINE_GRAINED_MODEL_DIR}
+
+
+def load_bundled_model(name: str, scan_layers: bool = False) -> MoEDecoder:
+    """A bundled model by name: ``default`` (8 experts, top-2) or ``fine-grained`` (32 experts, top-4 + shared)."""
+    if name not in BUNDLED_MODELS:
+        raise KeyError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
+    return load_checkpoint(BUNDLED_MODELS[name], scan_layers=scan_layers)
 

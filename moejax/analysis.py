@@ -38,7 +38,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 __all__ = ["AnalysisResult", "LayerRouting", "RoutingProfile", "LayerPrune", "PrunePlan", "MergePlan",
-           "BitAllocation", "RESULT_TYPES", "read", "write", "AnalysisStore", "DerivedWeights"]
+           "BitAllocation", "RouterCalibration", "RESULT_TYPES", "read", "write", "AnalysisStore", "DerivedWeights"]
 
 T = TypeVar("T", bound="AnalysisResult")
 
@@ -335,8 +335,29 @@ class BitAllocation(_LayerMap, AnalysisResult):
         return self._metadata
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class RouterCalibration(AnalysisResult):
+    """What ``recalibrate-router`` trained: router weights by path, and the layers' error vs the source before/after.
+
+    Shared by the programs of one optimize call (they get the same routers); the
+    metadata form keeps only the figures.
+    """
+
+    key: ClassVar[str] = "router_calibration"
+    routers: dict[str, Any]
+    error_before: float
+    error_after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error_before": self.error_before, "error_after": self.error_after, "routers": sorted(self.routers)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RouterCalibration":
+        return cls({}, float(data["error_before"]), float(data["error_after"]))
+
+
 RESULT_TYPES: dict[str, type[AnalysisResult]] = {
-    cls.key: cls for cls in (RoutingProfile, PrunePlan, MergePlan, BitAllocation)}
+    cls.key: cls for cls in (RoutingProfile, PrunePlan, MergePlan, BitAllocation, RouterCalibration)}
 
 
 def _declared(cls: type) -> str:
@@ -405,6 +426,15 @@ class AnalysisStore:
         self._results: dict[tuple[str, str], AnalysisResult] = {}
         self._latest: dict[str, AnalysisResult] = {}
         self.derived_weights = DerivedWeights()
+        self._sources: dict[str, Any] = {}  # program signature -> the program the pipeline started from
+
+    def keep_source(self, program: Any) -> None:
+        """Remember the first program of each signature (distillation passes use it as the teacher)."""
+        self._sources.setdefault(program.signature(), program)
+
+    def source_of(self, program: Any) -> Any:
+        """The program this pipeline started from with ``program``'s signature, or None."""
+        return self._sources.get(program.signature())
 
     def put(self, step: str, result: T) -> T:
         key = _declared(type(result))

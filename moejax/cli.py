@@ -108,11 +108,11 @@ def load_model(spec: str, mesh_text: str | None = None):
             mesh = mesh_from_text(mesh_text)
         except ValueError as e:
             raise CLIError(f"--mesh: {e}") from None
-    if spec == "default":
+    if spec in models.BUNDLED_MODELS:
         try:
-            model = models.load_default_model()
+            model = models.load_bundled_model(spec)
         except models.CheckpointError as e:
-            raise CLIError(f"the bundled default model cannot be loaded ({e}); reinstall moejax") from e
+            raise CLIError(f"the bundled {spec} model cannot be loaded ({e}); reinstall moejax") from e
         if mesh is None:
             return model
         from moejax.models.sharded_load import shard_model
@@ -151,8 +151,10 @@ def _token_ids(text: bytes, tokenizer) -> Any:
 
 
 def _tokenizer(spec: str):
-    """The checkpoint's tokenizer.json as a TextTokenizer, or None (the bundled model and byte-level folders)."""
-    if spec == "default":
+    """The checkpoint's tokenizer.json as a TextTokenizer, or None (the bundled models and byte-level folders)."""
+    from moejax.models import BUNDLED_MODELS
+
+    if spec in BUNDLED_MODELS:
         return None
     from moejax.models import CheckpointError
     from moejax.models.tokenizer import load_tokenizer
@@ -167,12 +169,12 @@ def check_model(spec: str) -> None:
     """Refuse a bad ``--model`` before any slow work: the folder, its config.json and safetensors headers."""
     from moejax import models
 
-    if spec == "default":
+    if spec in models.BUNDLED_MODELS:
         return
     path = Path(spec)
     if not path.exists():
-        raise CLIError(f"model path {spec!r} does not exist; pass --model default or a folder with config.json "
-                       "and *.safetensors")
+        raise CLIError(f"model path {spec!r} does not exist; pass --model default, --model fine-grained or a "
+                       "folder with config.json and *.safetensors")
     if not (path / "config.json").is_file():
         raise CLIError(f"{spec!r} has no config.json; pass a Hugging Face checkpoint folder (config.json + "
                        "*.safetensors) or --model default")
@@ -504,7 +506,7 @@ def cmd_export_hf(args) -> int:
 
     passes = moejax.parse_pipeline(args.passes) if args.passes else []
     check_model(args.model)
-    if args.model == "default":
+    if args.model in ("default", "fine-grained"):
         raise CLIError("export-hf writes a Hugging Face checkpoint back in its own layout; --model must be a "
                        "Hugging Face checkpoint folder")
     out = Path(args.out)
@@ -641,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trace a model (forward, prefill and decode signatures), run a pass pipeline on "
                                    "it, and measure every stage: bytes, FLOPs, held-out bits per byte, speed.")
     o.add_argument("--model", default="default",
-                   help="'default' (the bundled model) or a checkpoint folder (config.json + *.safetensors)")
+                   help="'default' (the bundled 8-expert model), 'fine-grained' (the bundled 32-expert "
+                        "DeepSeek-style model) or a checkpoint folder (config.json + *.safetensors)")
     o.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"pipeline string (default: {DEFAULT_PIPELINE!r}); "
                    "`moejax passes` lists the passes and their options")
     o.add_argument("--eval-bytes", type=_eval_bytes, default=16384,
@@ -671,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue a prompt with the bundled model or a checkpoint (encoded with its "
                                    "tokenizer.json, or as UTF-8 bytes for byte-level models), optionally optimized "
                                    "first; text is printed as it comes.")
-    g.add_argument("--model", default="default", help="'default' (the bundled model) or a checkpoint folder")
+    g.add_argument("--model", default="default",
+                   help="'default' or 'fine-grained' (the bundled models) or a checkpoint folder")
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS:,}]"),
                    default=64, help="tokens to generate (default 64)")

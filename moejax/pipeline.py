@@ -614,6 +614,7 @@ class PassManager:
                 f"PassManager: exactness checked on the example inputs only{suffix}: no input could be varied "
                 f"(token ids all 0, or only caches/indices)", stacklevel=2)
         self._check_weights(program, None, 0, suffix)
+        ctx.analysis.keep_source(program)
         outputs = [_outputs(program, b) for _, b in batches]
         self._check_outputs(outputs, batches, 0, suffix)
         stages = [Stage("input", program, stats.program_stats(program), 0.0, checked_batches=len(batches))]

@@ -15,6 +15,12 @@ averages as is). The router keeps all its columns; the route
 op's ``Routing.expert_map`` maps every old expert to its merged expert, and the
 weights of two selected experts that land in the same merged expert add up.
 
+With ``refit=true`` each merged expert's output matrix is then refitted by least
+squares on the profile's hidden-state sample, so that the merged expert reproduces,
+for the tokens that picked its members, what those members produced
+(:func:`refit_output_matrix`; MergeMoE / NAEE-style repair). ``keep=FRACTION`` merges
+to that fraction of each layer's experts.
+
 Layers stacked under ``scan`` share one static ``expert_map``: per layer the
 router columns (and selection bias) are permuted so that each layer's clusters
 sit in the same canonical blocks. That needs every layer's clusters to have the
@@ -32,13 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import analysis, dialect
-from moejax.passes.prune import (MoELayer, _check_target, _with_profile, apply_expert_rewrite, check_float_experts,
-                                 expert_outputs, find_moe_layers, layer_profile)
+from moejax.passes.prune import (MoELayer, _check_target, _route_jit, _with_profile, apply_expert_rewrite,
+                                 check_float_experts, expert_outputs, find_moe_layers, layer_profile)
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
 __all__ = ["MergeExperts", "average_linkage", "cosine_distances", "merge_weights", "merge_expert_weights",
-           "align_hidden_units"]
+           "align_hidden_units", "refit_output_matrix", "gate_matrix"]
 
 SIMILARITIES = ("output", "router", "weight")
 
@@ -122,33 +128,93 @@ def align_hidden_units(anchor: list[np.ndarray], other: list[np.ndarray]) -> lis
     input matrices plus a row of the output matrix. Units are matched by the dot
     product of those concatenated vectors.
     """
-    def units(mats):
-        return np.concatenate([m.T for m in mats[:-1]] + [mats[-1]], axis=1)  # [f, features]
-
-    perm = _match(units(anchor) @ units(other).T)
+    perm = _match(_units(anchor) @ _units(other).T)
     return [m[:, perm] for m in other[:-1]] + [other[-1][perm]]
 
 
-def merge_expert_weights(mats: list[np.ndarray], clusters: list[list[int]], freq: np.ndarray,
-                         align: bool = True) -> list[np.ndarray]:
-    """Merge stacked expert matrices ``[E, ...]`` per cluster into ``[M, ...]``.
+def _units(mats: list[np.ndarray]) -> np.ndarray:
+    """Each hidden unit's weights ``[f, features]``: its input-matrix columns and output-matrix row."""
+    return np.concatenate([m.T for m in mats[:-1]] + [mats[-1]], axis=1)
 
-    With ``align``, each member's hidden units are first permuted to match the
-    cluster's most frequently routed member; then the matrices are averaged with
-    :func:`merge_weights` (routing-frequency weights).
+
+def merge_expert_weights(mats: list[np.ndarray], clusters: list[list[int]], freq: np.ndarray,
+                         align: bool = True, n_matrices: int | None = None) -> list[np.ndarray]:
+    """Merge stacked expert weights ``[E, ...]`` per cluster into ``[M, ...]``.
+
+    ``mats`` are the expert op's weights: ``n_matrices`` matrices (all of them when
+    None), then optionally one bias per matrix (gpt-oss). With ``align``, each
+    member's hidden units are first permuted to match the cluster's most frequently
+    routed member (the input matrices' biases move with their units); then
+    everything is averaged with :func:`merge_weights` (routing-frequency weights).
     """
     if not align:
         return [merge_weights(m, clusters, freq) for m in mats]
+    n = len(mats) if n_matrices is None else n_matrices
+
+    def aligned_member(ref: list[np.ndarray], e: int) -> list[np.ndarray]:
+        own = [np.asarray(m[e], np.float64) for m in mats]
+        units = align_hidden_units(ref[:n], own[:n])
+        perm = _match(_units(ref[:n]) @ _units(own[:n]).T)
+        biases = [b[perm] if i < n - 1 else b for i, b in enumerate(own[n:])]  # output bias: no hidden axis
+        return units + biases
+
     merged = [[] for _ in mats]
     for members in clusters:
         anchor = members[int(np.argmax(np.asarray(freq)[members]))]
         ref = [np.asarray(m[anchor], np.float64) for m in mats]
-        aligned = [ref if e == anchor else align_hidden_units(ref, [np.asarray(m[e], np.float64) for m in mats])
-                   for e in members]
+        aligned = [ref if e == anchor else aligned_member(ref, e) for e in members]
         for i, m in enumerate(mats):
             stack = np.stack([a[i] for a in aligned])
             merged[i].append(merge_weights(stack, [list(range(len(members)))], np.asarray(freq)[members])[0])
     return [np.stack(ms).astype(np.asarray(m).dtype) for ms, m in zip(merged, mats)]
+
+
+def refit_output_matrix(x: np.ndarray, gates: np.ndarray, member_outputs: np.ndarray, merged: list[np.ndarray],
+                        activation: str, ridge: float = 0.1) -> np.ndarray:
+    """Least-squares refit of a merged expert's output matrix (MergeMoE / NAEE-style repair).
+
+    After merging, a token that picked members ``j`` of the cluster with gate weights
+    ``g_tj`` gets ``(sum_j g_tj) * merged(x_t)`` where it used to get
+    ``sum_j g_tj * E_j(x_t)``. With the merged input matrices fixed, the merged output
+    is linear in the output matrix ``W``, so the best ``W`` on the calibration tokens is a
+    least-squares solve: ``min sum_t |s_t h_t W - T_t|^2 + lam |W - W_avg|^2``, with
+    ``h_t`` the merged hidden state, ``s_t = sum_j g_tj`` and ``T_t`` the old output.
+    The ridge pulls towards the averaged ``W_avg`` where few tokens constrain it
+    (``lam = ridge * mean diagonal of the normal matrix``).
+
+    ``x [n, d]``; ``gates [n, m]`` the members' gate weights per token (0: not picked);
+    ``member_outputs [m, n, d]``; ``merged`` the merged matrices (inputs..., output).
+    Returns the refitted output matrix ``[f, d]``.
+    """
+    s = gates.sum(1)
+    used = s > 0
+    w_avg = np.asarray(merged[-1], np.float64)
+    if not used.any():
+        return merged[-1]
+    xs = jnp.asarray(x[used], jnp.float32)
+    act = dialect.activation_fn(activation)
+    h = np.asarray(act(*(xs @ jnp.asarray(m, jnp.float32) for m in merged[:-1])), np.float64)  # [n_used, f]
+    a = s[used, None] * h
+    target = np.einsum("tm,mtd->td", gates[used], np.asarray(member_outputs, np.float64)[:, used])
+    normal = a.T @ a
+    lam = ridge * max(float(np.mean(np.diag(normal))), 1e-12)
+    delta = np.linalg.solve(normal + lam * np.eye(normal.shape[0]), a.T @ (target - a @ w_avg))
+    return (w_avg + delta).astype(np.asarray(merged[-1]).dtype)
+
+
+def gate_matrix(program: Program, layer: MoELayer, s: int, x: np.ndarray) -> np.ndarray:
+    """Gate weight of every (token, current expert) pair on ``x [n, d]``: ``[n, E]`` (0 where not picked)."""
+    router = np.asarray(program.weights[layer.router][s] if layer.stacked else program.weights[layer.router])
+    bias = None
+    if layer.bias:
+        bias = np.asarray(program.weights[layer.bias][s] if layer.stacked else program.weights[layer.bias])
+    args = (x, router) if bias is None else (x, router, bias)
+    w, ids = (np.asarray(a) for a in _route_jit(*args, routing=layer.routing))
+    dense = np.zeros((x.shape[0], layer.num_experts), np.float64)
+    rows = np.repeat(np.arange(x.shape[0]), ids.shape[1])
+    ok = ids.reshape(-1) >= 0
+    np.add.at(dense, (rows[ok], ids.reshape(-1)[ok]), w.reshape(-1)[ok])
+    return dense
 
 
 @register_pass
@@ -157,7 +223,8 @@ class MergeExperts(Pass):
     """Merge the experts of each MoE layer into ``num_experts`` clusters (HC-SMoE / MC-SMoE).
 
     Options:
-      num_experts: merged experts per layer (same for every layer).
+      num_experts: merged experts per layer (same for every layer); or
+      keep: the fraction of each layer's experts left after merging (rounded).
       similarity: what clusters experts (cosine distance): their outputs on the
         profile's sample (``output``), their router probabilities (``router``) or
         their weights (``weight``); see the module doc.
@@ -166,6 +233,10 @@ class MergeExperts(Pass):
       align: before averaging, permute each member's hidden units to match the
         cluster's most used expert (MC-SMoE); experts trained from different
         initialisations have unrelated hidden-unit orders.
+      refit: after averaging, refit each merged expert's output matrix by least
+        squares so that, on the profile's tokens, it reproduces what the experts it
+        replaces produced for the tokens that picked them (see
+        :func:`refit_output_matrix`).
 
     Needs a routing profile (``profile`` before it). Pipeline spelling:
     ``merge(num_experts=6,similarity=output)``.
@@ -182,34 +253,55 @@ class MergeExperts(Pass):
         "similarity": "output, router or weight",
         "balanced": "true or false",
         "align": "true or false",
+        "keep": "number in (0, 1]: fraction of each layer's experts left",
+        "refit": "true or false",
     }
-    required_options: ClassVar[tuple[str, ...]] = ("num_experts",)
 
     num_experts: int | None = None
     similarity: str = "output"
     balanced: bool = False
     align: bool = True
+    keep: float | None = None
+    refit: bool = False
 
     def __post_init__(self):
-        if self.num_experts is None:
-            raise ValueError("merge needs num_experts=N (merged experts per layer), e.g. merge(num_experts=6)")
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+        if (self.num_experts is None) == (self.keep is None):
+            raise ValueError("merge needs exactly one of num_experts=N (merged experts per layer) or keep=FRACTION, "
+                             "e.g. merge(num_experts=6) or merge(keep=0.75)")
+        if self.num_experts is not None and (isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int)
+                                             or self.num_experts < 1):
             raise ValueError(f"merge: num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
+                                      or not 0 < self.keep <= 1):
+            raise ValueError(f"merge: keep must be a fraction in (0, 1], got {self.keep!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"merge: similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
 
+    def target(self, layer: MoELayer) -> int:
+        """Merged experts ``layer`` ends with."""
+        if self.num_experts is not None:
+            return self.num_experts
+        return max(1, min(layer.num_experts, round(self.keep * layer.num_experts)))
+
     def _needed_keys(self) -> tuple[str, ...]:
-        return ("frequency", "inputs") if self.similarity in ("output", "router") else ("frequency",)
+        return ("frequency", "inputs") if self.similarity in ("output", "router") or self.refit else ("frequency",)
 
     def check(self, program: Program, ctx: PassContext) -> None:
         layers = find_moe_layers(program, self.name)
         check_float_experts(program, layers, self.name)
         for layer in layers.values():
-            _check_target(layer, self.num_experts, self.name)
+            _check_target(layer, self.target(layer), self.name)
             if layer.stacked and layer.routing.expert_map is not None:
                 raise PassError(f"merge: layer {layer.name!r} is stacked under scan and already merged; merging it "
                                 "again needs a per-layer expert_map. Merge once to the final count, or unroll the "
                                 "layers (scan_layers=False)")
+            if layer.routing.weight_on == "input":
+                raise PassError(f"merge: layer {layer.name!r} applies routing weights to the expert input "
+                                "(Llama 4); merged experts would see differently scaled tokens than their "
+                                "members. Use prune on this model")
+            if self.refit and len(layer.experts) != (3 if dialect.is_gated(layer.activation) else 2):
+                raise PassError(f"merge: refit=true fits an expert's matrices, but layer {layer.name!r} has expert "
+                                "biases too (gpt-oss); use merge(refit=false) there")
             layer_profile(program, layer, self.name, self._needed_keys())
 
     # ---- clustering ----------------------------------------------------------
@@ -225,8 +317,12 @@ class MergeExperts(Pass):
         router = np.asarray(program.weights[layer.router][s] if layer.stacked else program.weights[layer.router],
                             np.float32)
         logits = x @ router
-        probs = dialect._scores(jnp.asarray(logits), layer.routing.score)
-        probs = np.asarray(probs)  # [n, columns]
+        if layer.bias and layer.routing.bias_on_logits:  # gpt-oss: the router's own bias
+            logits = logits + np.asarray(program.weights[layer.bias][s] if layer.stacked
+                                         else program.weights[layer.bias], np.float32)
+        # SparseMixer scores two masked softmaxes; the plain softmax of its logits stands in for it here.
+        score = "softmax" if layer.routing.score == "sparsemixer" else layer.routing.score
+        probs = np.asarray(dialect._scores(jnp.asarray(logits), score))  # [n, columns]
         if layer.routing.expert_map is not None:  # columns -> current (merged) experts
             table = np.zeros((layer.num_router, layer.num_experts), np.float32)
             table[np.arange(layer.num_router), list(layer.routing.expert_map)] = 1.0
@@ -236,8 +332,9 @@ class MergeExperts(Pass):
     def clusters(self, program: Program, layer: MoELayer) -> list[list[list[int]]]:
         """Clusters of the current experts, per stack row."""
         entry = layer_profile(program, layer, self.name, self._needed_keys())
-        cap = math.ceil(layer.num_experts / self.num_experts) if self.balanced else None
-        return [average_linkage(self.distances(program, layer, s, entry), self.num_experts, cap)
+        n = self.target(layer)
+        cap = math.ceil(layer.num_experts / n) if self.balanced else None
+        return [average_linkage(self.distances(program, layer, s, entry), n, cap)
                 for s in range(layer.stack_size(program))]
 
     # ---- rewriting -------------------------------------------------------------
@@ -247,7 +344,8 @@ class MergeExperts(Pass):
         shared = ctx.analysis.get(analysis.MergePlan, step)  # made by the first program of this optimize call
         plans = {name: (shared.layers.get(name) if shared is not None else None)
                  or analysis.MergePlan.clusters_of(self.clusters(program, layer)) for name, layer in layers.items()}
-        plan = ctx.analysis.put(step, analysis.MergePlan(self.similarity, self.num_experts, plans))
+        plan = ctx.analysis.put(step, analysis.MergePlan(self.similarity, sum(len(r[0]) for r in plans.values()),
+                                                         plans))
         new_weights: dict[str, Any] = {}
         routings, counts, notes = {}, {}, {}
         for name, layer in layers.items():
@@ -265,15 +363,31 @@ class MergeExperts(Pass):
                 old_map = layer.routing.expert_map or tuple(range(layer.num_router))
                 expert_map = tuple(owner[old_map[c]] for c in range(layer.num_router))
             mats = [np.asarray(program.weights[p]) for p in layer.experts]
+            n_matrices = 3 if dialect.is_gated(layer.activation) else 2
             per_row = [merge_expert_weights([m[s] if layer.stacked else m for m in mats], rows[s], freq[s],
-                                            self.align) for s in range(len(rows))]
+                                            self.align, n_matrices) for s in range(len(rows))]
+            if self.refit:
+                per_row = [self._refit(program, layer, s, rows[s], per_row[s]) for s in range(len(rows))]
             for i, p in enumerate(layer.experts):
                 new_weights[p] = jnp.asarray(np.stack([r[i] for r in per_row]) if layer.stacked else per_row[0][i])
             routings[name] = dataclasses.replace(layer.routing, expert_map=expert_map)
-            counts[name] = self.num_experts
+            counts[name] = len(rows[0])
             notes[name] = rows if layer.stacked else rows[0]
         new = apply_expert_rewrite(program, layers, new_weights, routings, counts)
         return _with_profile(new, ctx, step, str(self), f"clusters per layer: {notes}", plan)
+
+    def _refit(self, program: Program, layer: MoELayer, s: int, clusters: list[list[int]],
+               merged: list[np.ndarray]) -> list[np.ndarray]:
+        """``merged`` (one stack row, clusters in order) with every cluster's output matrix refitted."""
+        x = np.asarray(layer_profile(program, layer, self.name, ("inputs",)).inputs[s], np.float32)
+        gates = gate_matrix(program, layer, s, x)
+        outputs = expert_outputs(program, layer, s, x)  # [E, n, d]: the experts being replaced
+        out = np.array(merged[-1])
+        for j, members in enumerate(clusters):
+            if len(members) > 1:
+                out[j] = refit_output_matrix(x, gates[:, members], outputs[members], [m[j] for m in merged],
+                                             layer.activation)
+        return list(merged[:-1]) + [out]
 
     def _canonical(self, layer: MoELayer, rows: list[list[list[int]]]):
         """Order each stacked layer's clusters by size so one static expert_map serves every layer.

@@ -40,7 +40,7 @@ __all__ = ["ProfileRouting", "measure_routing", "token_input_shape", "save_load_
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_SAMPLES = 256  # hidden states kept per layer ("inputs"): first n valid tokens
+MAX_INPUT_SAMPLES = 1024  # hidden states kept per layer ("inputs"): first n valid tokens (REAP, NAEE, refits)
 _SEP = "\x00"  # tap key separator: layer names contain '/'
 
 

@@ -1,13 +1,23 @@
 """``prune``: remove experts per layer (survey sections 3.2.1 / 3.3.2), plus expert-surgery helpers.
 
-:class:`PruneExperts` keeps ``num_experts`` experts in every MoE layer, chosen by
+:class:`PruneExperts` keeps ``num_experts`` experts (or a fraction ``keep``) in every
+MoE layer, chosen by
 
+* ``reap``: REAP (arXiv 2510.13999), the experts with the largest mean over the
+  tokens routed to them of gate weight x expert output norm, on the profile's
+  hidden-state sample (:func:`reap_saliency`);
+* ``naee`` (also ``reconstruction``): NAEE-style, the subset whose layer output on
+  the profile's hidden-state sample is closest (squared error) to the output with
+  every expert; exhaustive over subsets when there are at most ``exhaustive_limit``
+  of them, greedy (drop the least harmful expert, repeat) otherwise;
 * ``frequency``: the most often routed experts of the routing profile;
-* ``mass``: the experts with the largest summed routing weight;
-* ``reconstruction``: NAEE-style, the subset whose layer output on the profile's
-  hidden-state sample is closest (squared error) to the output with every
-  expert; exhaustive over subsets when there are at most ``exhaustive_limit``
-  of them, greedy (drop the least harmful expert, repeat) otherwise.
+* ``mass``: the experts with the largest summed routing weight.
+
+With ``budget=global`` the same total is spread over layers: each layer's experts
+are ranked by the method, the change of each layer's output as it loses experts is
+measured (:func:`removal_errors`) and experts are taken where they cost least
+(:func:`allocate_global`). For input-weighted routing (Llama 4) the reconstruction
+and REAP scores use the unscaled tokens, an approximation.
 
 The pruned experts' weight slices, router columns and selection-bias entries
 are removed, so routing renormalises over the survivors; ``moe_dispatch`` gets
@@ -39,7 +49,7 @@ from moejax.passes.gating import PROFILE_KEY, refresh_profile
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
-__all__ = ["PruneExperts", "MoELayer", "find_moe_layers", "check_float_experts", "check_sliceable_experts",
+__all__ = ["PruneExperts", "MoELayer", "reap_saliency", "removal_errors", "allocate_global", "find_moe_layers", "check_float_experts", "check_sliceable_experts",
            "expert_outputs",
            "layer_output", "prune_plan_reconstruction", "apply_expert_rewrite", "layer_profile"]
 
@@ -290,24 +300,89 @@ def _with_profile(new: Program, ctx: PassContext, step: str, note_key: str, note
     return new.replace(metadata=meta)
 
 
-PRUNE_METHODS = ("frequency", "mass", "reconstruction")
+PRUNE_METHODS = ("reap", "naee", "reconstruction", "frequency", "mass")
+BUDGETS = ("uniform", "global")
+
+
+def reap_saliency(program: Program, layer: MoELayer, s: int, x: np.ndarray) -> np.ndarray:
+    """REAP (arXiv 2510.13999): per expert, the mean over the tokens routed to it of gate weight x output norm.
+
+    ``x [n, d]`` are the layer's input tokens (the profile's sample). An expert no
+    sampled token routes to scores 0: it is the first to go.
+    """
+    router = _row(program, layer.router, layer, s)
+    bias = _row(program, layer.bias, layer, s) if layer.bias else None
+    args = (x, router) if bias is None else (x, router, bias)
+    w, ids = (np.asarray(a) for a in _route_jit(*args, routing=layer.routing))
+    norms = np.linalg.norm(expert_outputs(program, layer, s, x), axis=-1)  # [E, n]
+    total = np.zeros(layer.num_experts, np.float64)
+    routed = np.zeros(layer.num_experts, np.float64)
+    rows = np.repeat(np.arange(x.shape[0]), ids.shape[1])
+    flat, ok = ids.reshape(-1), ids.reshape(-1) >= 0
+    np.add.at(total, flat[ok], w.reshape(-1)[ok] * norms[flat[ok], rows[ok]])
+    np.add.at(routed, flat[ok], 1.0)
+    return np.where(routed > 0, total / np.maximum(routed, 1.0), 0.0)
+
+
+def removal_errors(program: Program, layer: MoELayer, s: int, x: np.ndarray, order: Sequence[int],
+                   smallest: int) -> np.ndarray:
+    """Mean squared change of the layer output per token when keeping the first ``k`` of ``order``.
+
+    Returns ``err [E + 1]`` with ``err[k]`` for ``k`` from ``smallest`` to E (NaN below):
+    how much a layer's output moves as it loses experts, comparable across layers
+    (absolute, per token), which is what a global budget trades.
+    """
+    router = _row(program, layer.router, layer, s)
+    bias = _row(program, layer.bias, layer, s) if layer.bias else None
+    outs = expert_outputs(program, layer, s, x)
+    full = layer_output(x, router, bias, layer.routing, outs)
+    err = np.full(layer.num_experts + 1, np.nan)
+    err[layer.num_experts] = 0.0
+    for k in range(smallest, layer.num_experts):
+        keep = sorted(order[:k])
+        cols, routing = _subset_routing(layer.routing, layer.num_router, keep)
+        y = layer_output(x, router[:, cols], None if bias is None else bias[cols], routing, outs[keep])
+        err[k] = float(np.sum((y - full) ** 2)) / x.shape[0]
+    return err
+
+
+def allocate_global(curves: Mapping[str, np.ndarray], total: int, smallest: Mapping[str, int]) -> dict[str, int]:
+    """Experts per layer summing to ``total``: greedily take away the expert whose loss moves a layer least.
+
+    ``curves[name][k]`` is the layer's error when it keeps ``k`` experts (see
+    :func:`removal_errors`); no layer goes below ``smallest[name]``.
+    """
+    counts = {name: len(c) - 1 for name, c in curves.items()}
+    while sum(counts.values()) > total:
+        options = [(curves[n][counts[n] - 1] - curves[n][counts[n]], n) for n in counts if counts[n] > smallest[n]]
+        if not options:
+            raise PassError(f"prune: a global budget of {total} experts is below what the layers must keep "
+                            f"({sum(smallest.values())}: each layer keeps at least its experts per token)")
+        counts[min(options)[1]] -= 1
+    return counts
 
 
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class PruneExperts(Pass):
-    """Keep ``num_experts`` experts per MoE layer (router columns and weights of the rest are removed).
+    """Keep ``num_experts`` experts (or a fraction ``keep``) per MoE layer; the rest are removed.
 
     Options:
-      num_experts: experts kept per layer (same for every layer).
-      method: how the kept experts are chosen: the most often routed
-        (``frequency``), the largest routing weight (``mass``), or the subset
-        whose layer output changes least (``reconstruction``, NAEE).
-      exhaustive_limit: ``reconstruction`` tries every subset when there are at
-        most this many, else prunes greedily.
+      num_experts: experts kept per layer; or
+      keep: the fraction of each layer's experts kept (rounded, at least the experts per token).
+      method: how the kept experts are chosen:
+        ``reap`` (router-weighted expert activation pruning: mean gate weight x output norm
+        over the tokens routed to each expert), ``naee`` (also spelled ``reconstruction``:
+        the subset whose layer output changes least on the profile's sample), the most often
+        routed (``frequency``) or the largest summed routing weight (``mass``).
+      budget: ``uniform`` (every layer keeps the same count) or ``global`` (the same total,
+        distributed over layers by measured sensitivity: an expert is taken from the layer
+        whose output moves least; unrolled layers only).
+      exhaustive_limit: ``naee`` tries every subset when there are at most this many, else
+        prunes greedily.
 
     Needs a routing profile (``profile`` before it). Pipeline spelling:
-    ``prune(num_experts=6,method=reconstruction)``.
+    ``prune(keep=0.75,method=reap,budget=global)``.
     """
 
     name: ClassVar[str] = "prune"
@@ -318,75 +393,113 @@ class PruneExperts(Pass):
     # What __post_init__ and check accept; shown by `moejax passes`.
     option_ranges: ClassVar[Mapping[str, str]] = {
         "num_experts": "integer >= 1, at most the layer's experts, at least its experts per token",
-        "method": "frequency, mass or reconstruction",
+        "keep": "number in (0, 1]: fraction of each layer's experts kept",
+        "method": ", ".join(PRUNE_METHODS),
+        "budget": "uniform or global",
         "exhaustive_limit": "integer >= 1",
     }
-    required_options: ClassVar[tuple[str, ...]] = ("num_experts",)
 
     num_experts: int | None = None
+    keep: float | None = None
     method: str = "frequency"
+    budget: str = "uniform"
     exhaustive_limit: int = 5000
 
     def __post_init__(self):
-        if self.num_experts is None:
-            raise ValueError("prune needs num_experts=N (experts kept per layer), e.g. prune(num_experts=6)")
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+        if (self.num_experts is None) == (self.keep is None):
+            raise ValueError("prune needs exactly one of num_experts=N (experts kept per layer) or keep=FRACTION, "
+                             "e.g. prune(num_experts=6) or prune(keep=0.75)")
+        if self.num_experts is not None and (isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int)
+                                             or self.num_experts < 1):
             raise ValueError(f"prune: num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
+                                      or not 0 < self.keep <= 1):
+            raise ValueError(f"prune: keep must be a fraction in (0, 1], got {self.keep!r}")
         if self.method not in PRUNE_METHODS:
             raise ValueError(f"prune: method must be one of {PRUNE_METHODS}, got {self.method!r}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"prune: budget must be one of {BUDGETS}, got {self.budget!r}")
         if self.exhaustive_limit < 1:
             raise ValueError(f"prune: exhaustive_limit must be >= 1, got {self.exhaustive_limit}")
+
+    @staticmethod
+    def _min_keep(layer: MoELayer) -> int:
+        r = layer.routing
+        return r.slots if r.expert_map is None else 1
+
+    def target(self, layer: MoELayer) -> int:
+        """Experts ``layer`` keeps under a uniform budget."""
+        if self.num_experts is not None:
+            return self.num_experts
+        return max(self._min_keep(layer), min(layer.num_experts, round(self.keep * layer.num_experts)))
+
+    def _needed(self) -> tuple[str, ...]:
+        needed = {"frequency": (), "mass": ("mass",)}.get(self.method, ("inputs",))
+        return needed + (("inputs",) if self.budget == "global" and "inputs" not in needed else ())
 
     def check(self, program: Program, ctx: PassContext) -> None:
         layers = find_moe_layers(program, self.name)
         check_sliceable_experts(program, layers, self.name)
         for layer in layers.values():
-            _check_target(layer, self.num_experts, self.name)
+            _check_target(layer, self.target(layer), self.name)
             r = layer.routing
-            kept_slots = r.slots if r.expert_map is None else 1
-            if kept_slots > self.num_experts:
+            kept_slots = self._min_keep(layer)
+            if kept_slots > self.target(layer):
                 raise PassError(f"prune: layer {layer.name!r} routes every token to {kept_slots} experts; keep at "
                                 f"least that many (num_experts >= {kept_slots})")
             if layer.stacked and r.expert_map is not None:
                 raise PassError(f"prune: layer {layer.name!r} is stacked under scan and already merged "
                                 "(expert_map); pruning merged experts differently per layer needs a per-layer "
                                 "expert_map. Prune before merging, or unroll the layers (scan_layers=False)")
-            needed = {"frequency": (), "mass": ("mass",), "reconstruction": ("inputs",)}[self.method]
-            layer_profile(program, layer, self.name, needed)
+            if layer.stacked and self.budget == "global":
+                raise PassError(f"prune: budget=global gives layers different expert counts, but layer "
+                                f"{layer.name!r} is stacked under scan (one count for all); use budget=uniform "
+                                "or unroll the layers (scan_layers=False)")
+            layer_profile(program, layer, self.name, self._needed())
 
-    def plan(self, program: Program, layer: MoELayer) -> tuple[list[list[int]], list[float | None]]:
-        """Kept expert ids per stack row (sorted) and, for ``reconstruction``, the relative error."""
-        entry = layer_profile(program, layer, self.name, ())
-        keeps, errors = [], []
-        for s in range(layer.stack_size(program)):
-            if self.method == "reconstruction":
-                x = np.asarray(entry.inputs[s], np.float32)
-                keep, err = prune_plan_reconstruction(program, layer, s, x, self.num_experts, self.exhaustive_limit)
-            else:
-                score = np.asarray((entry.counts if self.method == "frequency" else entry.mass)[s], np.float64)
-                keep, err = list(np.argsort(-score, kind="stable")[:self.num_experts]), None
-            keeps.append(sorted(int(k) for k in keep))
-            errors.append(err)
-        return keeps, errors
+    def ranking(self, program: Program, layer: MoELayer, s: int) -> tuple[list[int], float | None]:
+        """Experts of stack row ``s`` best first, and (``naee``) the relative error of keeping the target count."""
+        entry = layer_profile(program, layer, self.name, self._needed())
+        if self.method in ("naee", "reconstruction"):
+            x = np.asarray(entry.inputs[s], np.float32)
+            keep, err = prune_plan_reconstruction(program, layer, s, x, self.target(layer), self.exhaustive_limit)
+            rest = [e for e in range(layer.num_experts) if e not in keep]
+            return list(keep) + rest, err  # (a global budget re-ranks the rest by removal error)
+        if self.method == "reap":
+            score = reap_saliency(program, layer, s, np.asarray(entry.inputs[s], np.float32))
+        else:
+            score = np.asarray((entry.counts if self.method == "frequency" else entry.mass)[s], np.float64)
+        return [int(e) for e in np.argsort(-score, kind="stable")], None
 
-    def _layer_plan(self, program: Program, layer: MoELayer) -> analysis.LayerPrune:
-        keeps, errors = self.plan(program, layer)
-        return analysis.LayerPrune(tuple(tuple(k) for k in keeps), tuple(errors))
+    def plans(self, program: Program, layers: Mapping[str, MoELayer]) -> dict[str, analysis.LayerPrune]:
+        """Kept experts per layer and stack row, under the chosen budget."""
+        ranked = {name: [self.ranking(program, layer, s) for s in range(layer.stack_size(program))]
+                  for name, layer in layers.items()}
+        counts = {name: self.target(layer) for name, layer in layers.items()}
+        if self.budget == "global":
+            entry = {n: layer_profile(program, l, self.name, ("inputs",)) for n, l in layers.items()}
+            curves = {n: removal_errors(program, l, 0, np.asarray(entry[n].inputs[0], np.float32),
+                                        ranked[n][0][0], self._min_keep(l)) for n, l in layers.items()}
+            counts = allocate_global(curves, sum(counts.values()), {n: self._min_keep(l) for n, l in layers.items()})
+        return {name: analysis.LayerPrune(tuple(tuple(sorted(order[:counts[name]])) for order, _ in rows),
+                                          tuple(err if counts[name] == self.target(layers[name]) else None
+                                                for _, err in rows))
+                for name, rows in ranked.items()}
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         layers = find_moe_layers(program, self.name)
         step = ctx.step(self)
         shared = ctx.analysis.get(analysis.PrunePlan, step)  # made by the first program of this optimize call
-        plans = {name: (shared.layers.get(name) if shared is not None else None)
-                 or self._layer_plan(program, layer) for name, layer in layers.items()}
-        plan = ctx.analysis.put(step, analysis.PrunePlan(self.method, self.num_experts, plans))
+        plans = dict(shared.layers) if shared is not None else self.plans(program, layers)
+        total = sum(len(plans[n].kept[0]) for n in layers)
+        plan = ctx.analysis.put(step, analysis.PrunePlan(self.method, total, plans))
         new_weights: dict[str, Any] = {}
         routings, counts, kept_note = {}, {}, {}
         for name, layer in layers.items():
             keeps, errors = [list(k) for k in plans[name].kept], list(plans[name].relative_error)
             rows = [(keep, _subset_routing(layer.routing, layer.num_router, keep)[0]) for keep in keeps]
             routings[name] = _subset_routing(layer.routing, layer.num_router, keeps[0])[1]
-            counts[name] = self.num_experts
+            counts[name] = len(keeps[0])
 
             def take(path, axis, use_cols, layer=layer, rows=rows):
                 def leaf(a):  # a structured (quantized) expert weight is cut leaf by leaf, each expert-major

@@ -1,24 +1,31 @@
-"""Train the bundled default model (models/default/) on the Python standard library's source.
+"""Train a bundled model on the Python standard library's source: one command per model.
 
-The shipped checkpoint was trained in two stages (a time limit cut the first one short
-on a heavily shared machine); models/default/TRAINING.md gives both commands, their
-wall times and losses. ``--report`` writes the full held-out evaluation.
+    python scripts/train_default.py                         # the default model (models/default/)
+    python scripts/train_default.py --preset fine-grained   # the fine-grained model (models/fine_grained/)
+    python scripts/train_default.py --preset fine-grained --report   # full held-out evaluation
 
-A Mixtral-style byte-level MoE decoder (moejax.models.MoEDecoder) is trained with
-optax AdamW (linear warm-up + cosine decay) on next-byte cross-entropy plus the
-Switch/Mixtral load-balancing loss (``E * sum_e f_e * P_e`` per layer) and a small
-router z-loss.
+Each preset is an architecture, a folder and the training stages that made the shipped
+checkpoint (``PRESETS``): the default model's two recorded stages (a time limit cut the
+first one short on a heavily shared machine; ``--stop-at`` replays that cut), the
+fine-grained model's single stage. Each folder's TRAINING.md gives the commands, wall
+times and losses. ``--report`` writes the full held-out evaluation (``eval_report.json``).
+
+A byte-level MoE decoder (moejax.models.MoEDecoder) is trained with optax AdamW
+(linear warm-up + cosine decay) on next-byte cross-entropy plus a load-balancing loss
+(``E * sum_e f_e * P_e`` per layer) and a small router z-loss; a preset with a
+selection-bias router (DeepSeek-V3's) also balances by moving that bias towards
+under-loaded experts every step (auxiliary-loss-free balancing).
 
 Training uses its own forward pass built from the model's submodules: the same
-attention, norms, router and expert weights, but the routed experts run as a
-capacity-style batched matmul (tokens gathered into ``[E, C, d]``), which XLA:CPU
-runs several times faster than the dialect's reference or ``ragged_dot`` paths.
-With ``capacity_factor = E / k`` no slot can overflow, so the held-out loss printed
-here is the exact loss of the dropless inference model (checked at the end against
-``MoEDecoder.__call__``).
+attention, norms, router (the model's own ``Routing``), shared and routed expert
+weights, but the routed experts run as a capacity-style batched matmul (tokens
+gathered into ``[E, C, d]``), which XLA:CPU runs several times faster than the
+dialect's reference or ``ragged_dot`` paths. With ``capacity_factor = E / k`` no slot
+can overflow, so the held-out loss printed here is the exact loss of the dropless
+inference model (checked at the end against ``MoEDecoder.__call__``).
 
-Writes models/default/{model.safetensors, config.json, heldout.txt, LICENSE-PSF.txt}
-and a progress log (``--log``).
+Writes OUT/{model.safetensors, config.json, train_log.txt} (the default model's folder
+also gets heldout.txt and LICENSE-PSF.txt, which both models are evaluated on).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -424,6 +432,7 @@ def report(out: Path, seq_len: int, batch: int = 16, max_bytes: int | None = Non
     check_load = evaluation.expert_load(model, heldout[:4097], seq_len=seq_len, batch=8)
     train = data.train_bytes(max_bytes=None if max_bytes is None else 20 * max_bytes)
     ngram = {o: evaluation.ngram_bits_per_byte(train, heldout, order=o) for o in (1, 2, 3)}
+    zlib_bpb = 8 * len(zlib.compress(heldout, 9)) / len(heldout)
     result = {
         "heldout_bytes": len(heldout), "scored_bytes": int(mask.sum()), "seq_len": seq_len,
         "bits_per_byte": bpb, "batches_recomputed_dropless": redone,
@@ -431,6 +440,7 @@ def report(out: Path, seq_len: int, batch: int = 16, max_bytes: int | None = Non
         "check_first_batch_bits_per_byte": {"this_script": first_batch_bpb, "moejax.evaluation": check},
         "check_first_4097_bytes_min_expert_load_percent": round(float(check_load.min()) * 100, 2),
         "ngram_kneser_ney_bits_per_byte": {f"order_{o}": v for o, v in ngram.items()},
+        "zlib_level9_bits_per_byte": zlib_bpb,
         "expert_load_percent": [[round(float(v) * 100, 2) for v in row] for row in load],
         "min_expert_load_percent_per_layer": [round(float(row.min()) * 100, 2) for row in load],
         "parameters": int(sum(np.prod(v.shape) for v in jax.tree_util.tree_leaves(params))),

@@ -165,11 +165,12 @@ def test_compression_quality_smoke(tmp_path):
     import compression_quality
 
     out = tmp_path / "compression_quality.json"
-    assert compression_quality.main(["--smoke", "--only", "prune", "--eval-bytes", "128", "--calib-bytes", "256",
+    assert compression_quality.main(["--smoke", "--only", "reap", "--eval-bytes", "128", "--calib-bytes", "256",
                                      "--seq-len", "32", "--batch", "2", "--no-plot", "--out", str(out)]) == 0
-    (prune,) = _load(out)["rows"]
-    assert prune["setting"] == "prune(6, frequency)" and not prune["exact"]  # a lossy row, labelled in full
-    assert prune["pipeline"] == compression_quality.PREFIX + ",prune(num_experts=6)"
+    base, prune = _load(out)["rows"]
+    assert base["setting"] == "baseline" and base["exact"]
+    assert prune["setting"] == "prune 75% reap" and not prune["exact"]  # a lossy row, labelled in full
+    assert prune["pipeline"] == compression_quality.PREFIX + ",prune(keep=0.75,method=reap)"
     assert prune["experts_kept"] == 6 and prune["bits_per_byte"] > 0
 
 

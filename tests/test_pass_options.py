@@ -73,13 +73,15 @@ def test_required_options_render_required(name):
     assert set(EXAMPLES.get(name, {})) >= required, f"{name}: give the required options an example in EXAMPLES"
 
 
-def test_prune_and_merge_need_num_experts():
+def test_prune_and_merge_need_a_count_or_a_fraction():
     for name in ("prune", "merge"):
-        (doc,) = [d for d in option_docs(PASSES[name]) if d.name == "num_experts"]
-        assert doc.required and doc.default == "required" and doc.type == "int"
-        assert "default required" in format_pass_help(PASSES[name])
-        with pytest.raises(PassError, match="num_experts"):
-            parse_pipeline(name)
+        docs = {d.name: d for d in option_docs(PASSES[name])}
+        assert {"num_experts", "keep"} <= set(docs) and docs["keep"].allowed.startswith("number in (0, 1]")
+        for spelling in (name, f"{name}(num_experts=4,keep=0.5)"):
+            with pytest.raises(PassError, match="exactly one of num_experts=N .* or keep=FRACTION"):
+                parse_pipeline(spelling)
+        with pytest.raises(PassError, match="keep must be a fraction"):
+            parse_pipeline(f"{name}(keep=1.5)")
 
 
 # --------------------------------------------------------------------------

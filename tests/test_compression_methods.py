@@ -1,0 +1,195 @@
+"""REAP pruning, global expert budgets, merging with a least-squares refit and router recalibration:
+known-answer cases on hand-made one- and two-layer MoE programs."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moejax
+from moejax import dialect
+from moejax.passes.merge import MergeExperts, refit_output_matrix
+from moejax.passes.prune import PruneExperts, allocate_global, find_moe_layers, reap_saliency
+from moejax.passes.recalibrate import RecalibrateRouter
+from moejax.pipeline import PassContext, PassError, PassManager
+
+D, F, E, T = 8, 12, 4, 64
+
+
+def _weights(rs, dead=(), dup_pairs=False):
+    p = {"router": rs.randn(D, E), "w_gate": rs.randn(E, D, F) / 3, "w_up": rs.randn(E, D, F) / 3,
+         "w_down": rs.randn(E, F, D) / 3}
+    for e in dead:  # inputs are >= 0, so a strongly negative router column is never selected
+        p["router"][:, e] = -5.0
+    if dup_pairs:
+        for k in ("w_gate", "w_up", "w_down"):
+            p[k][1], p[k][3] = p[k][0], p[k][2]
+    return p
+
+
+def _profile(x, router, routing):
+    """A routing-profile entry computed directly from route_reference (the keys the passes read)."""
+    w, ids = (np.asarray(a) for a in dialect.route_reference(x, jnp.asarray(router, jnp.float32), routing=routing))
+    n = routing.num_selected_experts(np.shape(router)[1])
+    counts = np.bincount(ids[ids >= 0], minlength=n).astype(np.float64)
+    mass = np.bincount(ids[ids >= 0], weights=w[ids >= 0], minlength=n)
+    return {"counts": counts[None], "frequency": (counts / counts.sum())[None], "mass": mass[None],
+            "inputs": np.asarray(x)[None], "tokens": x.shape[0], "mean_active": float((ids >= 0).sum() / x.shape[0])}
+
+
+def _profiled(layers: dict[str, dict], routing: dialect.Routing):
+    """MoE layers side by side on float tokens x [T, D] >= 0 (each sees x), with a routing profile."""
+    def fn(params, x):
+        return sum(dialect.sparse_moe(x, p["router"], (p["w_gate"], p["w_up"], p["w_down"]), routing=routing,
+                                      name=name) for name, p in params.items())
+
+    x = jnp.asarray(np.abs(np.random.RandomState(7).randn(T, D)), jnp.float32)
+    params = {n: {k: jnp.asarray(v, jnp.float32) for k, v in p.items()} for n, p in layers.items()}
+    program = moejax.trace(fn, x, params=params)
+    profile = {n: _profile(x, p["router"], routing) for n, p in layers.items()}
+    return program.replace(metadata={"routing_profile": profile}), x
+
+
+def _run(pipeline, program, x):
+    """Stages of ``pipeline`` on ``program`` (which carries its routing profile)."""
+    return PassManager(pipeline, check_exact=False).run(program, PassContext(example_args=(x,)))
+
+
+def _layer_out(program, x):
+    return np.asarray(program(x))
+
+
+# ---- REAP -------------------------------------------------------------------
+def test_reap_saliency_is_gate_weight_times_output_norm_over_routed_tokens():
+    rs = np.random.RandomState(0)
+    program, x = _profiled({"moe": _weights(rs, dead=(2,))}, dialect.Routing(k=2))
+    profiled = program
+    layer = find_moe_layers(profiled, "t")["moe"]
+    sal = reap_saliency(profiled, layer, 0, np.asarray(x))
+    w, ids = (np.asarray(a) for a in dialect.route_reference(x, profiled.weights[layer.router],
+                                                             routing=layer.routing))
+    mats = [np.asarray(profiled.weights[q]) for q in layer.experts]
+    expected = np.zeros(E)
+    for e in range(E):
+        rows = [(t, j) for t in range(T) for j in range(2) if ids[t, j] == e]
+        if rows:
+            out = [np.asarray(dialect.expert_ffn_math(jnp.asarray(x[t:t + 1]), [m[e] for m in mats], "swiglu"))[0]
+                   for t, _ in rows]
+            expected[e] = np.mean([w[t, j] * np.linalg.norm(o) for (t, j), o in zip(rows, out)])
+    np.testing.assert_allclose(sal, expected, rtol=1e-4)
+    assert sal[2] == 0.0  # the dead expert scores nothing ...
+    pruned = _run(["prune(num_experts=3,method=reap)"], program, x)[-1].program
+    assert "[0, 1, 3]" in pruned.metadata["notes"]["prune(num_experts=3,method=reap)"]
+    np.testing.assert_allclose(_layer_out(pruned, x), _layer_out(program, x), atol=1e-6)  # ... and goes for free
+
+
+def test_keep_fraction_equals_the_count_it_rounds_to():
+    rs = np.random.RandomState(1)
+    program, x = _profiled({"moe": _weights(rs)}, dialect.Routing(k=2))
+    by_fraction = _run(["prune(keep=0.75,method=reap)"], program, x)[-1].program
+    by_count = _run(["prune(num_experts=3,method=reap)"], program, x)[-1].program
+    np.testing.assert_array_equal(_layer_out(by_fraction, x), _layer_out(by_count, x))
+    with pytest.raises(PassError, match="routes every token to 2 experts"):
+        _run(["prune(num_experts=1)"], program, x)
+
+
+# ---- global budget -------------------------------------------------------------
+def test_global_budget_takes_dead_experts_first_and_keeps_the_total():
+    rs = np.random.RandomState(2)
+    routing = dialect.Routing(k=1)
+    program, x = _profiled({"a": _weights(rs, dead=(1, 2)), "b": _weights(rs)}, routing)
+    stages = _run(["prune(keep=0.75,method=reap,budget=global)"], program, x)
+    note = stages[-1].program.metadata["notes"]["prune(keep=0.75,method=reap,budget=global)"]
+    # 6 of 8 experts stay: layer a loses its two dead experts (no output change), layer b keeps all 4
+    assert "'a': [0, 3]" in note and "'b': [0, 1, 2, 3]" in note
+    np.testing.assert_allclose(_layer_out(stages[-1].program, x), _layer_out(program, x), atol=1e-6)
+    uniform = _run(["prune(keep=0.75,method=reap)"], program, x)[-1].program
+    assert np.abs(_layer_out(uniform, x) - _layer_out(program, x)).max() > 1e-3  # layer b lost a live expert
+
+
+def test_allocate_global_follows_the_cheapest_removals_and_refuses_impossible_budgets():
+    curves = {"a": np.array([np.nan, 9.0, 1.0, 0.5, 0.0]), "b": np.array([np.nan, 5.0, 4.0, 0.1, 0.0])}
+    assert allocate_global(curves, 6, {"a": 1, "b": 1}) == {"a": 3, "b": 3}  # 0.5 and 0.1 go first
+    assert allocate_global(curves, 4, {"a": 1, "b": 1}) == {"a": 2, "b": 2}  # then a's 0.5 (vs b's 3.9)
+    with pytest.raises(PassError, match="global budget of 1 experts is below"):
+        allocate_global(curves, 1, {"a": 1, "b": 1})
+
+
+def test_global_budget_refuses_scanned_layers():
+    from moejax.models import MoEDecoder, tiny_mixtral
+    from flax import nnx
+
+    model = MoEDecoder(tiny_mixtral(scan_layers=True), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(PassError, match="budget=global gives layers different expert counts"):
+        moejax.optimize(model, (tokens,), "profile,prune(keep=0.5,budget=global)", calibration=[tokens],
+                        check_exact=False)
+
+
+# ---- merge with refit -------------------------------------------------------
+def test_refit_recovers_a_planted_output_matrix_exactly():
+    rs = np.random.RandomState(3)
+    x = rs.randn(200, D)
+    merged = [rs.randn(D, F), rs.randn(D, F), np.zeros((F, D))]  # averaged output matrix: wrong on purpose
+    planted = rs.randn(F, D)
+    h = np.asarray(dialect.activation_fn("swiglu")(jnp.asarray(x @ merged[0]), jnp.asarray(x @ merged[1])))
+    gates = np.abs(rs.randn(200, 2)) * (rs.rand(200, 2) > 0.3)
+    # both members' outputs are the merged hidden state times the planted matrix
+    outputs = np.stack([h @ planted, h @ planted])
+    fitted = refit_output_matrix(x, gates, outputs, merged, "swiglu", ridge=1e-9)
+    np.testing.assert_allclose(fitted, planted, atol=1e-4)
+
+
+def test_duplicated_experts_merge_exactly_with_and_without_refit():
+    rs = np.random.RandomState(4)
+    program, x = _profiled({"moe": _weights(rs, dup_pairs=True)}, dialect.Routing(k=2))
+    ref = _layer_out(program, x)
+    for spec in ("merge(num_experts=2)", "merge(num_experts=2,refit=true)", "merge(keep=0.5,refit=true)"):
+        merged = _run([spec], program, x)[-1].program
+        np.testing.assert_allclose(_layer_out(merged, x), ref, atol=2e-5, err_msg=spec)
+
+
+def test_refit_beats_averaging_on_the_calibration_tokens():
+    rs = np.random.RandomState(5)
+    program, x = _profiled({"moe": _weights(rs)}, dialect.Routing(k=2))
+    ref = _layer_out(program, x)
+    err = {}
+    for refit in (False, True):
+        merged = _run([f"merge(num_experts=2,refit={str(refit).lower()})"], program, x)[-1].program
+        err[refit] = float(np.sum((_layer_out(merged, x) - ref) ** 2))
+    assert err[True] < 0.8 * err[False], err
+
+
+# ---- router recalibration --------------------------------------------------------
+def test_recalibration_repairs_a_damaged_router_and_leaves_a_perfect_one():
+    rs = np.random.RandomState(6)
+    weights = _weights(rs)
+    program, x = _profiled({"moe": weights}, dialect.Routing(k=2))
+    source = program
+    layer = find_moe_layers(source, "t")["moe"]
+    damaged = source.rewrite(weights={layer.router: source.weights[layer.router]
+                                      + 0.8 * jnp.asarray(rs.randn(D, E), jnp.float32)})
+    ctx = PassContext(example_args=(x,))
+    ctx.analysis.keep_source(source)
+    fixed = RecalibrateRouter(steps=300, lr=0.02).run(damaged, ctx)
+    before = float(np.sum((_layer_out(damaged, x) - _layer_out(source, x)) ** 2))
+    after = float(np.sum((_layer_out(fixed, x) - _layer_out(source, x)) ** 2))
+    assert after < 0.5 * before, (before, after)
+    # Nothing to repair: the router stays as it is (the held-out error cannot improve on 0).
+    ctx2 = PassContext(example_args=(x,))
+    ctx2.analysis.keep_source(source)
+    same = RecalibrateRouter(steps=20).run(source, ctx2)
+    np.testing.assert_array_equal(np.asarray(same.weights[layer.router]), np.asarray(source.weights[layer.router]))
+
+
+def test_recalibration_needs_a_source_and_refuses_input_weighted_routing():
+    rs = np.random.RandomState(7)
+    program, x = _profiled({"moe": _weights(rs)}, dialect.Routing(k=2))
+    profiled = program
+    with pytest.raises(PassError, match="no source program"):
+        RecalibrateRouter().check(profiled, PassContext(example_args=(x,)))
+    llama = _profiled({"moe": _weights(rs)}, dialect.Routing(k=1, score="sigmoid", weight_on="input"))[0]
+    with pytest.raises(PassError, match="input-weighted"):
+        _run(["recalibrate-router"], llama, x)
+    with pytest.raises(PassError, match="applies routing weights to the expert input"):
+        _run(["merge(num_experts=2)"], llama, x)
