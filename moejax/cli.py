@@ -534,6 +534,45 @@ def cmd_export_hf(args) -> int:
 # --------------------------------------------------------------------------
 # passes / inspect
 # --------------------------------------------------------------------------
+def cmd_tune(args) -> int:
+    from moejax import data, models
+    from moejax.tune import plot_front, tune
+
+    check_model(args.model)
+    if not 0 < args.max_loss < 100:
+        raise CLIError(f"--max-loss must be a percentage in (0, 100), got {args.max_loss:g}")
+    eval_text, calib_text = _read_text(args.eval_text, "--eval-text"), _read_text(args.calib_text, "--calib-text")
+    with _progress(args) as progress:
+        progress.start(f"loading model {args.model!r}")
+        model = load_model(args.model, None)
+        byte_level = models.is_byte_level(model)
+        tokenizer = None if byte_level else _tokenizer(args.model)
+        if not byte_level and tokenizer is None:
+            raise CLIError(f"{args.model!r} has no tokenizer.json and is not byte-level: tune measures quality on "
+                           "text; add the checkpoint's tokenizer.json")
+        vocab = model.config.vocab_size
+        text = eval_text if eval_text is not None else data.heldout_bytes()
+        tokens = _token_ids(text, tokenizer) % vocab
+        calibration = None
+        if calib_text is not None:
+            cal = _token_ids(calib_text, tokenizer) % vocab
+            n = args.batch * args.seq_len
+            calibration = [cal[i:i + n].reshape(args.batch, args.seq_len) for i in range(0, len(cal) - n + 1, n)][:8]
+            if not calibration:
+                raise CLIError(f"--calib-text holds fewer than {n} tokens (batch x seq-len); give more text")
+        result = tune(model, tokens, target=args.target, max_loss=args.max_loss / 100, calibration=calibration,
+                      seq_len=args.seq_len, batch=args.batch, progress=progress.log)
+    print(result.table())
+    print(result.summary())
+    if args.plot:
+        try:
+            plot_front(result, args.plot)
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("note: no plot written (needs matplotlib: pip install matplotlib)")
+    return 0
+
+
 def cmd_passes(args) -> int:
     import moejax
     from moejax.pass_options import format_pass_help
@@ -701,6 +740,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written float tensors (default: as loaded)")
     x.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     x.set_defaults(func=cmd_export_hf)
+
+    t = sub.add_parser("tune", help="search pass settings for the smallest model within a quality budget",
+                       description="Search pruning, quantization (uniform and mixed) and gating settings with "
+                                   "measured evaluations: a cheap proxy (a few windows) for every candidate, the "
+                                   "full text for the Pareto front; print the front and the cheapest pipeline "
+                                   "within --max-loss, and plot the front.")
+    t.add_argument("--model", default="default", help="'default', 'fine-grained' or a checkpoint folder")
+    t.add_argument("--max-loss", type=float, default=1.0,
+                   help="largest bits-per-byte increase over the float model, in percent (default 1)")
+    t.add_argument("--target", choices=("expert-bytes", "active-flops"), default="expert-bytes",
+                   help="what to minimise (default expert-bytes)")
+    t.add_argument("--eval-text", default=None, help="text to measure quality on (default: the held-out text)")
+    t.add_argument("--calib-text", default=None, help="text to profile routing on (default: the training text)")
+    t.add_argument("--batch", type=positive, default=8)
+    t.add_argument("--seq-len", type=positive, default=256)
+    t.add_argument("--plot", default="tune_pareto.png", help="PNG of the Pareto front ('' for none)")
+    t.add_argument("--quiet", action="store_true", help="no progress display on stderr")
+    t.set_defaults(func=cmd_tune)
 
     ps = sub.add_parser("passes", help="list the passes with every option's type, default and range")
     ps.add_argument("name", nargs="?", default=None, help="show only this pass")
