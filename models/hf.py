@@ -627,9 +627,7 @@ def _gpt_oss_rules(cfg: MoEConfig, mxfp4: bool) -> list[Rule]:
     r: list[Rule] = [Rule("embed_tokens/embedding", ("model.embed_tokens.weight",), "copy")]
     for i in range(cfg.n_layers):
         p, m = f"model.layers.{i}", f"layers/{i}/mlp/experts"
-        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
-        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
-        r += _attention_rules(cfg, i, p)
+        r += _layer_rules(cfg, i, p)
         r.append(Rule(f"layers/{i}/self_attn/sinks", (f"{p}.self_attn.sinks",), "copy"))
         _linear(r, f"layers/{i}/mlp/gate", f"{p}.mlp.router", bias=True)
         x = f"{p}.mlp.experts"
@@ -816,6 +814,14 @@ def _attention_rules(cfg: MoEConfig, i: int, p: str) -> list[Rule]:
     return r
 
 
+def _layer_rules(cfg: MoEConfig, i: int, p: str) -> list[Rule]:
+    """Decoder layer ``i``'s two norms and its attention (Llama naming, prefix ``p``)."""
+    r: list[Rule] = []
+    _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
+    _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
+    return r + _attention_rules(cfg, i, p)
+
+
 def _ffn_rules(r: list[Rule], dst: str, src: str, names=("gate_proj", "up_proj", "down_proj")) -> None:
     for ours, theirs in zip(("gate_proj", "up_proj", "down_proj"), names):
         _linear(r, f"{dst}/{ours}", f"{src}.{theirs}")
@@ -904,9 +910,7 @@ def _llama4_rules(cfg: MoEConfig, prefix: str) -> list[Rule]:
     r: list[Rule] = [Rule("embed_tokens/embedding", (f"{prefix}model.embed_tokens.weight",), "copy")]
     for i in range(cfg.n_layers):
         p, m = f"{prefix}model.layers.{i}", f"layers/{i}/mlp"
-        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
-        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
-        r += _attention_rules(cfg, i, p)
+        r += _layer_rules(cfg, i, p)
         s = f"{p}.feed_forward"
         if cfg.is_dense(i):
             _ffn_rules(r, m, s)
@@ -934,9 +938,7 @@ def _granitemoe_rules(cfg: MoEConfig) -> list[Rule]:
     r: list[Rule] = [Rule("embed_tokens/embedding", ("model.embed_tokens.weight",), "copy")]
     for i in range(cfg.n_layers):
         p, m = f"model.layers.{i}", f"layers/{i}/mlp"
-        _norm(r, f"layers/{i}/input_layernorm", f"{p}.input_layernorm")
-        _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.post_attention_layernorm")
-        r += _attention_rules(cfg, i, p)
+        r += _layer_rules(cfg, i, p)
         s = f"{p}.block_sparse_moe"
         _linear(r, f"{m}/gate", f"{s}.router.layer")
         gate_up, fused = (f"{s}.input_linear.weight",), (e, 2 * f, d)

@@ -12,6 +12,7 @@ from moejax.passes.merge import MergeExperts, refit_output_matrix
 from moejax.passes.prune import PruneExperts, allocate_global, find_moe_layers, reap_saliency
 from moejax.passes.recalibrate import RecalibrateRouter
 from moejax.pipeline import PassContext, PassError, PassManager
+from profile_util import hand_profile
 
 D, F, E, T = 8, 12, 4, 64
 
@@ -27,16 +28,6 @@ def _weights(rs, dead=(), dup_pairs=False):
     return p
 
 
-def _profile(x, router, routing):
-    """A routing-profile entry computed directly from route_reference (the keys the passes read)."""
-    w, ids = (np.asarray(a) for a in dialect.route_reference(x, jnp.asarray(router, jnp.float32), routing=routing))
-    n = routing.num_selected_experts(np.shape(router)[1])
-    counts = np.bincount(ids[ids >= 0], minlength=n).astype(np.float64)
-    mass = np.bincount(ids[ids >= 0], weights=w[ids >= 0], minlength=n)
-    return {"counts": counts[None], "frequency": (counts / counts.sum())[None], "mass": mass[None],
-            "inputs": np.asarray(x)[None], "tokens": x.shape[0], "mean_active": float((ids >= 0).sum() / x.shape[0])}
-
-
 def _profiled(layers: dict[str, dict], routing: dialect.Routing):
     """MoE layers side by side on float tokens x [T, D] >= 0 (each sees x), with a routing profile."""
     def fn(params, x):
@@ -46,7 +37,7 @@ def _profiled(layers: dict[str, dict], routing: dialect.Routing):
     x = jnp.asarray(np.abs(np.random.RandomState(7).randn(T, D)), jnp.float32)
     params = {n: {k: jnp.asarray(v, jnp.float32) for k, v in p.items()} for n, p in layers.items()}
     program = moejax.trace(fn, x, params=params)
-    profile = {n: _profile(x, p["router"], routing) for n, p in layers.items()}
+    profile = {n: hand_profile(x, p["router"], routing) for n, p in layers.items()}
     return program.replace(metadata={"routing_profile": profile}), x
 
 

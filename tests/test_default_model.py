@@ -94,3 +94,18 @@ def test_config_mismatch_and_unknown_fields_raise(ckpt_copy):
     (ckpt_copy / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(ckpt_copy)
+
+
+def test_fine_grained_model_is_deepseek_style_and_beats_the_default_model(model):
+    from moejax.models import FINE_GRAINED_MODEL_DIR, load_bundled_model
+
+    fine = load_bundled_model("fine-grained")
+    cfg = fine.config
+    assert (cfg.n_experts >= 32, cfg.routing.k >= 4, cfg.n_shared_experts, cfg.routing.score, cfg.selection_bias) \
+        == (True, True, 1, "sigmoid", True)
+    assert (FINE_GRAINED_MODEL_DIR / "model.safetensors").stat().st_size < 25 * 2**20
+    held = data.heldout_bytes(SLICE)
+    fine_bpb = evaluation.bits_per_byte(fine, held, seq_len=256, batch=8)
+    assert fine_bpb < evaluation.bits_per_byte(model, held, seq_len=256, batch=8) - 0.05
+    load = evaluation.expert_load(fine, held, seq_len=256, batch=8)
+    assert load.shape == (cfg.n_layers, cfg.n_experts) and load.min() > 0.002, np.round(load * 100, 2)

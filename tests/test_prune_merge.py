@@ -18,6 +18,7 @@ from moejax.passes.merge import (MergeExperts, align_hidden_units, average_linka
 from moejax.passes.profile import ProfileRouting
 from moejax.passes.prune import PruneExperts, find_moe_layers
 from moejax.pipeline import PassContext, PassError, PassManager
+from profile_util import hand_profile
 
 D, F, E, T = 8, 12, 4, 48
 ROUTING = dialect.Routing(k=2)
@@ -32,17 +33,7 @@ def _moe_program(params, routing=ROUTING, positive=True):
     x = np.random.RandomState(7).randn(T, D)
     x = jnp.asarray(np.abs(x) if positive else x, jnp.float32)
     program = moejax.trace(fn, x, params={k: jnp.asarray(v, jnp.float32) for k, v in params.items()})
-    return program.replace(metadata={"routing_profile": {"moe": _profile(x, params["router"], routing)}}), x
-
-
-def _profile(x, router, routing):
-    """The routing-profile entry (spec keys the passes use) computed directly from route_reference."""
-    w, ids = (np.asarray(a) for a in dialect.route_reference(x, jnp.asarray(router, jnp.float32), routing=routing))
-    n = routing.num_selected_experts(np.shape(router)[1])
-    counts = np.bincount(ids[ids >= 0], minlength=n).astype(np.float64)
-    mass = np.bincount(ids[ids >= 0], weights=w[ids >= 0], minlength=n)
-    return {"counts": counts[None], "frequency": (counts / counts.sum())[None], "mass": mass[None],
-            "inputs": np.asarray(x)[None], "tokens": x.shape[0], "mean_active": float((ids >= 0).sum() / x.shape[0])}
+    return program.replace(metadata={"routing_profile": {"moe": hand_profile(x, params["router"], routing)}}), x
 
 
 def _weights(seed=0, dup_pairs=False, dead_expert=None):
@@ -179,7 +170,7 @@ def test_reconstruction_pruning_matches_brute_force_on_a_dialect_free_reference(
 def test_prune_after_merge_remaps_router_columns():
     program, x = _moe_program(_weights(dup_pairs=True))
     merged = MergeExperts(num_experts=2, similarity="weight").run(program, _ctx(x))
-    merged = merged.replace(metadata={"routing_profile": {"moe": _profile(x, merged.weights["router"],
+    merged = merged.replace(metadata={"routing_profile": {"moe": hand_profile(x, merged.weights["router"],
                                                                           _routing_of(merged))}})
     assert merged.metadata["routing_profile"]["moe"]["counts"].shape == (1, 2)
     pruned = PruneExperts(num_experts=1, method="mass").run(merged, _ctx(x))
