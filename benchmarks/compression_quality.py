@@ -70,8 +70,8 @@ SETTINGS: dict[str, str] = {
     "prune 50% reap global": "prune(keep=0.5,method=reap,budget=global)",
     "merge 50% refit": "merge(keep=0.5,refit=true)",
     "quantize 4 bits g64": "quantize(bits=4,group_size=64)",
-    "quantize 3 bits": "quantize(bits=3)",
-    "quantize mixed <= 3 bits": "quantize(bits=3,mixed=true)",
+    "quantize 3 bits": "quantize(bits=3,group_size=64)",
+    "quantize mixed <= 3 bits": "quantize(bits=3,mixed=true,group_size=64)",
 }
 SMOKE_SETTINGS = ("baseline", "gating(top_p=0.5)", "merge 75% refit", "prune 75% reap")
 

@@ -36,8 +36,9 @@ TARGETS = {"expert-bytes": "expert_bytes", "active-flops": "active_expert_flops_
 PREFIX = ("select-impl(layout=stacked)", "profile")
 
 _PRUNE = ("", "prune(keep=0.875,method=reap,budget=global)", "prune(keep=0.75,method=reap,budget=global)")
-_QUANT = ("", "quantize(bits=8)", "quantize(bits=4,group_size=64)", "quantize(bits=4,mixed=true)",
-          "quantize(bits=3,mixed=true)", "quantize(bits=3)", "quantize(bits=2.5,mixed=true)")
+_QUANT = ("", "quantize(bits=8)", "quantize(bits=4,group_size=64)", "quantize(bits=4,mixed=true,group_size=64)",
+          "quantize(bits=3,mixed=true,group_size=64)", "quantize(bits=3,group_size=64)",
+          "quantize(bits=2.5,mixed=true,group_size=64)")
 _GATING = ("", "gating(top_p=0.8)", "gating(top_p=0.7)", "gating(top_p=0.6)", "gating(top_p=0.5)")
 
 
@@ -143,7 +144,7 @@ def tune(model: Any, eval_tokens: np.ndarray, *, target: str = "expert-bytes", m
     """
     import moejax
     from moejax import stats
-    from moejax.pipeline import PassContext, PassManager, parse_pipeline
+    from moejax.pipeline import PassContext, PassError, PassManager, parse_pipeline
 
     if target not in TARGETS:
         raise ValueError(f"tune: target must be one of {sorted(TARGETS)}, got {target!r}")
@@ -155,21 +156,24 @@ def tune(model: Any, eval_tokens: np.ndarray, *, target: str = "expert-bytes", m
     proxy = _windows(tokens, proxy_windows, seq_len)
     full = _windows(tokens, eval_windows, seq_len)
     program = moejax.trace(model, jnp.zeros((batch, seq_len), jnp.int32))
+    def context() -> PassContext:
+        return PassContext(calibration=list(calibration) if calibration is not None else None)
+
     say("profiling routing")
-    profiled = PassManager(list(PREFIX), check_exact=False).run(
-        program, PassContext(calibration=list(calibration) if calibration is not None else None))[-1].program
+    profiled = PassManager(list(PREFIX), check_exact=False).run(program, context())[-1].program
     base_cost = stats.program_stats(profiled)[key]
     base_proxy, base_full = _bits_per_token(profiled, proxy, batch), _bits_per_token(profiled, full, batch)
     measured, programs = [], {}
     space = list(candidates) if candidates is not None else search_space(target)
     for i, spec in enumerate(space, 1):
         say(f"candidate {i}/{len(space)}: {spec or '(float)'}")
+        prog = profiled
         if spec:
-            stages = PassManager(parse_pipeline(spec), check_exact=False).run(
-                profiled, PassContext(calibration=list(calibration) if calibration is not None else None))
-            prog = stages[-1].program
-        else:
-            prog = profiled
+            try:
+                prog = PassManager(parse_pipeline(spec), check_exact=False).run(profiled, context())[-1].program
+            except PassError as e:  # a setting this model cannot take (e.g. a group size its widths do not allow)
+                say(f"skipped {spec}: {e}")
+                continue
         programs[spec] = prog
         measured.append(Candidate(spec, float(stats.program_stats(prog)[key]), _bits_per_token(prog, proxy, batch)))
     front = pareto_front(measured)

@@ -49,7 +49,8 @@ from moejax.passes.gating import PROFILE_KEY, refresh_profile
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
-__all__ = ["PruneExperts", "MoELayer", "reap_saliency", "removal_errors", "allocate_global", "find_moe_layers", "check_float_experts", "check_sliceable_experts",
+__all__ = ["PruneExperts", "MoELayer", "reap_saliency", "removal_errors", "allocate_global", "find_moe_layers",
+           "check_float_experts", "check_sliceable_experts",
            "expert_outputs",
            "layer_output", "prune_plan_reconstruction", "apply_expert_rewrite", "layer_profile"]
 
@@ -326,11 +327,12 @@ def reap_saliency(program: Program, layer: MoELayer, s: int, x: np.ndarray) -> n
 
 def removal_errors(program: Program, layer: MoELayer, s: int, x: np.ndarray, order: Sequence[int],
                    smallest: int) -> np.ndarray:
-    """Mean squared change of the layer output per token when keeping the first ``k`` of ``order``.
+    """Relative squared change of the layer output when keeping the first ``k`` of ``order``.
 
     Returns ``err [E + 1]`` with ``err[k]`` for ``k`` from ``smallest`` to E (NaN below):
-    how much a layer's output moves as it loses experts, comparable across layers
-    (absolute, per token), which is what a global budget trades.
+    how much a layer's output moves as it loses experts, relative to the output itself
+    so that layers compare (deeper layers write larger vectors into the residual
+    stream; an absolute error would send every removal to the early layers).
     """
     router = _row(program, layer.router, layer, s)
     bias = _row(program, layer.bias, layer, s) if layer.bias else None
@@ -342,7 +344,7 @@ def removal_errors(program: Program, layer: MoELayer, s: int, x: np.ndarray, ord
         keep = sorted(order[:k])
         cols, routing = _subset_routing(layer.routing, layer.num_router, keep)
         y = layer_output(x, router[:, cols], None if bias is None else bias[cols], routing, outs[keep])
-        err[k] = float(np.sum((y - full) ** 2)) / x.shape[0]
+        err[k] = float(np.sum((y - full) ** 2)) / max(float(np.sum(full ** 2)), 1e-30)
     return err
 
 

@@ -215,7 +215,8 @@ def test_grad_of_program_keeps_ops_and_matches_inlined_program(tiny_model, token
     want = jax.jit(jax.grad(loss(plain)))(program.weight_leaves)
     assert len(got) == len(want)
     for path, g, w in zip(program.weight_leaf_paths(), got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=path)
+        # summation-order noise scales with the tensor's largest entries (embedding gradients reach ~1e2)
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 + 1e-6 * float(np.abs(w).max()), err_msg=path)
     assert any("experts" in p and float(jnp.abs(g).max()) > 0 for p, g in zip(program.weight_leaf_paths(), got))
 
 
