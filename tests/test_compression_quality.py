@@ -30,7 +30,6 @@ BOUNDS = {
         "quantize(bits=3,mixed=true,group_size=64)": [0.05],
     },
     "fine-grained": {
-        "gating(top_p=0.6)": [0.03],
         "prune(keep=0.75,method=reap)": [0.12],
     },
 }
