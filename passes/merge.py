@@ -38,13 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import analysis, dialect
-from moejax.passes.prune import (MoELayer, _check_target, _route_jit, _with_profile, apply_expert_rewrite,
+from moejax.passes.prune import (MoELayer, _check_target, _with_profile, layer_gates, apply_expert_rewrite,
                                  check_float_experts, expert_outputs, find_moe_layers, layer_profile)
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
 __all__ = ["MergeExperts", "average_linkage", "cosine_distances", "merge_weights", "merge_expert_weights",
-           "align_hidden_units", "refit_output_matrix", "gate_matrix"]
+           "align_hidden_units", "refit_output_matrix"]
 
 SIMILARITIES = ("output", "router", "weight")
 
@@ -202,21 +202,6 @@ def refit_output_matrix(x: np.ndarray, gates: np.ndarray, member_outputs: np.nda
     return (w_avg + delta).astype(np.asarray(merged[-1]).dtype)
 
 
-def gate_matrix(program: Program, layer: MoELayer, s: int, x: np.ndarray) -> np.ndarray:
-    """Gate weight of every (token, current expert) pair on ``x [n, d]``: ``[n, E]`` (0 where not picked)."""
-    router = np.asarray(program.weights[layer.router][s] if layer.stacked else program.weights[layer.router])
-    bias = None
-    if layer.bias:
-        bias = np.asarray(program.weights[layer.bias][s] if layer.stacked else program.weights[layer.bias])
-    args = (x, router) if bias is None else (x, router, bias)
-    w, ids = (np.asarray(a) for a in _route_jit(*args, routing=layer.routing))
-    dense = np.zeros((x.shape[0], layer.num_experts), np.float64)
-    rows = np.repeat(np.arange(x.shape[0]), ids.shape[1])
-    ok = ids.reshape(-1) >= 0
-    np.add.at(dense, (rows[ok], ids.reshape(-1)[ok]), w.reshape(-1)[ok])
-    return dense
-
-
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class MergeExperts(Pass):
@@ -295,10 +280,9 @@ class MergeExperts(Pass):
                 raise PassError(f"merge: layer {layer.name!r} is stacked under scan and already merged; merging it "
                                 "again needs a per-layer expert_map. Merge once to the final count, or unroll the "
                                 "layers (scan_layers=False)")
-            if layer.routing.weight_on == "input":
-                raise PassError(f"merge: layer {layer.name!r} applies routing weights to the expert input "
-                                "(Llama 4); merged experts would see differently scaled tokens than their "
-                                "members. Use prune on this model")
+            if self.refit and layer.routing.weight_on == "input":
+                raise PassError(f"merge: refit=true fits on unscaled calibration tokens, but layer {layer.name!r} "
+                                "applies routing weights to the expert input (Llama 4); use merge(refit=false) there")
             if self.refit and len(layer.experts) != (3 if dialect.is_gated(layer.activation) else 2):
                 raise PassError(f"merge: refit=true fits an expert's matrices, but layer {layer.name!r} has expert "
                                 "biases too (gpt-oss); use merge(refit=false) there")
@@ -380,7 +364,7 @@ class MergeExperts(Pass):
                merged: list[np.ndarray]) -> list[np.ndarray]:
         """``merged`` (one stack row, clusters in order) with every cluster's output matrix refitted."""
         x = np.asarray(layer_profile(program, layer, self.name, ("inputs",)).inputs[s], np.float32)
-        gates = gate_matrix(program, layer, s, x)
+        gates, _ = layer_gates(program, layer, s, x)
         outputs = expert_outputs(program, layer, s, x)  # [E, n, d]: the experts being replaced
         out = np.array(merged[-1])
         for j, members in enumerate(clusters):

@@ -52,7 +52,7 @@ from moejax.program import Program
 __all__ = ["PruneExperts", "MoELayer", "reap_saliency", "removal_errors", "allocate_global", "find_moe_layers",
            "check_float_experts", "check_sliceable_experts",
            "expert_outputs",
-           "layer_output", "prune_plan_reconstruction", "apply_expert_rewrite", "layer_profile"]
+           "layer_output", "dense_gates", "layer_gates", "prune_plan_reconstruction", "apply_expert_rewrite", "layer_profile"]
 
 
 # --------------------------------------------------------------------------
@@ -206,17 +206,33 @@ def expert_outputs(program: Program, layer: MoELayer, s: int, x: np.ndarray) -> 
 _route_jit = jax.jit(dialect.route_reference, static_argnames=("routing", "name", "impl"))
 
 
+def dense_gates(x: np.ndarray, router: np.ndarray, bias: np.ndarray | None, routing: dialect.Routing,
+                num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Route ``x [n, d]``: the gate weight of every (token, expert) pair ``[n, E]`` (0 where not picked) and
+    the ``[n, E]`` mask of the pairs that were picked."""
+    args = (x, router) if bias is None else (x, router, bias)
+    w, ids = (np.asarray(a) for a in _route_jit(*args, routing=routing))
+    gates = np.zeros((x.shape[0], num_experts), np.float64)
+    picked = np.zeros((x.shape[0], num_experts), bool)
+    rows, flat = np.repeat(np.arange(x.shape[0]), ids.shape[1]), ids.reshape(-1)
+    ok = flat >= 0
+    np.add.at(gates, (rows[ok], flat[ok]), w.reshape(-1)[ok])
+    picked[rows[ok], flat[ok]] = True
+    return gates, picked
+
+
+def layer_gates(program: Program, layer: MoELayer, s: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`dense_gates` of stack row ``s`` of ``layer`` with the program's router weights."""
+    router = _row(program, layer.router, layer, s)
+    bias = _row(program, layer.bias, layer, s) if layer.bias else None
+    return dense_gates(x, router, bias, layer.routing, layer.num_experts)
+
+
 def layer_output(x: np.ndarray, router: np.ndarray, bias: np.ndarray | None, routing: dialect.Routing,
                  outputs: np.ndarray) -> np.ndarray:
     """MoE output ``[n, d]`` from routing ``x`` and per-expert outputs ``[E, n, d]``."""
-    args = (x, router) if bias is None else (x, router, bias)
-    w, ids = (np.asarray(a) for a in _route_jit(*args, routing=routing))
-    n, e = x.shape[0], outputs.shape[0]
-    dense = np.zeros((n, e), np.float32)
-    rows = np.repeat(np.arange(n), ids.shape[1])
-    ok = ids.reshape(-1) >= 0
-    np.add.at(dense, (rows[ok], ids.reshape(-1)[ok]), w.reshape(-1)[ok])
-    return np.einsum("ne,end->nd", dense, outputs)
+    gates, _ = dense_gates(x, router, bias, routing, outputs.shape[0])
+    return np.einsum("ne,end->nd", gates.astype(np.float32), outputs)
 
 
 def _subset_routing(routing: dialect.Routing, num_router: int, keep: Sequence[int]) -> tuple[list[int], dialect.Routing]:
@@ -311,18 +327,10 @@ def reap_saliency(program: Program, layer: MoELayer, s: int, x: np.ndarray) -> n
     ``x [n, d]`` are the layer's input tokens (the profile's sample). An expert no
     sampled token routes to scores 0: it is the first to go.
     """
-    router = _row(program, layer.router, layer, s)
-    bias = _row(program, layer.bias, layer, s) if layer.bias else None
-    args = (x, router) if bias is None else (x, router, bias)
-    w, ids = (np.asarray(a) for a in _route_jit(*args, routing=layer.routing))
+    gates, picked = layer_gates(program, layer, s, x)
     norms = np.linalg.norm(expert_outputs(program, layer, s, x), axis=-1)  # [E, n]
-    total = np.zeros(layer.num_experts, np.float64)
-    routed = np.zeros(layer.num_experts, np.float64)
-    rows = np.repeat(np.arange(x.shape[0]), ids.shape[1])
-    flat, ok = ids.reshape(-1), ids.reshape(-1) >= 0
-    np.add.at(total, flat[ok], w.reshape(-1)[ok] * norms[flat[ok], rows[ok]])
-    np.add.at(routed, flat[ok], 1.0)
-    return np.where(routed > 0, total / np.maximum(routed, 1.0), 0.0)
+    routed = picked.sum(axis=0)
+    return np.where(routed > 0, (gates * norms.T).sum(axis=0) / np.maximum(routed, 1), 0.0)
 
 
 def removal_errors(program: Program, layer: MoELayer, s: int, x: np.ndarray, order: Sequence[int],

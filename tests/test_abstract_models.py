@@ -96,9 +96,9 @@ def test_every_preset_runs_shape_only_passes(name):
     assert last["active_expert_flops_per_token"] == first["active_expert_flops_per_token"] > 0
 
 
-@pytest.mark.parametrize("name", [n for n in ("deepseek-v3", "kimi-k2") if n in PRESETS])
+@pytest.mark.parametrize("name", ["deepseek-v3"])  # Kimi K2 is the same graph with 384 experts: one is enough
 def test_full_size_preset_traces_fast(name):
-    """A 61-layer, 256/384-expert model: built, traced and optimized in seconds, bytes exact."""
+    """A 61-layer, 256-expert model: built, traced and optimized in seconds, bytes exact."""
     cfg = preset(name)
     t0 = time.perf_counter()
     model = models.abstract_model(name)

@@ -322,7 +322,7 @@ def test_stream_matches_generate():
 
 def test_passes_lists_types_defaults_and_ranges(capsys):
     code, out, _ = run_cli(capsys, "passes", "quantize")
-    assert code == 0 and "default required" in out and "allowed:" in out and "= None" not in out
+    assert code == 0 and "default 8" in out and "allowed:" in out and "= None" not in out
     code, _, err = run_cli(capsys, "passes", "prunee")
     assert code == 2
     assert_one_error_line(err, "no pass 'prunee'")

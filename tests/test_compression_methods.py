@@ -183,4 +183,4 @@ def test_recalibration_needs_a_source_and_refuses_input_weighted_routing():
     with pytest.raises(PassError, match="input-weighted"):
         _run(["recalibrate-router"], llama, x)
     with pytest.raises(PassError, match="applies routing weights to the expert input"):
-        _run(["merge(num_experts=2)"], llama, x)
+        _run(["merge(num_experts=2,refit=true)"], llama, x)

@@ -41,7 +41,7 @@ def test_pareto_front_and_search_space():
     cands = [Candidate("a", 1.0, 2.0), Candidate("b", 2.0, 1.5), Candidate("c", 3.0, 1.8), Candidate("d", 1.0, 2.5)]
     assert [c.pipeline for c in pareto_front(cands)] == ["a", "b"]
     space = search_space("expert-bytes")
-    assert "prune(keep=0.75,method=reap,budget=global),quantize(bits=3,mixed=true)" in space and "" in space
+    assert "prune(keep=0.75,method=reap,budget=global),quantize(bits=3,mixed=true,group_size=64)" in space and "" in space
     assert all("gating" in s or "prune" in s or s == "" for s in search_space("active-flops"))
     with pytest.raises(ValueError, match="target must be one of"):
         search_space("decode-tokens-per-s")
