@@ -22,7 +22,7 @@ from flax import nnx
 from moejax import dialect
 from moejax.models.layers import (NORMS, Attention, DenseFFN, KVCache, Linear, MLAttention, MoAttention, SparseMoE,
                                   Yarn, init_cache_from_shapes, make_norm)
-from moejax.models.layers import Llama3Rope
+from moejax.models.layers import Llama3Rope, LongRope
 
 ATTENTIONS = ("gqa", "mla", "moa")
 
@@ -49,8 +49,9 @@ class MoEConfig:
     d_ff_dense: int | None = None
     qkv_bias: bool = False
     rope_theta: float = 10000.0
-    # YaRN-scaled RoPE (released DeepSeek-V2/V3, Kimi K2) or Llama 3 scaling (released Llama 4 Scout)
-    rope_scaling: Yarn | Llama3Rope | None = None
+    # YaRN-scaled RoPE (released DeepSeek-V2/V3, Kimi K2), Llama 3 scaling (released Llama 4 Scout) or LongRoPE
+    # (released Phi-3.5-MoE)
+    rope_scaling: Yarn | Llama3Rope | LongRope | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     scan_layers: bool = False

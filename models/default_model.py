@@ -29,7 +29,7 @@ from moejax import dialect, numerics
 from moejax.models import validation
 from moejax.models.byte_level import mark_byte_level
 from moejax.models.decoder import ATTENTIONS, MoEConfig, MoEDecoder
-from moejax.models.layers import NORMS, Yarn
+from moejax.models.layers import NORMS, Llama3Rope, LongRope, Yarn
 from moejax.models.safetensors_io import SafetensorsFile
 from moejax.models.validation import CheckpointError
 
@@ -69,6 +69,18 @@ _NESTED: dict[str, tuple[type, dict[str, validation.Kind]]] = {
     "routing": (dialect.Routing, validation.dataclass_kinds(dialect.Routing)),
     "rope_scaling": (Yarn, validation.dataclass_kinds(Yarn)),
 }
+# rope_scaling holds one of these; the fields written tell which (Yarn when none fits).
+_ROPE_CLASSES = (Yarn, Llama3Rope, LongRope)
+
+
+def _nested_class(name: str, value: Any) -> tuple[type, dict[str, validation.Kind]]:
+    if name == "rope_scaling" and isinstance(value, dict):
+        for cls in _ROPE_CLASSES:
+            names = {f.name for f in dataclasses.fields(cls)}
+            required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+            if required <= set(value) <= names:
+                return cls, validation.dataclass_kinds(cls)
+    return _NESTED[name]
 
 
 def config_to_dict(cfg: MoEConfig) -> dict[str, Any]:
@@ -104,9 +116,11 @@ def config_from_dict(d: dict[str, Any], *, scan_layers: bool = False) -> MoEConf
         raise CheckpointError(f"config.json lacks fields {missing}; {_CONFIG_FIX}")
     validation.check_fields(d, _CONFIG_KINDS, file="config.json", fix=_CONFIG_FIX)
     raw = {}  # nested objects, checked
-    for name, (cls, kinds) in _NESTED.items():
+    classes = {}
+    for name in _NESTED:
         if d.get(name) is None:
             continue
+        cls, kinds = classes[name] = _nested_class(name, d[name])
         if unknown := sorted(set(d[name]) - set(kinds)):
             raise CheckpointError(f"config.json: field {name!r} has unknown fields {unknown}; {_CONFIG_FIX}")
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
@@ -116,7 +130,7 @@ def config_from_dict(d: dict[str, Any], *, scan_layers: bool = False) -> MoEConf
                                 fix=_CONFIG_FIX)
         raw[name] = d[name]
     try:
-        nested = {name: _NESTED[name][0](**_tuples(value)) for name, value in raw.items()}
+        nested = {name: classes[name][0](**_tuples(value)) for name, value in raw.items()}
         return MoEConfig(**{**_tuples(d), **nested, "scan_layers": scan_layers})
     except ValueError as e:  # the cross-field checks of MoEConfig and Routing
         raise CheckpointError(f"config.json: {e}; {_CONFIG_FIX}") from None

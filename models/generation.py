@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.models.layers import LongRope
 from moejax.numerics import NonFiniteError
 
 __all__ = ["generate", "stream", "sample_next"]
@@ -93,8 +94,11 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
       max_len: cache length (default ``S + max_new_tokens``).
       cache_dtype: dtype of the KV cache (default the cache's own default).
       return_logits: also return the float32 logits ``[B, S + max_new_tokens - 1, V]`` where row
-        ``i`` predicted token ``i + 1`` (prefill rows, then one row per decode step). They
-        equal ``model(tokens)[:, :-1]`` up to float error.
+        ``i`` predicted token ``i + 1`` (prefill rows, then one row per decode step). Row ``i``
+        equals the forward over its own prefix, ``model(tokens[:, :i + 1])[:, i]``, up to float
+        error, and so ``model(tokens)[:, :-1]`` for every RoPE but a LongRoPE whose original context
+        the sequence passes (there the rows before it keep the short set; see
+        :func:`_reprefill_position`).
 
     Returns:
       ``[B, S + max_new_tokens]`` int32 ids (prompt then new tokens), and the logits when asked.
@@ -105,11 +109,26 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
     prompt_ids = jnp.asarray(prompt_ids)
     max_len = _check_args(prompt_ids, max_new_tokens, temperature, top_p, key, model, max_len)
     b, s = prompt_ids.shape
-    cache = model.init_cache(b, max_len) if cache_dtype is None else model.init_cache(b, max_len, cache_dtype)
+
+    def new_cache():
+        return model.init_cache(b, max_len) if cache_dtype is None else model.init_cache(b, max_len, cache_dtype)
+
     key = jax.random.key(0) if key is None else key
     call, params = _model_call(model)
-    tokens, logits, first_bad = _jitted(call, max_new_tokens, float(temperature), float(top_p))(
-        params, prompt_ids.astype(jnp.int32), cache, key)
+    switch = _reprefill_position(model, s, max_new_tokens)
+    if switch is None:
+        tokens, logits, first_bad = _jitted(call, max_new_tokens, float(temperature), float(top_p))(
+            params, prompt_ids.astype(jnp.int32), new_cache(), key)
+    else:  # decode up to the token at position `switch`, then prefill everything so far again and go on
+        n1 = switch - s + 1
+        key1, key2 = jax.random.split(key)
+        tokens, logits1, bad1 = _jitted(call, n1, float(temperature), float(top_p))(
+            params, prompt_ids.astype(jnp.int32), new_cache(), key1)
+        tokens, logits2, bad2 = _jitted(call, max_new_tokens - n1, float(temperature), float(top_p))(
+            params, tokens, new_cache(), key2)
+        # rows before `switch` as the first pass computed them (each from its own prefix), then the second pass's
+        logits = jnp.concatenate([logits1, logits2[:, switch:]], axis=1)
+        first_bad = bad1 if int(bad1) >= 0 else bad2
     first_bad = int(first_bad)
     if first_bad >= 0:
         step = "the prompt (prefill)" if first_bad < s else f"decode step {first_bad - s + 1}"
@@ -117,6 +136,22 @@ def generate(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperat
                              f"weights are likely corrupt (moejax.trace names NaN/Inf weights) or its activations "
                              f"overflow their dtype; no tokens are returned")
     return (tokens, logits) if return_logits else tokens
+
+
+def _reprefill_position(model: Any, s: int, max_new_tokens: int) -> int | None:
+    """The decode position at which generation recomputes the whole sequence, or ``None``.
+
+    LongRoPE (PhiMoE) switches its rotary set once a call's length exceeds
+    ``original_max_position_embeddings`` (``L``); keys cached earlier were rotated with the short set.
+    transformers' PhiMoE ``prepare_inputs_for_generation`` then drops the cache and runs the whole
+    sequence again, once, at the step whose total length first exceeds ``L`` (position ``L``), and so
+    does moejax: every logit then equals a full forward over its own prefix. Only when a prompt of at
+    most ``L`` tokens is extended past ``L`` (decode steps run at positions ``s .. s + n - 2``)."""
+    scaling = getattr(getattr(model, "config", None), "rope_scaling", None)
+    if not isinstance(scaling, LongRope):
+        return None
+    limit = scaling.original_max_position_embeddings
+    return limit if s <= limit <= s + max_new_tokens - 2 else None
 
 
 def _check_args(prompt_ids: jax.Array, max_new_tokens: int, temperature: float, top_p: float,
@@ -176,15 +211,21 @@ def stream(model: Any, prompt_ids: jax.Array, max_new_tokens: int, *, temperatur
     step = _jitted_step(call, float(temperature), float(top_p))
     keys = jax.random.split(jax.random.key(0) if key is None else key, max_new_tokens)
     tokens, cache = prompt_ids.astype(jnp.int32), model.init_cache(b, max_len)
+    switch = _reprefill_position(model, s, max_new_tokens)  # LongRoPE: as generate, one full prefill again there
+    history = tokens
     for i in range(max_new_tokens):
-        position = jnp.asarray(0 if i == 0 else s + i - 1, jnp.int32)
-        nxt, cache, finite = step(params, tokens, cache, position, keys[i])
+        position = 0 if i == 0 else s + i - 1
+        if position == switch:
+            tokens, cache, position = history, model.init_cache(b, max_len), 0
+        nxt, cache, finite = step(params, tokens, cache, jnp.asarray(position, jnp.int32), keys[i])
         if not bool(finite):
             raise NonFiniteError(f"generate: the model produced NaN/Inf logits at "
                                  f"{'the prompt (prefill)' if i == 0 else f'decode step {i}'}; its weights are likely "
                                  f"corrupt or its activations overflow their dtype")
         yield nxt
         tokens = nxt[:, None]
+        if switch is not None:
+            history = jnp.concatenate([history, tokens], axis=1)
 
 
 @functools.lru_cache(maxsize=32)

@@ -34,7 +34,7 @@ from moejax import weight_formats as wf
 from moejax.models import default_model, fp8_checkpoint, mxfp4_checkpoint
 from moejax.models.byte_level import mark_byte_level
 from moejax.models.decoder import MoEConfig, MoEDecoder
-from moejax.models.layers import Llama3Rope, Yarn
+from moejax.models.layers import Llama3Rope, LongRope, Yarn
 from moejax.models.safetensors_io import Checkpoint, save_file
 from moejax.models.sharded_load import ShardingRules, load_onto_mesh, shard_model
 from moejax.models.validation import (BOOL, EXPERT_COUNT, LAYER_COUNT, NON_NEGATIVE_INT, NON_NEGATIVE_INTS, NUMBER,
@@ -63,6 +63,9 @@ _ROPE_FLAGS = Kind("a list of 0/1 flags (1: the layer uses RoPE)",
 # Llama 4's attn_temperature_tuning: a boolean (transformers) or a number, read as a truth value (as transformers
 # does) since some released configs hold an integer there.
 _FLAG = Kind("true, false or a number", lambda v: isinstance(v, bool) or NUMBER.accepts(v))
+# LongRoPE's per-dimension short_factor / long_factor lists.
+_POSITIVE_NUMBERS = Kind("a non-empty list of positive numbers", lambda v: isinstance(v, list) and bool(v) and all(
+    POSITIVE_NUMBER.accepts(x) for x in v))
 # Hunyuan's moe_topk: one k, or one per layer.
 _POSITIVE_INT_OR_INTS = Kind("a positive integer or a list of them", lambda v: POSITIVE_INT.accepts(v) or (
     isinstance(v, list) and bool(v) and all(POSITIVE_INT.accepts(x) for x in v)))
@@ -88,7 +91,9 @@ _HF_FIELDS: dict[str, Kind] = {
         ("mscale", NUMBER.or_null()), ("mscale_all_dim", NUMBER.or_null()),
         ("attention_factor", POSITIVE_NUMBER.or_null()), ("truncate", BOOL.or_null()),
         ("partial_rotary_factor", _FRACTION.or_null()), ("low_freq_factor", POSITIVE_NUMBER.or_null()),
-        ("high_freq_factor", POSITIVE_NUMBER.or_null()))},
+        ("high_freq_factor", POSITIVE_NUMBER.or_null()), ("short_factor", _POSITIVE_NUMBERS.or_null()),
+        ("long_factor", _POSITIVE_NUMBERS.or_null()), ("short_mscale", POSITIVE_NUMBER.or_null()),
+        ("long_mscale", POSITIVE_NUMBER.or_null()))},
     "partial_rotary_factor": _FRACTION.or_null(), "rotary_dim": POSITIVE_INT.or_null(),
     "max_position_embeddings": POSITIVE_INT.or_null(),
     "sliding_window": NON_NEGATIVE_INT.or_null(), "use_sliding_window": BOOL.or_null(),
@@ -353,23 +358,51 @@ def _minimax_m2(hf: dict) -> MoEConfig:
                      selection_bias=True, qk_norm=True, rotary_dim=_rotary_dim(hf, hd), family="minimax_m2")
 
 
+def _phimoe_longrope(hf: dict, params: dict, head_dim: int) -> LongRope:
+    """PhiMoE's ``rope_type: "longrope"`` as transformers' ``PhimoeRotaryEmbedding`` runs it.
+
+    That class recomputes its inverse frequencies on every call with ``rope_init_fn(config)``, i.e. with no sequence
+    length, so ``_compute_longrope_parameters`` always returns the ``short_factor`` ones (the long ones that
+    ``dynamic_rope_update`` writes to its ``inv_freq`` buffer are never read); what switches at
+    ``max(position_ids) + 1 > original_max_position_embeddings`` is the cos/sin multiplier, ``short_mscale`` ->
+    ``long_mscale`` (required, as PhimoeConfig requires them; they replace the generic attention factor). The
+    released config has equal mscales (1.2432), so there the scaling is static. (The released remote code, and vLLM,
+    do switch to ``long_factor`` past 4096 tokens: to follow them, pass ``long_factor`` through below.)
+    ``original_max_position_embeddings``: the rope dict's, else ``max_position_embeddings`` (default 131072); a
+    top-level field of that name is ignored, as transformers 5 ignores it when it loads a PhiMoE config.json."""
+    missing = [k for k in ("short_factor", "long_factor", "short_mscale", "long_mscale") if params.get(k) is None]
+    if missing:
+        raise CheckpointError(f"config.json: PhimoeForCausalLM's longrope rope scaling needs {missing[0]!r} (as "
+                              f"transformers' PhimoeConfig does); {_CONFIG_FIX}")
+    for key in ("short_factor", "long_factor"):
+        if len(params[key]) != head_dim // 2:
+            raise CheckpointError(f"config.json: longrope {key} has {len(params[key])} entries; head_dim={head_dim} "
+                                  f"needs {head_dim // 2}; {_CONFIG_FIX}")
+    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings") or 131072
+    short = tuple(float(f) for f in params["short_factor"])
+    return LongRope(short_factor=short, long_factor=short,  # transformers' PhiMoE never uses long_factor
+                    original_max_position_embeddings=int(original), short_scale=float(params["short_mscale"]),
+                    long_scale=float(params["long_mscale"]))
+
+
 def _phimoe(hf: dict) -> MoEConfig:
     """PhiMoE (Phi-3.5-MoE): SparseMixer routing (eval mode), LayerNorm with bias everywhere, q/k/v/o biases
-    (``attention_bias``), optional ``lm_head`` bias, every layer MoE."""
+    (``attention_bias``), optional ``lm_head`` bias, every layer MoE; default or ``longrope`` RoPE (released)."""
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type != "default":  # before _base, whose generic refusal does not say what PhiMoE does
+    if rope_type not in ("default", "longrope"):  # before _base, whose generic refusal does not say what PhiMoE does
         raise NotImplementedError(
-            f"PhimoeForCausalLM: rope_type {rope_type!r} is not implemented (Phi-3.5-MoE ships 'longrope': per-"
-            "dimension short/long factors and mscales that switch once a sequence passes "
-            "original_max_position_embeddings); only default RoPE loads")
+            f"PhimoeForCausalLM: rope_type {rope_type!r} is not implemented (PhiMoE loads 'default' and 'longrope', "
+            "the released one)")
     if hf.get("num_experts_per_tok", 2) != 2:
         raise CheckpointError(f"config.json: num_experts_per_tok={hf['num_experts_per_tok']}, but PhiMoE's "
                               f"SparseMixer router always picks 2 experts; set it to 2 ({_CONFIG_FIX})")
     bias = bool(hf.get("attention_bias", False))
-    base = _base(hf, "Phimoe")
+    base = _base({**hf, "rope_scaling": None, "rope_parameters": None}, "Phimoe")
     base.update(norm_eps=float(hf.get("rms_norm_eps", 1e-5)),  # the LayerNorms' eps
                 rope_theta=_rope_theta(hf, default=1e6))  # transformers' PhimoeConfig default
+    if rope_type == "longrope":
+        base["rope_scaling"] = _phimoe_longrope(hf, params, base["head_dim"] or base["d_model"] // base["n_heads"])
     jitter = hf.get("router_jitter_noise")
     routing = dialect.Routing(k=2, score="sparsemixer", norm_topk=False,
                               jitter_eps=float(0.01 if jitter is None else jitter))
@@ -467,14 +500,16 @@ def _jetmoe_rules(cfg: MoEConfig) -> list[Rule]:
         s = f"{p}.self_attention"
         _linear(r, f"{a}/kv_proj", f"{s}.kv_proj")
         _linear(r, f"{a}/router", f"{s}.experts.router.layer")
-        r.append(Rule(f"{a}/w_in", (f"{s}.experts.input_linear.weight",), "custom", ((e, hq, d),), t))
-        r.append(Rule(f"{a}/w_out", (f"{s}.experts.output_linear.weight",), "custom", ((e, d, hq),), t))
+        r.append(Rule(f"{a}/w_in", (f"{s}.experts.input_linear.weight",), "custom", ((e, hq, d),), t, t))
+        r.append(Rule(f"{a}/w_out", (f"{s}.experts.output_linear.weight",), "custom", ((e, d, hq),), t, t))
         r.append(Rule(f"{a}/bias", (f"{s}.experts.bias",), "copy"))
         _linear(r, f"{m}/gate", f"{p}.mlp.router.layer")
-        gate_up = (f"{p}.mlp.input_linear.weight",)
-        r.append(Rule(f"{m}/experts/w_gate", gate_up, "custom", ((e, 2 * f, d),), lambda w: t(w[:, :f])))
-        r.append(Rule(f"{m}/experts/w_up", gate_up, "custom", ((e, 2 * f, d),), lambda w: t(w[:, f:])))
-        r.append(Rule(f"{m}/experts/w_down", (f"{p}.mlp.output_linear.weight",), "custom", ((e, d, f),), t))
+        gate_up, fused = (f"{p}.mlp.input_linear.weight",), (e, 2 * f, d)
+        r.append(Rule(f"{m}/experts/w_gate", gate_up, "custom", (fused,), lambda w: t(w[:, :f]),
+                      lambda v: FusedPart(fused, np.s_[:, :f], t(v))))
+        r.append(Rule(f"{m}/experts/w_up", gate_up, "custom", (fused,), lambda w: t(w[:, f:]),
+                      lambda v: FusedPart(fused, np.s_[:, f:], t(v))))
+        r.append(Rule(f"{m}/experts/w_down", (f"{p}.mlp.output_linear.weight",), "custom", ((e, d, f),), t, t))
         r.append(Rule(f"{m}/bias", (f"{p}.mlp.bias",), "copy"))
     _norm(r, "norm", "model.norm")
     if not cfg.tie_embeddings:
@@ -542,8 +577,9 @@ def _llama4_layers(hf: dict) -> tuple[tuple[int, ...], tuple[int, ...], tuple[in
 def _llama4(hf: dict) -> MoEConfig:
     """Llama 4 text model: top-k sigmoid router whose weight scales the expert's input (``weight_on="input"``), a
     shared expert in every MoE layer, dense layers of ``intermediate_size_mlp``, NoPE layers with attention
-    temperature tuning, weightless q/k norm on the RoPE layers, chunked attention, RoPE on adjacent pairs."""
-    _no_bias(hf, "attention_bias", "Llama4")  # it would also put a bias on o_proj
+    temperature tuning, weightless q/k norm on the RoPE layers, chunked attention, RoPE on adjacent pairs, optional
+    q/k/v/o biases (``attention_bias``)."""
+    bias = bool(hf.get("attention_bias", False))  # q/k/v and o_proj, as transformers' Llama4TextAttention
     base = _base(hf, "Llama4")
     base.update(rope_theta=_rope_theta(hf, default=500000.0), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
                 head_dim=hf.get("head_dim", 128))  # transformers' defaults (null head_dim: hidden / heads)
@@ -558,7 +594,8 @@ def _llama4(hf: dict) -> MoEConfig:
                      n_shared_experts=1, d_ff_shared=f, dense_layers=dense,
                      d_ff_dense=hf["intermediate_size_mlp"] if dense else None, nope_layers=nope,
                      attn_temperature=temperature, qk_l2_norm=bool(hf.get("use_qk_norm", True)),
-                     attention_chunk_size=chunk, chunked_layers=chunked, rope_adjacent_pairs=True, family="llama4")
+                     attention_chunk_size=chunk, chunked_layers=chunked, rope_adjacent_pairs=True, qkv_bias=bias,
+                     o_bias=bias, family="llama4")
 
 
 def _llama4_multimodal(hf: dict) -> MoEConfig:
@@ -573,9 +610,10 @@ def _llama4_multimodal(hf: dict) -> MoEConfig:
 
 def _granitemoe(hf: dict, shared: bool) -> MoEConfig:
     """Granite MoE (and its shared-MLP variant): muP multipliers on embeddings, residual branches, logits and the
-    softmax scale (``attention_multiplier``), softmax over the top-k logits (= renormalised softmax top-k)."""
+    softmax scale (``attention_multiplier``), softmax over the top-k logits (= renormalised softmax top-k), optional
+    q/k/v/o biases (``attention_bias``)."""
     arch = "GraniteMoeShared" if shared else "GraniteMoe"
-    _no_bias(hf, "attention_bias", arch)  # it would also put a bias on o_proj
+    bias = bool(hf.get("attention_bias", False))  # q/k/v and o_proj, as transformers' GraniteMoeAttention
     fs = (hf.get("shared_intermediate_size") or 0) if shared else 0
     return MoEConfig(**_base(hf, arch), d_ff_expert=hf["intermediate_size"], n_experts=hf["num_local_experts"],
                      routing=dialect.Routing(k=hf["num_experts_per_tok"], norm_topk=True),
@@ -583,7 +621,7 @@ def _granitemoe(hf: dict, shared: bool) -> MoEConfig:
                      softmax_scale=float(hf.get("attention_multiplier", 1.0)),
                      embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
                      residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
-                     logits_scaling=float(hf.get("logits_scaling", 1.0)),
+                     logits_scaling=float(hf.get("logits_scaling", 1.0)), qkv_bias=bias, o_bias=bias,
                      family="granitemoeshared" if shared else "granitemoe")
 
 
@@ -881,7 +919,8 @@ def _dbrx_rules(cfg: MoEConfig) -> list[Rule]:
         qkv = (f"{p}.norm_attn_norm.attn.Wqkv.weight",)
         for n, lo, hi in (("q_proj", 0, nq), ("k_proj", nq, nq + nkv), ("v_proj", nq + nkv, nq + 2 * nkv)):
             r.append(Rule(f"{a}/{n}/kernel", qkv, "custom", ((nq + 2 * nkv, d),),
-                          lambda w, lo=lo, hi=hi: w[lo:hi].T))
+                          lambda w, lo=lo, hi=hi: w[lo:hi].T,
+                          lambda v, lo=lo, hi=hi: FusedPart((nq + 2 * nkv, d), np.s_[lo:hi], v.T)))
         _linear(r, f"{a}/o_proj", f"{p}.norm_attn_norm.attn.out_proj")
         _norm(r, f"layers/{i}/input_layernorm", f"{p}.norm_attn_norm.norm_1")
         _norm(r, f"layers/{i}/post_attention_layernorm", f"{p}.norm_attn_norm.norm_2")
@@ -889,10 +928,11 @@ def _dbrx_rules(cfg: MoEConfig) -> list[Rule]:
         _linear(r, f"{m}/gate", f"{s}.router.layer")
         # DBRX stores experts as [E*f, d]; w1/v1 act as x @ w.T, w2 as h @ w.
         to_in = lambda w: w.reshape(e, f, d).transpose(0, 2, 1)  # noqa: E731
-        r.append(Rule(f"{m}/experts/w_gate", (f"{s}.experts.mlp.w1",), "custom", ((e * f, d),), to_in))
-        r.append(Rule(f"{m}/experts/w_up", (f"{s}.experts.mlp.v1",), "custom", ((e * f, d),), to_in))
+        from_in = lambda v: v.transpose(0, 2, 1).reshape(-1, d)  # noqa: E731  (export: [E, d, f] -> [E*f, d])
+        r.append(Rule(f"{m}/experts/w_gate", (f"{s}.experts.mlp.w1",), "custom", ((e * f, d),), to_in, from_in))
+        r.append(Rule(f"{m}/experts/w_up", (f"{s}.experts.mlp.v1",), "custom", ((e * f, d),), to_in, from_in))
         r.append(Rule(f"{m}/experts/w_down", (f"{s}.experts.mlp.w2",), "custom", ((e * f, d),),
-                      lambda w: w.reshape(e, f, d)))
+                      lambda w: w.reshape(e, f, d), lambda v: v.reshape(-1, d)))
     _norm(r, "norm", "transformer.norm_f")
     if not cfg.tie_embeddings:
         _linear(r, "lm_head", "lm_head")
@@ -1298,15 +1338,17 @@ def export_tensors(model: MoEDecoder, architecture: str) -> dict[str, np.ndarray
     return export_tensors_from(parameter_values(model), model.config, architecture)
 
 
-def export_tensors_from(state: dict[str, Any], cfg: MoEConfig, architecture: str, keep_fp8: bool = False
-                        ) -> dict[str, np.ndarray]:
+def export_tensors_from(state: dict[str, Any], cfg: MoEConfig, architecture: str, keep_fp8: bool = False,
+                        keep_mxfp4: bool = False) -> dict[str, np.ndarray]:
     """The checkpoint tensors of ``architecture``'s layout holding parameters ``state`` of a ``cfg`` model.
 
-    Inverts the loading rules; architectures whose rules split fused tensors (DBRX)
-    are not exportable. Structured expert weights are dequantized, except FP8
-    experts when ``keep_fp8`` (written with their block scales, as loaded).
+    Inverts the loading rules (fused checkpoint tensors are rebuilt from their parts).
+    Structured expert weights are dequantized, except FP8 experts when ``keep_fp8``
+    (written with their block scales, as loaded) and gpt-oss MXFP4 experts when
+    ``keep_mxfp4`` (written as ``*_blocks`` / ``*_scales``, as released; every expert
+    matrix must then be an :class:`~moejax.weight_formats.Mxfp4Tensor`).
     """
-    from moejax.models.export_hf import fp8_expert_tensors
+    from moejax.models.export_hf import fp8_expert_tensors, mxfp4_expert_tensors
 
     if architecture == "Llama4ForConditionalGeneration":  # the written folder would lack the vision tower
         raise NotImplementedError("export of a Llama4ForConditionalGeneration checkpoint: moejax loads only its text "
@@ -1315,10 +1357,16 @@ def export_tensors_from(state: dict[str, Any], cfg: MoEConfig, architecture: str
     if cfg.scan_layers:
         state = _unstack_layers(state)
     tensors: dict[str, np.ndarray] = {}
-    for rule in weight_rules(cfg.replace(scan_layers=False), architecture):
+    for rule in weight_rules(cfg.replace(scan_layers=False), architecture, mxfp4=keep_mxfp4):
         val = state[rule.dst]
         if keep_fp8 and rule.kind == "experts" and isinstance(val, wf.Fp8BlockTensor):
             tensors.update(fp8_expert_tensors(val, rule.srcs))
+            continue
+        if keep_mxfp4 and rule.srcs[0].endswith("_blocks"):
+            if not isinstance(val, wf.Mxfp4Tensor):
+                raise NotImplementedError(f"export to {architecture} as MXFP4: parameter {rule.dst} is "
+                                          f"{wf.format_of(val)}, not MXFP4")
+            mxfp4_expert_tensors(tensors, val, rule.srcs, rule.dst.rsplit("/", 1)[-1])
             continue
         val = np.asarray(wf.dequantize(val)) if wf.is_structured(val) else np.asarray(val)
         if rule.kind == "copy":

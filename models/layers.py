@@ -177,13 +177,72 @@ class Llama3Rope:
         return 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class LongRope:
+    """LongRoPE (``rope_type: "longrope"``; Phi-3.5-MoE as released), as transformers computes it.
+
+    Inverse frequencies are the default ones divided per dimension by ``short_factor`` or
+    ``long_factor`` (``[rotary_dim / 2]`` each), and cos/sin are multiplied by ``short_scale`` or
+    ``long_scale``. Which set applies is decided per call, as transformers' ``dynamic_rope_update``
+    does: the long one when the call's largest position + 1 exceeds
+    ``original_max_position_embeddings``, for every position of the call. So a prefill of ``P``
+    tokens uses the short set when ``P <= original``, and a cached decode step at position ``p``
+    the long set once ``p + 1 > original``, while one forward over the whole sequence rotates every
+    position with the set its length picks. Keys already in a KV cache keep the rotation they were
+    cached with, so generation prefills the whole sequence again once when it first passes
+    ``original``, as transformers' PhiMoE ``generate`` does (``generation._reprefill_position``).
+    Same interface as :class:`Yarn` for :func:`rope`, plus :meth:`select` (the traced choice)."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+    short_scale: float = 1.0  # the cos/sin multiplier with the short factors
+    long_scale: float = 1.0  # ... with the long factors
+
+    def __post_init__(self):
+        if not (self.short_factor and len(self.short_factor) == len(self.long_factor)
+                and all(f > 0 for f in self.short_factor + self.long_factor)
+                and self.original_max_position_embeddings > 0 and self.short_scale > 0 and self.long_scale > 0):
+            raise ValueError(f"longrope needs equally long, non-empty positive short_factor and long_factor, a "
+                             f"positive original_max_position_embeddings and positive scales, got {self}")
+
+    def _check_dim(self, dim: int) -> None:
+        if len(self.short_factor) != dim // 2:
+            raise ValueError(f"longrope has {len(self.short_factor)} factors per set; a rotary dimension of {dim} "
+                             f"needs {dim // 2}")
+
+    def inv_freq(self, dim: int, theta: float, long: bool = False) -> np.ndarray:
+        """Inverse frequencies ``[dim / 2]`` of the short (or long) set (float32, the arithmetic of transformers:
+        ``1 / (factor * theta ** (arange(0, dim, 2) / dim))``)."""
+        self._check_dim(dim)
+        factors = np.asarray(self.long_factor if long else self.short_factor, np.float32)
+        exps = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+        return (1.0 / (factors * np.float32(theta) ** exps)).astype(np.float32)
+
+    def select(self, dim: int, theta: float, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(inv_freq [dim / 2], cos/sin multiplier)`` for a call at ``positions``: the long set iff
+        ``max(positions) + 1 > original_max_position_embeddings`` (traced; transformers' rule)."""
+        long = jnp.max(positions) + 1 > self.original_max_position_embeddings
+        inv = jnp.where(long, jnp.asarray(self.inv_freq(dim, theta, long=True)),
+                        jnp.asarray(self.inv_freq(dim, theta)))
+        return inv, jnp.where(long, jnp.float32(self.long_scale), jnp.float32(self.short_scale))
+
+    def attention_scale(self) -> float:
+        """The short set's cos/sin multiplier (the long one: :meth:`select`)."""
+        return self.short_scale
+
+    def mla_softmax_factor(self) -> float:
+        return 1.0
+
+
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = False,
-         scaling: Yarn | None = None, rotary_dim: int | None = None) -> jax.Array:
-    """Rotary embedding on ``x [B, S, H, hd]``, optionally YaRN-scaled.
+         scaling: Yarn | Llama3Rope | LongRope | None = None, rotary_dim: int | None = None) -> jax.Array:
+    """Rotary embedding on ``x [B, S, H, hd]``, optionally scaled (:class:`Yarn`, :class:`Llama3Rope`,
+    :class:`LongRope`).
 
     ``interleaved=False``: half-split pairs ``(x_i, x_{i+hd/2})`` (Hugging Face Llama/Mixtral).
     ``interleaved=True``: adjacent pairs ``(x_{2i}, x_{2i+1})`` (DeepSeek), written back as
@@ -202,11 +261,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = F
     hd = x.shape[-1]
     if scaling is None:
         inv, mult = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)), 1.0
+    elif isinstance(scaling, LongRope):  # short or long set, chosen from this call's positions
+        inv, mult = scaling.select(hd, theta, positions)
     else:  # trace-time constants
         inv, mult = jnp.asarray(scaling.inv_freq(hd, theta)), scaling.attention_scale()
     ang = positions[..., None].astype(jnp.float32) * inv  # [B, S, hd/2]
     cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
-    if mult != 1.0:
+    if not (isinstance(mult, float) and mult == 1.0):
         cos, sin = cos * mult, sin * mult
     xf = x.astype(jnp.float32)
     if interleaved:

@@ -175,7 +175,9 @@ def jetmoe_8b(**kw: Any) -> MoEConfig:
 
 def phi_3_5_moe(**kw: Any) -> MoEConfig:
     """Phi-3.5-MoE (microsoft/Phi-3.5-MoE-instruct): 16 experts, SparseMixer top-2 (jitter 0.01), LayerNorms with
-    bias, q/k/v/o and lm_head biases. Its released longrope RoPE is not implemented: default RoPE here."""
+    bias, q/k/v/o and lm_head biases. Default RoPE here: the released longrope (64 per-dimension factors, mscale
+    1.2432; loaded from its config.json by ``hf._phimoe_longrope``) is not reproduced, as it changes no shape or
+    parameter count."""
     return MoEConfig(vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff_expert=6400,
                      n_experts=16, routing=Routing(k=2, score="sparsemixer", norm_topk=False, jitter_eps=0.01),
                      norm="layer_bias", qkv_bias=True, o_bias=True, lm_head_bias=True, norm_eps=1e-5,

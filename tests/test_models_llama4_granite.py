@@ -107,6 +107,53 @@ def test_granitemoeshared_parity(tmp_path):
     assert cfg.n_shared_experts == 1 and cfg.d_ff_shared == 24 and not cfg.shared_expert_gate
 
 
+def _random_biases(hf_model, scale: float = 0.2):
+    """transformers zero-initialises the attention biases: give them random values."""
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.copy_(scale * torch.randn_like(p))
+    return hf_model
+
+
+def test_llama4_attention_bias_parity(tmp_path):
+    """Logits only: attention_bias (q/k/v and o_proj biases) on the RoPE + L2-norm + chunked layer and the NoPE +
+    temperature layer."""
+    _check(tmp_path, _random_biases(_llama4(attention_bias=True)), decode=False)
+    cfg = models.from_pretrained(str(tmp_path)).config
+    assert cfg.qkv_bias and cfg.o_bias
+
+
+def test_granitemoe_bias_variant_parity(tmp_path):
+    """Variant, logits only: another size (hidden 48, 6 heads of 8 over 2 kv heads, 3 layers, 8 experts, top-1),
+    other multipliers, tied embeddings (as granite-3.0-1b-a400m), q/k/v/o biases (attention_bias)."""
+    torch.manual_seed(0)
+    cfg = transformers.GraniteMoeConfig(**{
+        **_GRANITE, "hidden_size": 48, "num_attention_heads": 6, "num_hidden_layers": 3, "intermediate_size": 24,
+        "num_local_experts": 8, "num_experts_per_tok": 1, "embedding_multiplier": 6.0,
+        "attention_multiplier": 0.1, "residual_multiplier": 0.3, "logits_scaling": 3.0, "attention_bias": True,
+        "tie_word_embeddings": True})
+    _check(tmp_path, _random_biases(transformers.GraniteMoeForCausalLM(cfg)), decode=False)
+    loaded = models.from_pretrained(str(tmp_path)).config
+    assert (loaded.n_layers, loaded.n_experts, loaded.routing.k, loaded.d_model) == (3, 8, 1, 48)
+    assert loaded.tie_embeddings and loaded.qkv_bias and loaded.o_bias and loaded.logits_scaling == 3.0
+
+
+def test_granitemoeshared_variant_parity(tmp_path):
+    """Variant, logits only: another size (hidden 40, 5 heads of 8 without GQA, 3 layers, 5 experts, top-3), a
+    wider shared MLP (40), other multipliers."""
+    torch.manual_seed(0)
+    cfg = transformers.GraniteMoeSharedConfig(**{
+        **_GRANITE, "hidden_size": 40, "num_attention_heads": 5, "num_key_value_heads": 5, "num_hidden_layers": 3,
+        "intermediate_size": 12, "num_local_experts": 5, "num_experts_per_tok": 3, "shared_intermediate_size": 40,
+        "embedding_multiplier": 1.5, "attention_multiplier": 0.3, "residual_multiplier": 0.8,
+        "logits_scaling": 0.5})
+    _check(tmp_path, transformers.GraniteMoeSharedForCausalLM(cfg), decode=False)
+    loaded = models.from_pretrained(str(tmp_path)).config
+    assert (loaded.n_layers, loaded.n_experts, loaded.routing.k, loaded.d_ff_shared) == (3, 5, 3, 40)
+    assert loaded.n_kv_heads == 5 and not loaded.qkv_bias
+
+
 # --------------------------------------------------------------------------
 # Input-weighted routing in the dialect
 # --------------------------------------------------------------------------
@@ -218,11 +265,14 @@ def test_granite_malformed_config_is_one_checkpoint_error(arch, field, value, ma
         models.hf.config_from_hf(hf)
 
 
-@pytest.mark.parametrize("arch", ["Llama4ForCausalLM", "GraniteMoeForCausalLM"])
-def test_attention_bias_is_refused(arch):
+@pytest.mark.parametrize("arch", ["Llama4ForCausalLM", "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"])
+def test_attention_bias_translates_to_qkv_and_o_bias(arch):
+    """transformers' Llama 4 and Granite attentions put ``attention_bias`` on q/k/v and o_proj (parity: the
+    ``*_bias_*`` tests)."""
     hf = _llama4_config(architectures=[arch], attention_bias=True)
-    with pytest.raises(NotImplementedError, match="attention_bias=True is not supported"):
-        models.hf.config_from_hf(hf)
+    cfg = models.hf.config_from_hf(hf)
+    assert cfg.qkv_bias and cfg.o_bias
+    assert not models.hf.config_from_hf({**hf, "attention_bias": False}).qkv_bias
 
 
 
