@@ -28,8 +28,12 @@ def test_tune_picks_the_cheapest_pipeline_within_the_budget(tuned):
     assert costs["quantize(bits=4,group_size=16)"] < costs["quantize(bits=8)"] < costs[""] == loose.base_cost
     assert loose.chosen is not None and loose.chosen.bpb is not None
     assert loose.chosen.loss(loose.base_bpb, full=True) <= 0.5
-    within = [c for c in loose.front if c.bpb is not None and c.loss(loose.base_bpb, full=True) <= 0.5]
+    within = [c for c in loose.candidates if c.bpb is not None and c.loss(loose.base_bpb, full=True) <= 0.5]
     assert loose.chosen.cost == min(c.cost for c in within)
+    # every cheaper candidate the proxy did not rule out (within 3x the budget) was measured, and missed the budget
+    for c in loose.candidates:
+        if c.cost < loose.chosen.cost and c.loss(loose.base_proxy_bpb) <= 1.5:
+            assert c.bpb is not None and c.loss(loose.base_bpb, full=True) > 0.5
     # a near-zero budget: only what does not lose quality qualifies (at worst the float model itself)
     strict = tuned[1e-9]
     assert strict.chosen is not None and strict.chosen.loss(strict.base_bpb, full=True) <= 1e-9
