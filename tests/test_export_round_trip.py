@@ -30,14 +30,13 @@ from moejax.models import hf as mhf  # noqa: E402
 from moejax.models.export_hf import export_hf  # noqa: E402
 from moejax.pipeline import PassError  # noqa: E402
 
-from test_export_hf import _MLA, FAMILIES  # noqa: E402
+from test_export_hf import _MLA, FAMILIES, TOKENS, _transformers_logits  # noqa: E402
 from test_gpt_oss import _gpt_oss, _mxfp4_pair  # noqa: E402
 from test_models_llama4_granite import _GRANITE, _llama4  # noqa: E402
 from test_models_parity import COMMON  # noqa: E402
 from test_models_phimoe_ernie_hunyuan import _ERNIE, _HUNYUAN, _randomize  # noqa: E402
 
 TOL = 1e-4
-TOKENS = np.random.default_rng(0).integers(0, 64, (2, 8))
 
 
 def _seeded(build):
@@ -110,12 +109,6 @@ def _saved(tmp_path, family: str) -> str:
     folder = str(tmp_path / "source")
     _seeded(BUILDERS[family][0])().save_pretrained(folder)
     return folder
-
-
-def _transformers_logits(folder: str) -> np.ndarray:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor(TOKENS)).logits.numpy()
 
 
 @pytest.mark.parametrize("family, step", CASES, ids=[f"{f}-{p}" for f, p in CASES])
