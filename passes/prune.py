@@ -52,7 +52,8 @@ from moejax.program import Program
 __all__ = ["PruneExperts", "MoELayer", "reap_saliency", "removal_errors", "allocate_global", "find_moe_layers",
            "check_float_experts", "check_sliceable_experts",
            "expert_outputs",
-           "layer_output", "dense_gates", "layer_gates", "prune_plan_reconstruction", "apply_expert_rewrite", "layer_profile"]
+           "layer_output", "dense_gates", "layer_gates", "prune_plan_reconstruction", "apply_expert_rewrite",
+           "layer_profile"]
 
 
 # --------------------------------------------------------------------------
