@@ -504,12 +504,7 @@ def _jetmoe_rules(cfg: MoEConfig) -> list[Rule]:
         r.append(Rule(f"{a}/w_out", (f"{s}.experts.output_linear.weight",), "custom", ((e, d, hq),), t, t))
         r.append(Rule(f"{a}/bias", (f"{s}.experts.bias",), "copy"))
         _linear(r, f"{m}/gate", f"{p}.mlp.router.layer")
-        gate_up, fused = (f"{p}.mlp.input_linear.weight",), (e, 2 * f, d)
-        r.append(Rule(f"{m}/experts/w_gate", gate_up, "custom", (fused,), lambda w: t(w[:, :f]),
-                      lambda v: FusedPart(fused, np.s_[:, :f], t(v))))
-        r.append(Rule(f"{m}/experts/w_up", gate_up, "custom", (fused,), lambda w: t(w[:, f:]),
-                      lambda v: FusedPart(fused, np.s_[:, f:], t(v))))
-        r.append(Rule(f"{m}/experts/w_down", (f"{p}.mlp.output_linear.weight",), "custom", ((e, d, f),), t, t))
+        _fused_linear_experts(r, f"{m}/experts", f"{p}.mlp", e, d, f)
         r.append(Rule(f"{m}/bias", (f"{p}.mlp.bias",), "copy"))
     _norm(r, "norm", "model.norm")
     if not cfg.tie_embeddings:
@@ -816,6 +811,18 @@ class FusedPart:
         return out
 
 
+def _fused_linear_experts(rules: list[Rule], dst: str, src: str, e: int, d: int, f: int) -> None:
+    """JetMoE / Granite experts: fused ``{src}.input_linear [E, 2f, d]`` (gate rows first) and
+    ``{src}.output_linear [E, d, f]``, stored ``[E, out, in]``; export writes each part back into the fusion."""
+    t = lambda w: w.transpose(0, 2, 1)  # noqa: E731  [E, out, in] -> [E, in, out]
+    gate_up, fused = (f"{src}.input_linear.weight",), (e, 2 * f, d)
+    rules.append(Rule(f"{dst}/w_gate", gate_up, "custom", (fused,), lambda w: t(w[:, :f]),
+                      lambda v: FusedPart(fused, np.s_[:, :f], t(v))))
+    rules.append(Rule(f"{dst}/w_up", gate_up, "custom", (fused,), lambda w: t(w[:, f:]),
+                      lambda v: FusedPart(fused, np.s_[:, f:], t(v))))
+    rules.append(Rule(f"{dst}/w_down", (f"{src}.output_linear.weight",), "custom", ((e, d, f),), t, t))
+
+
 def _linear(rules: list[Rule], dst: str, src: str, bias: bool = False) -> None:
     rules.append(Rule(f"{dst}/kernel", (f"{src}.weight",)))
     if bias:
@@ -974,19 +981,13 @@ def _granitemoe_rules(cfg: MoEConfig) -> list[Rule]:
     ``input_linear [E, 2f, d]`` (gate rows first) and ``output_linear [E, d, f]``; the shared variant's
     ``shared_mlp.input_linear [2fs, d]`` / ``output_linear [d, fs]``."""
     e, d, f, fs = cfg.n_experts, cfg.d_model, cfg.d_ff_expert, cfg.d_ff_shared
-    t = lambda w: w.transpose(0, 2, 1)  # noqa: E731  [E, out, in] -> [E, in, out]
     r: list[Rule] = [Rule("embed_tokens/embedding", ("model.embed_tokens.weight",), "copy")]
     for i in range(cfg.n_layers):
         p, m = f"model.layers.{i}", f"layers/{i}/mlp"
         r += _layer_rules(cfg, i, p)
         s = f"{p}.block_sparse_moe"
         _linear(r, f"{m}/gate", f"{s}.router.layer")
-        gate_up, fused = (f"{s}.input_linear.weight",), (e, 2 * f, d)
-        r.append(Rule(f"{m}/experts/w_gate", gate_up, "custom", (fused,), lambda w: t(w[:, :f]),
-                      lambda v: FusedPart(fused, np.s_[:, :f], t(v))))
-        r.append(Rule(f"{m}/experts/w_up", gate_up, "custom", (fused,), lambda w: t(w[:, f:]),
-                      lambda v: FusedPart(fused, np.s_[:, f:], t(v))))
-        r.append(Rule(f"{m}/experts/w_down", (f"{s}.output_linear.weight",), "custom", ((e, d, f),), t, t))
+        _fused_linear_experts(r, f"{m}/experts", s, e, d, f)
         if cfg.n_shared_experts:
             shared_in, sfused = (f"{p}.shared_mlp.input_linear.weight",), (2 * fs, d)
             r.append(Rule(f"{m}/shared/gate_proj/kernel", shared_in, "custom", (sfused,), lambda w: w[:fs].T,
