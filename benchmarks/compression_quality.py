@@ -5,6 +5,7 @@ Run::
     python benchmarks/compression_quality.py                          # both models (JSON + Pareto plot)
     python benchmarks/compression_quality.py --models default         # one model
     python benchmarks/compression_quality.py --only prune merge       # some settings only
+    python benchmarks/compression_quality.py --only "recal logits" --out benchmarks/results/compression_quality_logits.json
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
@@ -63,9 +64,12 @@ SETTINGS: dict[str, str] = {
     "prune 75% reap": "prune(keep=0.75,method=reap)",
     "prune 75% reap global": "prune(keep=0.75,method=reap,budget=global)",
     "prune 75% reap global + recal": "prune(keep=0.75,method=reap,budget=global),recalibrate-router",
+    "prune 75% reap global + recal logits": "prune(keep=0.75,method=reap,budget=global),"
+                                            "recalibrate-router(target=logits,steps=200)",
     "merge 75%": "merge(keep=0.75)",
     "merge 75% refit": "merge(keep=0.75,refit=true)",
     "merge 75% refit + recal": "merge(keep=0.75,refit=true),recalibrate-router",
+    "merge 75% refit + recal logits": "merge(keep=0.75,refit=true),recalibrate-router(target=logits,steps=200)",
     "prune 50% naee": "prune(keep=0.5,method=naee)",
     "prune 50% reap global": "prune(keep=0.5,method=reap,budget=global)",
     "merge 50% refit": "merge(keep=0.5,refit=true)",
@@ -191,9 +195,10 @@ def goals(rows: list[dict]) -> str:
 
         say("25% fewer experts, best prune or merge", best(lambda r: r["setting"].startswith(("prune 75", "merge 75"))))
         say("50% fewer experts, best", best(lambda r: r["setting"].startswith(("prune 50", "merge 50"))))
-        say("merge 75% refit + recal", best(lambda r: r["setting"] == "merge 75% refit + recal"))
+        say("merge 75% refit + recal (best target)", best(lambda r: r["setting"].startswith("merge 75% refit + recal")))
         say("best prune 75% (no recalibration)", best(lambda r: r["setting"].startswith("prune 75")
                                                       and "recal" not in r["setting"]))
+        say("best prune 75% + recal", best(lambda r: r["setting"].startswith("prune 75") and "recal" in r["setting"]))
         say("gating, active expert FLOPs <= -25%", best(lambda r: r["family"] == "gating" and
                                                         _rel(r, base, "active_expert_flops_per_token") <= -25))
         say("quantize uniform 3 bits", best(lambda r: r["setting"] == "quantize 3 bits"))

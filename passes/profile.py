@@ -35,8 +35,8 @@ from moejax import analysis, dialect, rewrite
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
-__all__ = ["ProfileRouting", "measure_routing", "token_input_shape", "save_load_heatmap", "MAX_INPUT_SAMPLES",
-           "profile_matches"]
+__all__ = ["ProfileRouting", "measure_routing", "calibration_batches", "windows", "token_input_shape",
+           "save_load_heatmap", "MAX_INPUT_SAMPLES", "profile_matches"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def token_input_shape(program: Program) -> tuple[int, int]:
     return int(b), int(s)
 
 
-def _windows(batches: Sequence[Any], batch: int, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def windows(batches: Sequence[Any], batch: int, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Token batches of any shape -> ``[(tokens [B,S] int32, valid [B,S] bool)]`` for the program."""
     rows, masks = [], []
     for i, b in enumerate(batches):
@@ -219,7 +219,7 @@ def measure_routing(program: Program, batches: Sequence[Any]) -> analysis.Routin
         e = int(spec["moe_dispatch"].params["num_experts"])
         d = int(spec["moe_route"].invars[0].aval.shape[1])
         accs[name] = _Accumulator(e, d)
-    for tokens, mask in _windows(batches, batch, seq_len):
+    for tokens, mask in windows(batches, batch, seq_len):
         _, taps = program.run_with_taps(_TAP_RULES, jnp.asarray(tokens))
         valid = mask.reshape(-1)
         for name, acc in accs.items():
@@ -242,6 +242,34 @@ def profile_matches(program: Program, profile: analysis.RoutingProfile) -> bool:
         return False
     return all(profile.layers[n].num_experts == int(s["moe_dispatch"].params["num_experts"])
                for n, s in specs.items())
+
+
+def calibration_batches(program: Program, ctx: PassContext, calibration_bytes: int = 65536,
+                        seq_len: int | None = None) -> tuple[list[Any], str]:
+    """The token batches a calibrating pass runs on, and what they are.
+
+    ``ctx.calibration`` when given, else the first ``calibration_bytes`` of the
+    default model's training text in ``seq_len`` windows (byte-level models only),
+    else the example inputs.
+    """
+    _, s = token_input_shape(program)
+    if ctx.calibration is not None:
+        return list(ctx.calibration), "calibration"
+    seq_len = seq_len or s
+    vocab = int(program.jaxpr.out_avals[0].shape[-1]) if program.jaxpr.out_avals else 0
+    if vocab >= 256:
+        try:
+            from moejax import data
+            tokens = data.calibration_tokens(max(calibration_bytes, seq_len), seq_len)
+            return [tokens], f"train_bytes[:{tokens.size}]"
+        except (ImportError, AttributeError, OSError, ValueError) as e:
+            log.warning("profile: training text unavailable (%s); using the example inputs", e)
+    else:
+        log.warning("profile: model vocabulary %d < 256 cannot read byte text; calibrating on the example "
+                    "inputs (pass calibration=[token batches] for a real profile)", vocab)
+    if not ctx.example_args:
+        raise PassError("profile: no calibration data: pass calibration=[token batches] to optimize")
+    return [np.asarray(ctx.example_args[0])], "example_args"
 
 
 # --------------------------------------------------------------------------
@@ -293,27 +321,11 @@ class ProfileRouting(Pass):
             raise ValueError(f"batch must be >= 1, got {self.batch}")
 
     def _calibration(self, program: Program, ctx: PassContext) -> tuple[list[Any], str]:
-        b, s = token_input_shape(program)
+        b, _ = token_input_shape(program)
         if self.batch is not None and self.batch != b:
             raise PassError(f"profile(batch={self.batch}): the program was traced for batch {b}; trace (optimize) "
                             f"with example tokens of batch {self.batch} or drop the option")
-        if ctx.calibration is not None:
-            return list(ctx.calibration), "calibration"
-        seq_len = self.seq_len or s
-        vocab = int(program.jaxpr.out_avals[0].shape[-1]) if program.jaxpr.out_avals else 0
-        if vocab >= 256:
-            try:
-                from moejax import data
-                tokens = data.calibration_tokens(max(self.calibration_bytes, seq_len), seq_len)
-                return [tokens], f"train_bytes[:{tokens.size}]"
-            except (ImportError, AttributeError, OSError, ValueError) as e:
-                log.warning("profile: training text unavailable (%s); using the example inputs", e)
-        else:
-            log.warning("profile: model vocabulary %d < 256 cannot read byte text; calibrating on the example "
-                        "inputs (pass calibration=[token batches] for a real profile)", vocab)
-        if not ctx.example_args:
-            raise PassError("profile: no calibration data: pass calibration=[token batches] to optimize")
-        return [np.asarray(ctx.example_args[0])], "example_args"
+        return calibration_batches(program, ctx, self.calibration_bytes, self.seq_len)
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         # The decode (or any later) program of the same optimize call reuses the profile this step
