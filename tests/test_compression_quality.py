@@ -25,7 +25,9 @@ PREFIX = ["select-impl(layout=stacked)", "profile"]
 BOUNDS = {
     "default": {
         "gating(top_p=0.5)": [0.03],
-        "prune(keep=0.75,method=reap),recalibrate-router(steps=100)": [0.10, 0.10],
+        # Issue 15's goal for 25% fewer experts (<= +6%) is met only by the benchmark's longer run
+        # (64 KB calibration, 200 steps: +5.61%); these 20 steps on 16 KB measured +7.78%.
+        "prune(keep=0.75,method=reap,budget=global),recalibrate-router(target=logits,steps=20)": [0.10, 0.085],
         "merge(keep=0.75,refit=true)": [0.12],
         "quantize(bits=3,mixed=true,group_size=64)": [0.05],
     },
