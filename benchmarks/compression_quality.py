@@ -5,7 +5,10 @@ Run::
     python benchmarks/compression_quality.py                          # both models (JSON + Pareto plot)
     python benchmarks/compression_quality.py --models default         # one model
     python benchmarks/compression_quality.py --only prune merge       # some settings only
-    python benchmarks/compression_quality.py --only "recal logits" --out benchmarks/results/compression_quality_logits.json
+    python benchmarks/compression_quality.py --only "75% reap global + recal logits" "75% refit + recal logits" \\
+        --out benchmarks/results/compression_quality_logits.json  # end-to-end router recalibration
+    python benchmarks/compression_quality.py --models fine-grained --only "50% naee + recal logits" --no-plot \\
+        --out benchmarks/results/compression_quality_logits_50.json
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
@@ -72,6 +75,7 @@ SETTINGS: dict[str, str] = {
     "merge 75% refit + recal logits": "merge(keep=0.75,refit=true),recalibrate-router(target=logits,steps=200)",
     "prune 50% naee": "prune(keep=0.5,method=naee)",
     "prune 50% reap global": "prune(keep=0.5,method=reap,budget=global)",
+    "prune 50% naee + recal logits": "prune(keep=0.5,method=naee),recalibrate-router(target=logits,steps=200)",
     "merge 50% refit": "merge(keep=0.5,refit=true)",
     "quantize 4 bits g64": "quantize(bits=4,group_size=64)",
     "quantize 3 bits": "quantize(bits=3,group_size=64)",
