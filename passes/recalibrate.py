@@ -55,7 +55,8 @@ def log_probs(outputs) -> jax.Array:
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class RecalibrateRouter(Pass):
-    """Retrain the routers of the compressed program to reproduce the source program's MoE layer outputs.
+    """Retrain the routers of the compressed program to reproduce the source program's MoE layer outputs
+    (``target=layer``) or its next-token distributions (``target=logits``).
 
     Options:
       target: ``layer`` (default) fits each layer's output on the profile's sampled
@@ -67,7 +68,8 @@ class RecalibrateRouter(Pass):
 
     Needs a routing profile of the current program (``prune`` and ``merge`` leave a
     fresh one) and the pipeline's source program (kept by the pass manager).
-    Pipeline spelling: ``prune(keep=0.75,method=reap),recalibrate-router``.
+    Pipeline spelling: ``prune(keep=0.75,method=reap),recalibrate-router`` or
+    ``...,recalibrate-router(target=logits,steps=200)`` (minutes on a CPU for the bundled models).
     """
 
     name: ClassVar[str] = "recalibrate-router"
