@@ -245,12 +245,12 @@ def profile_matches(program: Program, profile: analysis.RoutingProfile) -> bool:
 
 
 def calibration_batches(program: Program, ctx: PassContext, calibration_bytes: int = 65536,
-                        seq_len: int | None = None) -> tuple[list[Any], str]:
+                        seq_len: int | None = None, who: str = "profile") -> tuple[list[Any], str]:
     """The token batches a calibrating pass runs on, and what they are.
 
     ``ctx.calibration`` when given, else the first ``calibration_bytes`` of the
     default model's training text in ``seq_len`` windows (byte-level models only),
-    else the example inputs.
+    else the example inputs. ``who`` names the calling pass in warnings and errors.
     """
     _, s = token_input_shape(program)
     if ctx.calibration is not None:
@@ -263,12 +263,12 @@ def calibration_batches(program: Program, ctx: PassContext, calibration_bytes: i
             tokens = data.calibration_tokens(max(calibration_bytes, seq_len), seq_len)
             return [tokens], f"train_bytes[:{tokens.size}]"
         except (ImportError, AttributeError, OSError, ValueError) as e:
-            log.warning("profile: training text unavailable (%s); using the example inputs", e)
+            log.warning("%s: training text unavailable (%s); using the example inputs", who, e)
     else:
-        log.warning("profile: model vocabulary %d < 256 cannot read byte text; calibrating on the example "
-                    "inputs (pass calibration=[token batches] for a real profile)", vocab)
+        log.warning("%s: model vocabulary %d < 256 cannot read byte text; calibrating on the example "
+                    "inputs (pass calibration=[token batches] for a real profile)", who, vocab)
     if not ctx.example_args:
-        raise PassError("profile: no calibration data: pass calibration=[token batches] to optimize")
+        raise PassError(f"{who}: no calibration data: pass calibration=[token batches] to optimize")
     return [np.asarray(ctx.example_args[0])], "example_args"
 
 

@@ -61,7 +61,8 @@ class RecalibrateRouter(Pass):
     Options:
       target: ``layer`` (default) fits each layer's output on the profile's sampled
         hidden states; ``logits`` fits all routers at once to the source program's
-        next-token distributions on the calibration windows (slower, better).
+        next-token distributions on the calibration windows (slower, better): the
+        optimize call's calibration batches, else the first 64 KB of the training text.
       steps: Adam steps (per layer for ``layer``, full batch over the profile's
         sampled tokens; in all for ``logits``, one batch of windows per step).
       lr: Adam learning rate, relative to the router's RMS weight.
@@ -193,7 +194,7 @@ class RecalibrateRouter(Pass):
         source_log_probs = jax.jit(lambda tok: log_probs(source.as_function()(source.weight_leaves, tok)))
         # (tokens, valid mask, the source's log-probabilities) per batch of calibration windows
         wins = [(jnp.asarray(t), jnp.asarray(m), source_log_probs(jnp.asarray(t)))
-                for t, m in windows(calibration_batches(program, ctx)[0], batch, seq_len)]
+                for t, m in windows(calibration_batches(program, ctx, who=self.name)[0], batch, seq_len)]
         n_fit = max(1, (3 * len(wins)) // 4)
         held = wins[n_fit:] or wins[:n_fit]
         run, leaves = program.as_function(), list(program.weight_leaves)
