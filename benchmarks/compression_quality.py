@@ -9,6 +9,8 @@ Run::
         --out benchmarks/results/compression_quality_logits.json  # end-to-end router recalibration
     python benchmarks/compression_quality.py --models fine-grained --only "50% naee + recal logits" --no-plot \\
         --out benchmarks/results/compression_quality_logits_50.json
+    python benchmarks/compression_quality.py --models fine-grained default --only "75% reap global + distill" \
+        --no-plot --out benchmarks/results/compression_quality_distill.json  # routers and kept experts distilled
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
@@ -69,6 +71,7 @@ SETTINGS: dict[str, str] = {
     "prune 75% reap global + recal": "prune(keep=0.75,method=reap,budget=global),recalibrate-router",
     "prune 75% reap global + recal logits": "prune(keep=0.75,method=reap,budget=global),"
                                             "recalibrate-router(target=logits,steps=200)",
+    "prune 75% reap global + distill": "prune(keep=0.75,method=reap,budget=global),distill(calibration_bytes=262144)",
     "merge 75%": "merge(keep=0.75)",
     "merge 75% refit": "merge(keep=0.75,refit=true)",
     "merge 75% refit + recal": "merge(keep=0.75,refit=true),recalibrate-router",
@@ -76,6 +79,7 @@ SETTINGS: dict[str, str] = {
     "prune 50% naee": "prune(keep=0.5,method=naee)",
     "prune 50% reap global": "prune(keep=0.5,method=reap,budget=global)",
     "prune 50% naee + recal logits": "prune(keep=0.5,method=naee),recalibrate-router(target=logits,steps=200)",
+    "prune 50% naee + distill": "prune(keep=0.5,method=naee),distill(calibration_bytes=262144)",
     "merge 50% refit": "merge(keep=0.5,refit=true)",
     "quantize 4 bits g64": "quantize(bits=4,group_size=64)",
     "quantize 3 bits": "quantize(bits=3,group_size=64)",
@@ -200,9 +204,13 @@ def goals(rows: list[dict]) -> str:
         say("25% fewer experts, best prune or merge", best(lambda r: r["setting"].startswith(("prune 75", "merge 75"))))
         say("50% fewer experts, best", best(lambda r: r["setting"].startswith(("prune 50", "merge 50"))))
         say("merge 75% refit + recal (best target)", best(lambda r: r["setting"].startswith("merge 75% refit + recal")))
-        say("best prune 75% (no recalibration)", best(lambda r: r["setting"].startswith("prune 75")
-                                                      and "recal" not in r["setting"]))
+        def repaired(r):  # router recalibration or distillation after compressing
+            return "recal" in r["setting"] or "distill" in r["setting"]
+
+        say("best prune 75% (no repair)", best(lambda r: r["setting"].startswith("prune 75") and not repaired(r)))
         say("best prune 75% + recal", best(lambda r: r["setting"].startswith("prune 75") and "recal" in r["setting"]))
+        say("best prune 75% + distill", best(lambda r: r["setting"].startswith("prune 75")
+                                              and "distill" in r["setting"]))
         say("gating, active expert FLOPs <= -25%", best(lambda r: r["family"] == "gating" and
                                                         _rel(r, base, "active_expert_flops_per_token") <= -25))
         say("quantize uniform 3 bits", best(lambda r: r["setting"] == "quantize 3 bits"))

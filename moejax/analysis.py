@@ -38,7 +38,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 __all__ = ["AnalysisResult", "LayerRouting", "RoutingProfile", "LayerPrune", "PrunePlan", "MergePlan",
-           "BitAllocation", "RouterCalibration", "RESULT_TYPES", "read", "write", "AnalysisStore", "DerivedWeights"]
+           "BitAllocation", "RouterCalibration", "DistilledWeights", "RESULT_TYPES", "read", "write", "AnalysisStore",
+           "DerivedWeights"]
 
 T = TypeVar("T", bound="AnalysisResult")
 
@@ -336,28 +337,36 @@ class BitAllocation(_LayerMap, AnalysisResult):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class RouterCalibration(AnalysisResult):
-    """What ``recalibrate-router`` trained: router weights by path, and the layers' error vs the source before/after.
+class DistilledWeights(AnalysisResult):
+    """What ``distill`` trained: weights by path, and the held-out KL to the source before/after (nats per token).
 
-    Shared by the programs of one optimize call (they get the same routers); the
+    Shared by the programs of one optimize call (they get the same weights); the
     metadata form keeps only the figures.
     """
 
-    key: ClassVar[str] = "router_calibration"
-    routers: dict[str, Any]
+    key: ClassVar[str] = "distilled_weights"
+    weights: dict[str, Any]
     error_before: float
     error_after: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"error_before": self.error_before, "error_after": self.error_after, "routers": sorted(self.routers)}
+        return {"error_before": self.error_before, "error_after": self.error_after, "weights": sorted(self.weights)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RouterCalibration":
+    def from_dict(cls, data: Mapping[str, Any]) -> "DistilledWeights":
         return cls({}, float(data["error_before"]), float(data["error_after"]))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class RouterCalibration(DistilledWeights):
+    """What ``recalibrate-router`` trained: router weights by path, and its error vs the source before/after."""
+
+    key: ClassVar[str] = "router_calibration"
+
+
 RESULT_TYPES: dict[str, type[AnalysisResult]] = {
-    cls.key: cls for cls in (RoutingProfile, PrunePlan, MergePlan, BitAllocation, RouterCalibration)}
+    cls.key: cls for cls in (RoutingProfile, PrunePlan, MergePlan, BitAllocation, RouterCalibration,
+                             DistilledWeights)}
 
 
 def _declared(cls: type) -> str:

@@ -187,14 +187,31 @@ def test_recalibration_needs_a_source_and_refuses_input_weighted_routing():
         _run(["merge(num_experts=2,refit=true)"], llama, x)
 
 
-def test_logit_recalibration_repairs_damaged_routers_end_to_end_and_leaves_perfect_ones():
+def _tiny_decoder_program():
+    """A tiny Mixtral decoder's traced forward on [2, 16] tokens (the source a repair pass matches)."""
     from flax import nnx
 
     from moejax.models import MoEDecoder, tiny_mixtral
 
+    return moejax.trace(MoEDecoder(tiny_mixtral(), rngs=nnx.Rngs(0)), jnp.zeros((2, 16), jnp.int32))
+
+
+def _kl(source, program, tok) -> float:
+    """Mean KL divergence of ``program``'s next-token distributions from ``source``'s on ``tok``."""
+    p, q = (jax.nn.log_softmax(prog(tok), -1) for prog in (source, program))
+    return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
+
+
+def _repair(pass_, program, source, calibration):
+    """``pass_`` run on ``program`` as a pipeline would, with ``source`` as the program it started from."""
+    ctx = PassContext(calibration=calibration)
+    ctx.analysis.keep_source(source)
+    return pass_.run(program, ctx)
+
+
+def test_logit_recalibration_repairs_damaged_routers_end_to_end_and_leaves_perfect_ones():
     rs = np.random.RandomState(8)
-    model = MoEDecoder(tiny_mixtral(), rngs=nnx.Rngs(0))
-    source = moejax.trace(model, jnp.zeros((2, 16), jnp.int32))
+    source = _tiny_decoder_program()
     calibration = [rs.randint(0, 64, (16, 16))]  # 8 batches of windows: 6 to fit, 2 held out
     routers = [layer.router for layer in find_moe_layers(source, "t").values()]
     damaged = source.rewrite(weights={r: source.weights[r] + 0.5 * jnp.asarray(rs.randn(*source.weights[r].shape),
@@ -202,20 +219,47 @@ def test_logit_recalibration_repairs_damaged_routers_end_to_end_and_leaves_perfe
 
     tok = jnp.asarray(rs.randint(0, 64, (2, 16)))  # windows the pass never sees
 
-    def kl_to_source(program):
-        p, q = (jax.nn.log_softmax(prog(tok), -1) for prog in (source, program))
-        return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
-
     def recalibrate(program, steps):
-        ctx = PassContext(calibration=calibration)
-        ctx.analysis.keep_source(source)
-        return RecalibrateRouter(target="logits", steps=steps, lr=0.05).run(program, ctx)
+        return _repair(RecalibrateRouter(target="logits", steps=steps, lr=0.05), program, source, calibration)
 
     fixed = recalibrate(damaged, 60)
-    assert kl_to_source(fixed) < 0.5 * kl_to_source(damaged)
+    assert _kl(source, fixed, tok) < 0.5 * _kl(source, damaged, tok)
     assert "KL divergence" in str(fixed.metadata["notes"])
     same = recalibrate(source, 8)  # nothing to repair: the held-out KL cannot improve on 0
     for r in routers:
         np.testing.assert_array_equal(np.asarray(same.weights[r]), np.asarray(source.weights[r]))
     with pytest.raises(ValueError, match="target must be layer or logits"):
         RecalibrateRouter(target="output")
+
+
+def test_distillation_repairs_damaged_experts_end_to_end_and_leaves_perfect_ones():
+    from moejax.passes.distill import Distill
+
+    rs = np.random.RandomState(9)
+    source = _tiny_decoder_program()
+    calibration = [rs.randint(0, 64, (64, 16))]  # 32 batches of windows: 24 to fit, 8 held out
+    layers = find_moe_layers(source, "t").values()
+    trained = [l.router for l in layers] + [e for l in layers for e in l.experts]
+    experts = [e for l in layers for e in l.experts]
+    # what removing or merging experts does, in kind: expert outputs the routers cannot choose their way around
+    damaged = source.rewrite(weights={e: source.weights[e] * jnp.asarray(1 + 0.5 * rs.randn(
+        *source.weights[e].shape), jnp.float32) for e in experts})
+    tok = jnp.asarray(rs.randint(0, 64, (2, 16)))  # windows the pass never sees
+
+    def distill(program, steps):
+        ctx = PassContext()
+        ctx.analysis.keep_source(source)
+        Distill(steps=steps).check(program, ctx)  # float experts and a source: nothing to refuse
+        return _repair(Distill(steps=steps, lr=0.02), program, source, calibration)
+
+    fixed = distill(damaged, 150)
+    assert _kl(source, fixed, tok) < 0.5 * _kl(source, damaged, tok)
+    assert "KL divergence" in str(fixed.metadata["notes"])
+    same = distill(source, 8)  # nothing to repair: the held-out KL cannot improve on 0
+    for name in trained:
+        np.testing.assert_array_equal(np.asarray(same.weights[name]), np.asarray(source.weights[name]))
+    with pytest.raises(PassError, match="not float; run distill before quantize"):
+        PassManager(["quantize(bits=8)", "distill(steps=1)"], check_exact=False).run(
+            source, PassContext(calibration=calibration))
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        Distill(steps=0)

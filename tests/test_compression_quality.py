@@ -32,7 +32,9 @@ BOUNDS = {
         "quantize(bits=3,mixed=true,group_size=64)": [0.05],
     },
     "fine-grained": {
-        "prune(keep=0.75,method=reap)": [0.12],
+        # Issue 15's goal here is <= +2%: the benchmark's distill (200 steps on 256 KB) measured +2.68%.
+        # These 20 steps on 16 KB measured +12.63% after pruning and +9.70% after distilling.
+        "prune(keep=0.75,method=reap,budget=global),distill(steps=20)": [0.14, 0.11],
     },
 }
 
