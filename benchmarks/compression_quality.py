@@ -11,6 +11,8 @@ Run::
         --out benchmarks/results/compression_quality_logits_50.json
     python benchmarks/compression_quality.py --models fine-grained default --only "75% reap global + distill" \
         --no-plot --out benchmarks/results/compression_quality_distill.json  # routers and kept experts distilled
+    python benchmarks/compression_quality.py --models fine-grained --only "50% naee + distill" --no-plot \
+        --out benchmarks/results/compression_quality_distill_50.json
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
