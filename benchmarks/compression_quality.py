@@ -13,6 +13,8 @@ Run::
         --no-plot --out benchmarks/results/compression_quality_distill.json  # routers and kept experts distilled
     python benchmarks/compression_quality.py --models fine-grained --only "50% naee + distill" --no-plot \
         --out benchmarks/results/compression_quality_distill_50.json
+    python benchmarks/compression_quality.py --models default --only "75% refit + distill" --no-plot \
+        --out benchmarks/results/compression_quality_distill_merge.json
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
@@ -78,6 +80,7 @@ SETTINGS: dict[str, str] = {
     "merge 75% refit": "merge(keep=0.75,refit=true)",
     "merge 75% refit + recal": "merge(keep=0.75,refit=true),recalibrate-router",
     "merge 75% refit + recal logits": "merge(keep=0.75,refit=true),recalibrate-router(target=logits,steps=200)",
+    "merge 75% refit + distill": "merge(keep=0.75,refit=true),distill(calibration_bytes=262144)",
     "prune 50% naee": "prune(keep=0.5,method=naee)",
     "prune 50% reap global": "prune(keep=0.5,method=reap,budget=global)",
     "prune 50% naee + recal logits": "prune(keep=0.5,method=naee),recalibrate-router(target=logits,steps=200)",
