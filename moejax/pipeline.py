@@ -50,7 +50,7 @@ from moejax.program import Program, path_to_str
 
 __all__ = ["Pass", "PassError", "NonFiniteStageError", "Tolerance", "PassContext", "Stage", "PassManager",
            "register_pass", "registered_passes", "parse_pipeline", "pipeline_to_str", "check_outputs_close",
-           "check_programs_match", "check_batches", "is_exact", "exactness_label"]
+           "check_programs_match", "check_batches", "is_exact", "exactness_label", "with_note"]
 
 
 class PassError(ValueError):
@@ -233,6 +233,11 @@ def _field_default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return object()  # a required option: never equal to a value
+
+
+def with_note(metadata: Mapping[str, Any], key: str, note: str) -> dict[str, Any]:
+    """A copy of program ``metadata`` with ``note`` under ``key`` in its ``notes`` (what a lossy stage did)."""
+    return {**metadata, "notes": {**metadata.get("notes", {}), key: note}}
 
 
 def is_exact(p: Pass) -> bool:

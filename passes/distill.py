@@ -31,7 +31,7 @@ from moejax import numerics
 from moejax.analysis import DistilledWeights
 from moejax.passes.profile import calibration_batches, token_input_shape, windows
 from moejax.passes.prune import find_moe_layers
-from moejax.pipeline import Pass, PassContext, PassError, register_pass
+from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_note
 from moejax.program import Program
 
 __all__ = ["Distill", "distill_to_source", "log_probs", "HELD_BATCHES"]
@@ -87,8 +87,8 @@ def distill_to_source(program: Program, source: Program, names: Sequence[str], b
         upd, state = tx.update(grad, state, params)
         return optax.apply_updates(params, upd), state
 
-    kl_jit = jax.jit(kl)
-    held = [(t, m, jax.jit(teacher_log_probs)(teacher_leaves, t)) for t, m in held]
+    kl_jit, teacher_jit = jax.jit(kl), jax.jit(teacher_log_probs)
+    held = [(t, m, teacher_jit(teacher_leaves, t)) for t, m in held]
 
     def held_kl(ps):
         return float(np.mean([kl_jit(ps, leaves, *w) for w in held]))
@@ -176,10 +176,9 @@ class Distill(Pass):
                 program, ctx.analysis.source_of(program), self._trained(program), self._batches(program, ctx),
                 steps=self.steps, optimizer=relative_adam(self.lr, self.steps), who=self.name))
         new = program.rewrite(weights=result.weights)
-        notes = dict(new.metadata.get("notes", {}))
-        notes[str(self)] = (f"KL divergence to the source's next-token distribution on held-out calibration "
-                            f"windows: {result.error_before:.4g} -> {result.error_after:.4g} nats per token")
-        return new.replace(metadata={**new.metadata, "notes": notes})
+        return new.replace(metadata=with_note(
+            new.metadata, str(self), f"KL divergence to the source's next-token distribution on held-out "
+            f"calibration windows: {result.error_before:.4g} -> {result.error_after:.4g} nats per token"))
 
     def _trained(self, program: Program) -> list[str]:
         layers = find_moe_layers(program, self.name).values()

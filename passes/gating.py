@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 
 from moejax import analysis, dialect
-from moejax.pipeline import Pass, PassContext, PassError, register_pass
+from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_note
 from moejax.program import Program
 
 __all__ = ["DynamicGating", "refresh_profile", "mean_active_experts"]
@@ -165,6 +165,5 @@ class DynamicGating(Pass):
         profile = refresh_profile(new, ctx, ctx.step(self))
         if profile is None:
             return new
-        notes = dict(new.metadata.get("notes", {}))
-        notes[str(self)] = f"measured mean active experts per token: {profile.mean_active():.3f}"
-        return new.replace(metadata={**analysis.write(new.metadata, profile), "notes": notes})
+        return new.replace(metadata=with_note(analysis.write(new.metadata, profile), str(self),
+                                              f"measured mean active experts per token: {profile.mean_active():.3f}"))

@@ -46,7 +46,7 @@ import numpy as np
 from moejax import analysis, dataflow, dialect
 from moejax import weight_formats as wf
 from moejax.passes.gating import PROFILE_KEY, refresh_profile
-from moejax.pipeline import Pass, PassContext, PassError, register_pass
+from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_note
 from moejax.program import Program
 
 __all__ = ["PruneExperts", "MoELayer", "reap_saliency", "removal_errors", "allocate_global", "find_moe_layers",
@@ -312,10 +312,7 @@ def _with_profile(new: Program, ctx: PassContext, step: str, note_key: str, note
         meta = analysis.write(meta, profile)
     else:  # the old profile describes experts that no longer exist
         meta.pop(PROFILE_KEY, None)
-    notes = dict(meta.get("notes", {}))
-    notes[note_key] = note
-    meta["notes"] = notes
-    return new.replace(metadata=meta)
+    return new.replace(metadata=with_note(meta, note_key, note))
 
 
 PRUNE_METHODS = ("reap", "naee", "reconstruction", "frequency", "mass")

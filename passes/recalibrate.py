@@ -44,7 +44,7 @@ from moejax.analysis import RouterCalibration
 from moejax.passes.distill import distill_to_source
 from moejax.passes.profile import calibration_batches
 from moejax.passes.prune import MoELayer, _row, expert_outputs, find_moe_layers, layer_output, layer_profile
-from moejax.pipeline import Pass, PassContext, PassError, register_pass
+from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_note
 from moejax.program import Program
 
 __all__ = ["RecalibrateRouter"]
@@ -114,13 +114,11 @@ class RecalibrateRouter(Pass):
             result = ctx.analysis.put(step, self._distill(program, source, layers, ctx) if self.target == "logits"
                                       else self._train(program, source, layers))
         new = program.rewrite(weights={l.router: result.weights[l.router] for l in layers.values()})
-        notes = dict(new.metadata.get("notes", {}))
-        notes[str(self)] = (
-            f"KL divergence to the source's next-token distribution on held-out calibration windows: "
-            f"{result.error_before:.4g} -> {result.error_after:.4g} nats per token" if self.target == "logits" else
-            f"relative MoE-layer output error vs the source on held-out sampled tokens: "
-            f"{result.error_before:.4g} -> {result.error_after:.4g} (mean over layers)")
-        return new.replace(metadata={**new.metadata, "notes": notes})
+        note = (f"KL divergence to the source's next-token distribution on held-out calibration windows: "
+                f"{result.error_before:.4g} -> {result.error_after:.4g} nats per token" if self.target == "logits" else
+                f"relative MoE-layer output error vs the source on held-out sampled tokens: "
+                f"{result.error_before:.4g} -> {result.error_after:.4g} (mean over layers)")
+        return new.replace(metadata=with_note(new.metadata, str(self), note))
 
     def _train(self, program: Program, source: Program, layers: Mapping[str, MoELayer]) -> RouterCalibration:
         source_layers = find_moe_layers(source, self.name)

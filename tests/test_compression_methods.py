@@ -209,6 +209,16 @@ def _repair(pass_, program, source, calibration):
     return pass_.run(program, ctx)
 
 
+def _assert_repairs_and_keeps_perfect(repair, source, damaged, tok, names, steps):
+    """``repair(program, steps)`` halves the KL to ``source`` on unseen ``tok`` and leaves ``source`` itself alone."""
+    fixed = repair(damaged, steps)
+    assert _kl(source, fixed, tok) < 0.5 * _kl(source, damaged, tok)
+    assert "KL divergence" in str(fixed.metadata["notes"])
+    same = repair(source, 8)  # nothing to repair: the held-out KL cannot improve on 0
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(same.weights[name]), np.asarray(source.weights[name]))
+
+
 def test_logit_recalibration_repairs_damaged_routers_end_to_end_and_leaves_perfect_ones():
     rs = np.random.RandomState(8)
     source = _tiny_decoder_program()
@@ -222,12 +232,7 @@ def test_logit_recalibration_repairs_damaged_routers_end_to_end_and_leaves_perfe
     def recalibrate(program, steps):
         return _repair(RecalibrateRouter(target="logits", steps=steps, lr=0.05), program, source, calibration)
 
-    fixed = recalibrate(damaged, 60)
-    assert _kl(source, fixed, tok) < 0.5 * _kl(source, damaged, tok)
-    assert "KL divergence" in str(fixed.metadata["notes"])
-    same = recalibrate(source, 8)  # nothing to repair: the held-out KL cannot improve on 0
-    for r in routers:
-        np.testing.assert_array_equal(np.asarray(same.weights[r]), np.asarray(source.weights[r]))
+    _assert_repairs_and_keeps_perfect(recalibrate, source, damaged, tok, routers, steps=60)
     with pytest.raises(ValueError, match="target must be layer or logits"):
         RecalibrateRouter(target="output")
 
@@ -252,12 +257,7 @@ def test_distillation_repairs_damaged_experts_end_to_end_and_leaves_perfect_ones
         Distill(steps=steps).check(program, ctx)  # float experts and a source: nothing to refuse
         return _repair(Distill(steps=steps, lr=0.02), program, source, calibration)
 
-    fixed = distill(damaged, 150)
-    assert _kl(source, fixed, tok) < 0.5 * _kl(source, damaged, tok)
-    assert "KL divergence" in str(fixed.metadata["notes"])
-    same = distill(source, 8)  # nothing to repair: the held-out KL cannot improve on 0
-    for name in trained:
-        np.testing.assert_array_equal(np.asarray(same.weights[name]), np.asarray(source.weights[name]))
+    _assert_repairs_and_keeps_perfect(distill, source, damaged, tok, trained, steps=150)
     with pytest.raises(PassError, match="not float; run distill before quantize"):
         PassManager(["quantize(bits=8)", "distill(steps=1)"], check_exact=False).run(
             source, PassContext(calibration=calibration))
