@@ -36,11 +36,14 @@ def count_nonfinite(x: Any) -> int:
     """Number of NaN/Inf elements of a float array (0 for non-float arrays and for shapes, ``ShapeDtypeStruct``)."""
     if not is_float(x) or isinstance(x, jax.ShapeDtypeStruct):  # a shape has no values to check
         return 0
+    if isinstance(x, jax.Array) and x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices()):
+        # host memory already: numpy reads it in place, where jnp would compile two programs per shape
+        x = np.asarray(x)
     if isinstance(x, np.ndarray):
         # numpy cannot run isfinite on ml_dtypes (bfloat16) arrays: widen first
         a = x if x.dtype.kind == "f" else x.astype(np.float32)
         return int(a.size - np.count_nonzero(np.isfinite(a)))
-    # on device: one reduction, no copy of the weight to the host
+    # on an accelerator: one reduction, no copy of the weight to the host
     finite = jnp.isfinite(x)
     if bool(jnp.all(finite)):
         return 0

@@ -134,9 +134,12 @@ class Distill(Pass):
       lr: Adam step size relative to each weight's RMS (decayed to a tenth by a cosine schedule).
       calibration_bytes: distil on this many bytes of the training text (byte-level models);
         0 takes the optimize call's calibration batches, else the first 262144 bytes.
+      train: ``experts`` trains the routers and routed experts; shared experts,
+        attention, norms and embeddings stay as they are. ``all`` trains every float
+        weight of the program, so that the rest of the model can make up for what the
+        compression removed too.
 
-    Shared experts, attention and embeddings stay as they are. Expert weights
-    must be float (run ``distill`` before ``quantize``). Pipeline spelling:
+    Expert weights must be float (run ``distill`` before ``quantize``). Pipeline spelling:
     ``prune(keep=0.75,method=reap,budget=global),distill`` (minutes on a CPU for
     the bundled models).
     """
@@ -144,11 +147,12 @@ class Distill(Pass):
     name: ClassVar[str] = "distill"
     exact: ClassVar[bool] = False
     option_ranges: ClassVar[Mapping[str, str]] = {"steps": "integer >= 1", "lr": "number > 0",
-                                                  "calibration_bytes": "integer >= 0"}
+                                                  "calibration_bytes": "integer >= 0", "train": "experts | all"}
 
     steps: int = 200
     lr: float = 0.003
     calibration_bytes: int = 0
+    train: str = "experts"
 
     def __post_init__(self):
         for key, minimum in (("steps", 1), ("calibration_bytes", 0)):
@@ -157,12 +161,14 @@ class Distill(Pass):
                 raise ValueError(f"distill: {key} must be an integer >= {minimum}, got {v!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"distill: lr must be a number > 0, got {self.lr!r}")
+        if self.train not in ("experts", "all"):
+            raise ValueError(f"distill: train must be experts or all, got {self.train!r}")
 
     def check(self, program: Program, ctx: PassContext) -> None:
         if ctx.analysis.source_of(program) is None:
             raise PassError("distill: no source program to match; run it inside a pipeline "
                             "(moejax.optimize or PassManager.run)")
-        for name in self._trained(program):
+        for name in self._moe_weights(program):
             for leaf in jax.tree_util.tree_leaves(program.weights[name]):
                 if not numerics.is_float(leaf):
                     raise PassError(f"distill: weight {name!r} is {np.asarray(leaf).dtype}, not float; "
@@ -180,9 +186,16 @@ class Distill(Pass):
             new.metadata, str(self), f"KL divergence to the source's next-token distribution on held-out "
             f"calibration windows: {result.error_before:.4g} -> {result.error_after:.4g} nats per token"))
 
-    def _trained(self, program: Program) -> list[str]:
+    def _moe_weights(self, program: Program) -> list[str]:
+        """The routers and routed experts: what ``train=experts`` trains (and what must be float)."""
         layers = find_moe_layers(program, self.name).values()
         return [l.router for l in layers] + [e for l in layers for e in l.experts]
+
+    def _trained(self, program: Program) -> list[str]:
+        if self.train == "experts":
+            return self._moe_weights(program)
+        return [n for n, w in program.weights.items()
+                if all(numerics.is_float(leaf) for leaf in jax.tree_util.tree_leaves(w))]
 
     def _batches(self, program: Program, ctx: PassContext) -> list[Any]:
         if not self.calibration_bytes:
