@@ -15,6 +15,10 @@ Run::
         --out benchmarks/results/compression_quality_distill_50.json
     python benchmarks/compression_quality.py --models default --only "75% refit + distill" --no-plot \
         --out benchmarks/results/compression_quality_distill_merge.json
+    python benchmarks/compression_quality.py --models fine-grained --only "distill 500 steps" "distill all 500 steps" \
+        --no-plot --out benchmarks/results/compression_quality_distill_500.json  # longer, on more text; every weight
+    python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.35), distill all" --no-plot \
+        --out benchmarks/results/compression_quality_gating_distill.json
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
@@ -68,6 +72,8 @@ SETTINGS: dict[str, str] = {
     "gating(top_p=0.7)": "gating(top_p=0.7)",
     "gating(top_p=0.8)": "gating(top_p=0.8)",
     "gating(skip_ratio=0.3)": "gating(skip_ratio=0.3)",
+    "gating(skip_ratio=0.35), distill all": "gating(skip_ratio=0.35),distill(steps=300,calibration_bytes=262144,"
+                                            "train=all)",
     "prune 75% frequency": "prune(keep=0.75,method=frequency)",
     "prune 75% naee": "prune(keep=0.75,method=naee)",
     "prune 75% reap": "prune(keep=0.75,method=reap)",
@@ -76,6 +82,10 @@ SETTINGS: dict[str, str] = {
     "prune 75% reap global + recal logits": "prune(keep=0.75,method=reap,budget=global),"
                                             "recalibrate-router(target=logits,steps=200)",
     "prune 75% reap global + distill": "prune(keep=0.75,method=reap,budget=global),distill(calibration_bytes=262144)",
+    "prune 75% reap global, distill 500 steps 512K": "prune(keep=0.75,method=reap,budget=global),"
+                                                     "distill(steps=500,calibration_bytes=524288)",
+    "prune 75% reap global, distill all 500 steps 512K": "prune(keep=0.75,method=reap,budget=global),"
+                                                         "distill(steps=500,calibration_bytes=524288,train=all)",
     "merge 75%": "merge(keep=0.75)",
     "merge 75% refit": "merge(keep=0.75,refit=true)",
     "merge 75% refit + recal": "merge(keep=0.75,refit=true),recalibrate-router",

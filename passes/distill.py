@@ -7,7 +7,9 @@ so that the compressed program's next-token distributions match those of the
 program the pipeline started from (the source), KL divergence on calibration
 windows of the training text. The teacher is the source program, never the
 text's own next bytes, so the pass repairs the compression and cannot pass
-off further training of the model as a compression result.
+off further training of the model as a compression result. ``train=all``
+trains every float weight (attention, norms, shared experts, embeddings too):
+the rest of the model can then make up for the removed experts as well.
 
 :func:`distill_to_source` is the loop both this pass and
 ``recalibrate-router(target=logits)`` run: Adam on the named weights, a
