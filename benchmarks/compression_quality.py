@@ -17,7 +17,7 @@ Run::
         --out benchmarks/results/compression_quality_distill_merge.json
     python benchmarks/compression_quality.py --models fine-grained --only "distill 500 steps" "distill all 500 steps" \
         --no-plot --out benchmarks/results/compression_quality_distill_500.json  # longer, on more text; every weight
-    python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.35), distill all" --no-plot \
+    python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.35" --no-plot \
         --out benchmarks/results/compression_quality_gating_distill.json
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
@@ -72,6 +72,7 @@ SETTINGS: dict[str, str] = {
     "gating(top_p=0.7)": "gating(top_p=0.7)",
     "gating(top_p=0.8)": "gating(top_p=0.8)",
     "gating(skip_ratio=0.3)": "gating(skip_ratio=0.3)",
+    "gating(skip_ratio=0.35)": "gating(skip_ratio=0.35)",
     "gating(skip_ratio=0.35), distill all": "gating(skip_ratio=0.35),distill(steps=300,calibration_bytes=262144,"
                                             "train=all)",
     "prune 75% frequency": "prune(keep=0.75,method=frequency)",
