@@ -7,6 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # compilation cache (keyed by the compiled HLO, so never stale) lets identical programs
 # compile once. One directory for both xdist workers and their subprocesses: JAX's key
 # includes the directory's path, so a directory per worker could never share an entry.
+# (JAX writes entries unlocked: a read that races a write warns and compiles again.)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"moejax-test-jax-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
