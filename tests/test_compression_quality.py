@@ -18,6 +18,8 @@ from moejax import data
 from moejax.models import load_bundled_model
 from moejax.pipeline import PassContext, PassManager
 
+pytestmark = pytest.mark.full_optimization  # runtime-bound: training and scoring the bundled models
+
 WINDOWS, SEQ = 8, 256
 PREFIX = ["select-impl(layout=stacked)", "profile"]
 
@@ -37,17 +39,6 @@ BOUNDS = {
         "prune(keep=0.75,method=reap,budget=global),distill(steps=20)": [0.14, 0.11],
     },
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def optimized_machine_code():
-    """Full LLVM optimisation here (conftest turns it off for the compile-bound rest of the suite): these
-    tests train and score the bundled models, so they are runtime-bound. The fine-grained distill row,
-    one core each, 2026-12-03: 213 s with the optimisations off, 169 s with them on."""
-    was = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", was)
 
 
 def _bits_per_byte(program, windows: np.ndarray) -> float:

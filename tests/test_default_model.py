@@ -96,6 +96,7 @@ def test_config_mismatch_and_unknown_fields_raise(ckpt_copy):
         load_checkpoint(ckpt_copy)
 
 
+@pytest.mark.full_optimization
 def test_fine_grained_model_is_deepseek_style_and_beats_the_default_model(model):
     from moejax.models import FINE_GRAINED_MODEL_DIR, load_bundled_model
 

@@ -199,6 +199,7 @@ class _Callable:
 
 
 # ---- quality on the bundled default model --------------------------------------------
+@pytest.mark.full_optimization
 def test_quality_bounds_on_default_model():
     """int8 <= +0.5% and int4-g128 <= +3% bits/byte on a slice of the held-out text."""
     from moejax import data, evaluation
