@@ -164,10 +164,12 @@ def calibration_tokens(n_bytes: int, seq_len: int, data: bytes | None = None) ->
     ``data`` is given.
     """
     if n_bytes < seq_len:
-        raise ValueError(f"n_bytes={n_bytes} must be at least seq_len={seq_len}")
+        raise ValueError(f"{n_bytes} bytes of calibration text is less than one window of {seq_len} tokens; "
+                         f"ask for at least {seq_len} bytes")
     n = n_bytes // seq_len
     if data is None:
         data = train_bytes(max_bytes=n * seq_len + 1_000_000)
     if len(data) < n * seq_len:
-        raise ValueError(f"only {len(data)} bytes of text, {n * seq_len} requested")
+        raise ValueError(f"{n * seq_len} bytes of calibration text requested, but the text has only {len(data)}; "
+                         f"ask for at most {len(data)} bytes")
     return encode(data[: n * seq_len]).reshape(n, seq_len)

@@ -64,9 +64,9 @@ def distill_to_source(program: Program, source: Program, names: Sequence[str], b
     fit, held = wins[:n_fit], (wins[n_fit:] or wins[:n_fit])[:HELD_BATCHES]
     run, leaves = program.as_function(), list(program.weight_leaves)
     teacher, teacher_leaves = source.as_function(), list(source.weight_leaves)
-    counts = [len(jax.tree_util.tree_leaves(w)) for w in program.weights.values()]
-    first = dict(zip(program.weights, np.cumsum([0] + counts)))
-    trained = [int(first[n]) + i for n in names for i in range(len(jax.tree_util.tree_leaves(program.weights[n])))]
+    counts = {n: len(jax.tree_util.tree_leaves(w)) for n, w in program.weights.items()}  # leaves per weight
+    first = dict(zip(counts, (int(i) for i in np.cumsum([0, *counts.values()]))))  # its first leaf's index
+    trained = [first[n] + i for n in names for i in range(counts[n])]
 
     def teacher_log_probs(t_leaves, tok):
         return jax.lax.stop_gradient(log_probs(teacher(t_leaves, tok)))
@@ -108,10 +108,8 @@ def distill_to_source(program: Program, source: Program, names: Sequence[str], b
                 best, best_params = e, params
     for j, p in zip(trained, best_params):
         leaves[j] = p.astype(leaves[j].dtype)
-    out = {}
-    for n in names:
-        treedef = jax.tree_util.tree_structure(program.weights[n])
-        out[n] = jax.tree_util.tree_unflatten(treedef, leaves[int(first[n]):int(first[n]) + treedef.num_leaves])
+    out = {n: jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(program.weights[n]),
+                                           leaves[first[n]:first[n] + counts[n]]) for n in names}
     return DistilledWeights(out, start, best)
 
 

@@ -82,6 +82,11 @@ def test_calibration_tokens_and_codec():
     np.testing.assert_array_equal(data.encode("é"), [0xC3, 0xA9])
     with pytest.raises(ValueError, match="token ids"):
         data.decode([300])
+    # a calibration size from a user's pipeline string: the error says what to ask for instead
+    with pytest.raises(ValueError, match="less than one window of 32 tokens; ask for at least 32 bytes"):
+        data.calibration_tokens(1, 32, data=TEXT)
+    with pytest.raises(ValueError, match=f"has only {len(TEXT)}; ask for at most {len(TEXT)} bytes"):
+        data.calibration_tokens(len(TEXT) + 64, 32, data=TEXT)
 
 
 # ---------------------------------------------------------------------------
