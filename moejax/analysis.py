@@ -314,25 +314,41 @@ class MergePlan(_LayerMap, AnalysisResult):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BitAllocation(_LayerMap, AnalysisResult):
-    """Bits per expert, ``int [S, E]`` per layer, chosen by ``quantize(mixed=true)`` under ``budget``."""
+    """Bits per expert, ``int [S, E]`` per layer, chosen by ``quantize(mixed=true)`` under ``budget``.
+
+    ``measured_kl[layer][bits]``: the end-to-end KL (nats per token) measured with
+    only that layer's experts quantized at ``bits``, which weighs the layers against
+    each other; ``candidate_kl[name]``: the measured KL of each whole allocation
+    tried (the chosen one is the least). Both empty when nothing could be measured.
+    """
 
     key: ClassVar[str] = "bit_allocation"
     budget: float
     layers: dict[str, np.ndarray]
+    measured_kl: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+    candidate_kl: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget": float(self.budget), "layers": {n: _to_list(b) for n, b in self.layers.items()}}
+        return {"budget": float(self.budget), "layers": {n: _to_list(b) for n, b in self.layers.items()},
+                **self._measurements()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BitAllocation":
-        return cls(float(data["budget"]), {n: np.asarray(b, np.int64) for n, b in data["layers"].items()})
+        return cls(float(data["budget"]), {n: np.asarray(b, np.int64) for n, b in data["layers"].items()},
+                   {n: {int(b): float(v) for b, v in kl.items()} for n, kl in data.get("measured_kl", {}).items()},
+                   {n: float(v) for n, v in data.get("candidate_kl", {}).items()})
+
+    def _measurements(self) -> dict[str, Any]:
+        return {"measured_kl": {n: {str(b): float(v) for b, v in kl.items()} for n, kl in self.measured_kl.items()},
+                "candidate_kl": {n: float(v) for n, v in self.candidate_kl.items()}}
 
     @functools.cached_property
     def _metadata(self) -> dict[str, Any]:
-        return {"budget": float(self.budget), "layers": dict(self.layers)}
+        return {"budget": float(self.budget), "layers": dict(self.layers), **self._measurements()}
 
     def to_metadata(self) -> dict[str, Any]:
-        """``{"budget": float, "layers": {layer: int ndarray [S, E]}}`` (built once)."""
+        """``{"budget": float, "layers": {layer: int ndarray [S, E]}, "measured_kl": {layer: {"bits": kl}},
+        "candidate_kl": {name: kl}}`` (built once)."""
         return self._metadata
 
 

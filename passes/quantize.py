@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -40,11 +40,14 @@ from moejax import weight_formats as wf
 from moejax.stats import expert_weight_sites
 # The storage formats live in the core; re-exported here for existing imports.
 from moejax.weight_formats import LowBitTensor, MixedExpertTensor, pack_bitplanes, unpack_bitplanes
+from moejax.passes.profile import calibration_batches
+from moejax.passes.sensitivity import MAX_BATCHES, weight_change_kl
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
 __all__ = ["QuantizeExperts", "LowBitTensor", "MixedExpertTensor", "quantize_weight", "pack_bitplanes",
-           "unpack_bitplanes", "allocate_bits", "allocate_bits_global", "STORAGE_BITS", "expert_weight_sites"]
+           "unpack_bitplanes", "allocate_bits", "allocate_bits_global", "scale_to_measured", "STORAGE_BITS",
+           "expert_weight_sites"]
 
 STORAGE_BITS = (2, 3, 4, 8)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -203,6 +206,19 @@ def allocate_bits_global(layers: dict[str, tuple[np.ndarray, np.ndarray, int]], 
     return {n: _bits_from_bounds(cands[n][0], chosen[n][0], choices) for n in cands}
 
 
+def scale_to_measured(err: np.ndarray, measured: Mapping[int, float],
+                      choices: Sequence[int] = STORAGE_BITS) -> np.ndarray:
+    """``err [S,E,C]`` with each width's errors scaled to sum to the layer's measured KL at that width.
+
+    The layer-local errors keep ranking the experts inside the layer; the sums
+    become the measured end-to-end costs, comparable across layers.
+    """
+    out = np.array(err, np.float64)
+    for ci, b in enumerate(sorted(choices, reverse=True)):
+        out[:, :, ci] *= measured[b] / max(float(out[:, :, ci].sum()), 1e-30)
+    return out
+
+
 def _mixed_tensor(w: jax.Array, bits_se: np.ndarray, group_size: int, symmetric_for, clip: bool
                   ) -> MixedExpertTensor:
     """Quantize stacked experts ``w [*lead, E, k, n]`` with ``bits_se [prod(lead), E]``."""
@@ -351,9 +367,7 @@ class QuantizeExperts(Pass):
             step = ctx.step(self)
             allocation = ctx.analysis.get(analysis.BitAllocation, step)  # the first program's choice
             if allocation is None or set(allocation.layers) != set(by_layer):
-                inputs = {layer: self._allocation_inputs(program, layer, paths) for layer, paths in by_layer.items()}
-                allocation = ctx.analysis.put(step, analysis.BitAllocation(
-                    float(self.bits), allocate_bits_global(inputs, float(self.bits))))
+                allocation = ctx.analysis.put(step, self._allocate(program, ctx, by_layer))
             for layer, paths in by_layer.items():
                 bits = allocation.layers[layer]
                 notes[layer] = bits
@@ -390,14 +404,67 @@ class QuantizeExperts(Pass):
         return abstract.eval_or_shape(
             lambda v: quantize_weight(v, bits, group_size, self._symmetric(bits), self.clip_search), w)
 
-    def _allocation_inputs(self, program: Program, layer: str, paths: list[str]):
-        """(importance [S,E], error [S,E,C], weights per expert) of one MoE layer.
+    def _allocate(self, program: Program, ctx: PassContext, by_layer: dict[str, list[str]]
+                  ) -> analysis.BitAllocation:
+        """Bits per expert for every layer: the best of up to three allocations, by measured KL.
+
+        Candidates: the layer-local error model alone (``local``); the same with each
+        layer's errors scaled to its measured end-to-end cost (``measured``); every
+        expert at the widest storage width the budget affords (``uniform``). Both
+        models are proxies, and each has lost to the other on a bundled model, so each
+        allocation is measured end to end on calibration windows and the least KL
+        wins. Without a measurement (not a token -> logits program): ``local``.
+        """
+        budget = float(self.bits)
+        kl = self._sensitivity(program, ctx)
+        local, measured = {}, {}
+        for layer, paths in by_layer.items():
+            local[layer], measured[layer] = self._allocation_inputs(program, layer, paths, kl)
+        candidates = {"local": allocate_bits_global(local, budget)}
+        if kl is None:
+            return analysis.BitAllocation(budget, candidates["local"])
+        scaled = {layer: (imp, scale_to_measured(err, measured[layer]), per)
+                  for layer, (imp, err, per) in local.items()}
+        candidates["measured"] = allocate_bits_global(scaled, budget)
+        uniform = max(b for b in STORAGE_BITS if b <= budget)
+        candidates["uniform"] = {layer: np.full_like(bits, uniform) for layer, bits in candidates["local"].items()}
+
+        def dequantized(bits: dict[str, np.ndarray]) -> dict[str, jax.Array]:  # as stored, back in float
+            return {path: jnp.reshape(_mixed_tensor(program.weights[path], bits[layer], self.group_size or 128,
+                                                    self._symmetric, self.clip_search).dequantize(jnp.float32),
+                                      program.weights[path].shape)
+                    for layer, paths in by_layer.items() for path in paths}
+
+        candidate_kl: dict[str, float] = {}
+        for name, bits in candidates.items():
+            same = next((n for n in candidate_kl if all((candidates[n][l] == bits[l]).all() for l in bits)), None)
+            # close calls (a few % apart): as many calibration tokens as the measurement takes
+            candidate_kl[name] = candidate_kl[same] if same else kl(dequantized(bits), MAX_BATCHES)
+        best = min(candidate_kl, key=candidate_kl.get)
+        return analysis.BitAllocation(budget, candidates[best], measured, candidate_kl)
+
+    def _sensitivity(self, program: Program, ctx: PassContext):
+        """:func:`weight_change_kl` on the calibration windows; None where it cannot be measured."""
+        try:
+            batches, _ = calibration_batches(program, ctx, who=self.name)
+        except PassError:  # not a token program, or no calibration data: the layer-local error model alone
+            return None
+        return weight_change_kl(program, batches)
+
+    def _allocation_inputs(self, program: Program, layer: str, paths: list[str],
+                           kl: Callable[[Mapping[str, Any]], float] | None = None):
+        """((importance [S,E], error [S,E,C], weights per expert), {bits: measured KL}) of one MoE layer.
 
         The error of expert ``e`` at width ``b`` is its importance (share of the
         layer's routing mass) times the mean squared change of its output on the
         profile's sample of the layer's input tokens, all its matrices quantized
         at ``b``: the expected squared error the choice adds to the layer output.
         Without a token sample it falls back to the relative weight error.
+
+        That error ranks the experts of one layer, but not the layers: the same
+        output error costs more in early layers. With ``kl`` (see
+        :func:`weight_change_kl`), the layer's end-to-end KL with all its experts
+        at each width is measured too (see :func:`scale_to_measured`).
         """
         prof = analysis.read(program.metadata, analysis.RoutingProfile).layers[layer]
         mass = np.asarray(prof.mass, np.float64)
@@ -415,7 +482,7 @@ class QuantizeExperts(Pass):
         x = jnp.asarray(prof.inputs if prof.inputs is not None else np.zeros((s_dim, 0, 1)), jnp.float32)  # [S,n,d]
         use_outputs = x.shape[1] > 0 and len(mats) == len(by_pos) and x.shape[-1] == mats[0].shape[-2]
         ref = _expert_outputs(x, mats, activation) if use_outputs else None
-        err = np.zeros((s_dim, e, len(choices)))
+        err, measured = np.zeros((s_dim, e, len(choices))), {}
         for ci, b in enumerate(choices):
             gs = None if b == 8 else (self.group_size or 128)
             deq = [quantize_weight(m, b, gs, self._symmetric(b), self.clip_search).dequantize(jnp.float32)
@@ -427,7 +494,11 @@ class QuantizeExperts(Pass):
                 for m, dq in zip(mats, deq):
                     err[:, :, ci] += np.asarray(jnp.sum((m - dq) ** 2, axis=(-2, -1)) /
                                                 jnp.maximum(jnp.sum(m * m, axis=(-2, -1)), 1e-30), np.float64)
-        return imp, imp[:, :, None] * err, per_expert
+            err[:, :, ci] *= imp
+            if kl is not None:
+                measured[b] = max(0.0, kl({by_pos[i]: jnp.reshape(dq, program.weights[by_pos[i]].shape)
+                                           for i, dq in zip(sorted(by_pos), deq)}))
+        return (imp, err, per_expert), measured
 
 
 @functools.partial(jax.jit, static_argnums=(2,))

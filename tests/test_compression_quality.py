@@ -31,7 +31,6 @@ BOUNDS = {
         # (64 KB calibration, 200 steps: +5.61%); these 20 steps on 16 KB measured +7.78%.
         "prune(keep=0.75,method=reap,budget=global),recalibrate-router(target=logits,steps=20)": [0.10, 0.085],
         "merge(keep=0.75,refit=true)": [0.12],
-        "quantize(bits=3,mixed=true,group_size=64)": [0.05],
     },
     "fine-grained": {
         # Issue 15's goal here is <= +2%: the benchmark's distill (200 steps on 256 KB) measured +2.68%.
@@ -80,3 +79,19 @@ def test_lossy_method_stays_within_its_quality_bound(model_name, pipeline, profi
         cost = _bits_per_byte(stage.program, heldout_windows) / base - 1
         assert cost <= bound, f"{model_name} {stage.name}: +{100 * cost:.2f}% bits per byte > +{100 * bound:.0f}%"
         assert cost > -0.05  # no method makes the model much *better*: a sign of a broken metric
+
+
+def test_mixed_precision_beats_uniform_3_bits_in_fewer_bytes(profiled, heldout_windows):
+    """Issue 15: widths from {2, 3, 4, 8} averaging <= 3 bits, placed by measured sensitivity, score better
+    than every expert at 3 bits, in no more expert bytes (default model: measured +0.73% vs +0.96%)."""
+    program = profiled("default")
+    base = _bits_per_byte(program, heldout_windows)
+    cost, size = {}, {}
+    for pipeline in ("quantize(bits=3,group_size=64)", "quantize(bits=3,mixed=true,group_size=64)"):
+        ctx = PassContext(calibration=[data.calibration_tokens(16384, SEQ)])
+        stage = PassManager([pipeline], check_exact=False).run(program, ctx)[-1]
+        cost[pipeline] = _bits_per_byte(stage.program, heldout_windows) / base - 1
+        size[pipeline] = moejax.program_stats(stage.program)["expert_bytes"]
+    uniform, mixed = cost.values()
+    assert 0 < mixed < uniform < 0.05, cost
+    assert size["quantize(bits=3,mixed=true,group_size=64)"] <= size["quantize(bits=3,group_size=64)"], size

@@ -75,7 +75,8 @@ def test_one_expert():
 def test_mixed_precision_experts_stack_back_to_a_mixed_tensor():
     model = models.MoEDecoder(models.tiny_mixtral(), rngs=nnx.Rngs(0))
     tok = (jnp.arange(14, dtype=jnp.int32).reshape(2, 7) * 5) % 64
-    opt = moejax.optimize(model, (tok,), "profile,quantize(bits=3.5,mixed=true,group_size=16),select-impl,"
+    # 3.25 bits: layer 0 measured most sensitive, its experts get int4 and int3 (two parts to split and restack)
+    opt = moejax.optimize(model, (tok,), "profile,quantize(bits=3.25,mixed=true,group_size=16),select-impl,"
                           "select-impl(impl=ragged)", calibration=[tok])
     mixed, split, restacked = (s.program for s in opt.stages[2:])
     path = "layers/0/mlp/experts/w_gate"

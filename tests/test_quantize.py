@@ -14,6 +14,7 @@ from moejax.models import MoEDecoder, tiny_mixtral
 from moejax.pallas_kernels import quant_format as qf
 from moejax.passes import profile as prof
 from moejax.passes import quantize as qz
+from moejax.passes import sensitivity
 from moejax.pipeline import PassContext, PassError, PassManager
 
 RNG = np.random.default_rng(0)
@@ -154,6 +155,62 @@ def test_mixed_precision_from_profile(tiny):
         assert bits[0, np.argmax(mass)] == bits.max()  # the heaviest expert gets the widest codes
     assert all(f.startswith("mixed(") for f in _formats(out))
     assert np.isfinite(np.asarray(out(tokens))).all()
+
+
+def test_mixed_precision_weighs_layers_by_their_measured_end_to_end_cost(tiny):
+    """The layer-local output error ranks a layer's experts; the measured KL decides between layers."""
+    _, tokens, program = tiny
+    ctx = PassContext(example_args=(tokens,), calibration=[RNG.integers(0, 64, (4, 8))])
+    profiled = prof.ProfileRouting().run(program, ctx)
+    q = qz.QuantizeExperts(bits=3, mixed=True, group_size=16)
+    layers = ("layers/0/mlp", "layers/1/mlp")
+    paths = {layer: [p for p, (l, _) in qz.expert_weight_sites(profiled).items() if l == layer] for layer in layers}
+
+    # Known answer: the measured cost is the KL of the program with only that layer's experts at that width.
+    kl = sensitivity.weight_change_kl(profiled, ctx.calibration)
+    (_, err, _), measured = q._allocation_inputs(profiled, layers[0], paths[layers[0]], kl)
+    batches = [jnp.asarray(ctx.calibration[0][i:i + 2], jnp.int32) for i in (0, 2)]  # the program takes [2, 8]
+
+    def kl_of(prog):
+        ref = [jax.nn.log_softmax(profiled(b), -1) for b in batches]
+        got = [jax.nn.log_softmax(prog(b), -1) for b in batches]
+        return float(np.mean([jnp.mean(jnp.sum(jnp.exp(r) * (r - g), -1)) for r, g in zip(ref, got)]))
+
+    for ci, bits in enumerate(sorted(qz.STORAGE_BITS, reverse=True)):
+        assert qz.scale_to_measured(err, measured)[..., ci].sum() == pytest.approx(measured[bits], rel=1e-6)
+        deq = {p: qz.quantize_weight(profiled.weights[p], bits, None if bits == 8 else 16, bits >= 4,
+                                     False).dequantize(jnp.float32) for p in paths[layers[0]]}
+        assert measured[bits] == pytest.approx(kl_of(profiled.rewrite(weights=deq)), rel=1e-3, abs=1e-7)
+    assert measured[2] > measured[3] > measured[4] > measured[8]
+
+    # Whichever layer is measured to cost 100x more per unit of weight error gets the wider codes.
+    def relative_error(costly):
+        def cost(replaced):
+            e = sum(float(jnp.sum((jnp.asarray(v) - profiled.weights[p]) ** 2) / jnp.sum(profiled.weights[p] ** 2))
+                    for p, v in replaced.items())
+            return e * (100.0 if next(iter(replaced)).startswith(costly) else 1.0)
+        return cost
+
+    for costly, cheap in (layers, layers[::-1]):
+        inputs = {}
+        for l in layers:
+            (imp, err, per), measured = q._allocation_inputs(profiled, l, paths[l], relative_error(costly))
+            inputs[l] = (imp, qz.scale_to_measured(err, measured), per)
+        bits = qz.allocate_bits_global(inputs, 3.0)
+        assert bits[costly].mean() > 3.0 > bits[cheap].mean(), bits
+
+    # The pass measures whole allocations too and keeps the one with the least KL.
+    allocation = q.run(profiled, ctx).metadata["bit_allocation"]
+    assert set(allocation["measured_kl"]) == set(layers)
+    tried = allocation["candidate_kl"]
+    assert set(tried) == {"local", "measured", "uniform"}
+    real = {l: q._allocation_inputs(profiled, l, paths[l], kl) for l in layers}
+    expected = {"local": qz.allocate_bits_global({l: inputs for l, (inputs, _) in real.items()}, 3.0),
+                "measured": qz.allocate_bits_global({l: (imp, qz.scale_to_measured(err, m), per)
+                                                     for l, ((imp, err, per), m) in real.items()}, 3.0),
+                "uniform": {l: np.full((1, 4), 3) for l in layers}}
+    best = min(tried, key=tried.get)
+    assert all((allocation["layers"][l] == expected[best][l]).all() for l in layers), (best, tried)
 
 
 def test_errors_for_impossible_options(tiny):
