@@ -19,6 +19,8 @@ Run::
         --no-plot --out benchmarks/results/compression_quality_distill_500.json  # longer, on more text; every weight
     python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.35" --no-plot \
         --out benchmarks/results/compression_quality_gating_distill.json
+    python benchmarks/compression_quality.py --only "quantize 3 bits" "quantize mixed" --no-plot \
+        --out benchmarks/results/compression_quality_mixed.json  # mixed precision, measured allocator
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full

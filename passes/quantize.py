@@ -265,7 +265,9 @@ class QuantizeExperts(Pass):
       symmetric: symmetric codes (zero fixed) or asymmetric (float zero per
         group); none: symmetric for 8 and 4 bits, asymmetric for 3 and 2 bits.
       mixed: per-expert widths from {2,3,4,8} under the ``bits`` budget, guided by
-        the routing profile (needs ``profile`` earlier in the pipeline).
+        the routing profile (needs ``profile`` earlier in the pipeline) and, on
+        token -> logits programs, by each layer's measured end-to-end KL on the
+        calibration windows (``metadata["bit_allocation"]`` keeps what was measured).
       include_shared: also quantize shared-expert / dense-FFN kernels (uniform
         width: ``bits`` rounded up to a storage width); they are dequantized where
         the ordinary matmuls read them.
