@@ -498,6 +498,47 @@ def ffn_ragged(grouped, group_sizes, weights, *, activation: str, ragged_dot: Ca
     return expert_ffn_math(grouped, mats, activation, matmul=mm, add_bias=add_bias).astype(dtype)
 
 
+def ffn_blocks(grouped, group_sizes, weights, *, activation: str, block: int | None = None):
+    """Sorted rows in blocks of ``block`` rows, each block one expert's, every block's weights gathered.
+
+    Each group is padded to whole blocks, so the work is at most ``N + E * (block - 1)``
+    rows of batched dots, and everything is plain, transposable JAX (gathers and
+    dots): what :func:`ffn_ragged` computes, without the cost of ``ragged_dot`` on
+    XLA:CPU, which expands to code many times slower than the dots (measured on
+    the fine-grained bundled model's layer shapes, 8192 rows x 32 experts: 394 ms
+    forward against 14 ms for the blocked implementation). The tangent of every
+    implementation (``jax.grad`` through the expert op: ``distill``,
+    ``recalibrate-router(target=logits)``).
+    """
+    dtype = grouped.dtype
+    n_rows, d = grouped.shape
+    num_experts = group_sizes.shape[0]
+    if n_rows == 0:
+        return grouped
+    if block is None:  # about half the mean group: padding adds at most ~half the rows when balanced
+        block = max(8, min(128, 1 << max(0, (n_rows // (2 * num_experts)).bit_length() - 1)))
+    mats = [materialize(w, dtype) for w in weights]
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    padded = -(-sizes // block) * block
+    padded_ends = jnp.cumsum(padded)
+    padded_starts = padded_ends - padded
+    num_blocks = -(-(n_rows + num_experts * (block - 1)) // block)  # static: the most any routing needs
+    expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks, dtype=jnp.int32) * block, side="right")
+    e = jnp.minimum(expert, num_experts - 1)  # blocks past every group: masked below
+    offset = jnp.arange(num_blocks, dtype=jnp.int32)[:, None] * block + jnp.arange(block, dtype=jnp.int32)[None, :] \
+        - padded_starts[e][:, None]
+    valid = (expert < num_experts)[:, None] & (offset < sizes[e][:, None])
+    src = jnp.clip(starts[e][:, None] + offset, 0, n_rows - 1)
+    xb = jnp.where(valid[..., None], jnp.take(grouped, src.reshape(-1), axis=0).reshape(num_blocks, block, d),
+                   jnp.zeros((), dtype))
+    y = expert_ffn_math(xb, [jnp.take(m, e, axis=0) for m in mats], activation).reshape(num_blocks * block, d)
+    gid = row_groups(sizes, n_rows)
+    g = jnp.minimum(gid, num_experts - 1)
+    out = jnp.take(y, padded_starts[g] + jnp.arange(n_rows, dtype=jnp.int32) - starts[g], axis=0)
+    return jnp.where((gid < num_experts)[:, None], out, 0.0).astype(dtype)
+
+
 # name -> implementation
 _FFN_IMPLS: dict[str, Callable] = {"reference": ffn_reference, "ragged": ffn_ragged}
 # name -> (activation base names it computes, whether it adds expert biases)
@@ -866,9 +907,9 @@ def _ffn_batch(args, dims, **params):
 
 def _ffn_tangent(grouped, group_sizes, *leaves, activation, weights_tree, impl="reference",
                  weight_format="float", name=""):
-    """Tangents of every impl follow ``ffn_ragged``: plain JAX like ``ffn_reference`` without its E-fold cost."""
+    """Tangents of every impl follow ``ffn_blocks``: plain JAX like ``ffn_reference`` without its E-fold cost."""
     weights = jax.tree_util.tree_unflatten(weights_tree, leaves)
-    return ffn_ragged(grouped, group_sizes, weights, activation=activation)
+    return ffn_blocks(grouped, group_sizes, weights, activation=activation)
 
 
 expert_ffn_p = _make_primitive("moe_expert_ffn", expert_ffn_apply, _ffn_abstract, False,

@@ -170,6 +170,30 @@ def test_grad_keeps_ops_and_matches_einsum_reference(routing):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("sizes", [[5, 0, 9, 3], [17, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]],
+                         ids=["uneven-with-empty", "one-expert-takes-all", "all-padding", "decode"])
+@pytest.mark.parametrize("biases", [False, True])
+def test_ffn_blocks_the_tangent_computes_the_reference_and_its_gradient(sizes, biases):
+    """Known answer: every routing, padding rows included, gives ffn_reference's value and gradient."""
+    n_rows = 20
+    x, _, ws = _data(3, b=1, t=n_rows)
+    x = x[0]
+    if biases:  # swiglu with biases trails them: (w_gate, w_up, w_down, b_gate, b_up, b_down)
+        ks = jax.random.split(jax.random.PRNGKey(4), 3)
+        ws = ws + tuple(jax.random.normal(k, (E, n)) for k, n in zip(ks, (F, F, DM)))
+    gs = jnp.asarray(sizes, jnp.int32)
+
+    def loss(fn, w, x):
+        return jnp.sum(jnp.sin(fn(x, gs, w, activation="swiglu")))
+
+    np.testing.assert_allclose(D.ffn_blocks(x, gs, ws, activation="swiglu", block=8),
+                               D.ffn_reference(x, gs, ws, activation="swiglu"), atol=1e-5, rtol=1e-5)
+    ours = jax.grad(lambda w, x: loss(D.ffn_blocks, w, x), argnums=(0, 1))(ws, x)
+    ref = jax.grad(lambda w, x: loss(D.ffn_reference, w, x), argnums=(0, 1))(ws, x)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_jvp_keeps_ops_and_integer_outputs_have_zero_tangents():
     x, wr, ws = _data()
     x, tx = x[0], x[1]

@@ -229,7 +229,7 @@ def test_expert_biases_and_clamped_swiglu_in_reference_and_ragged():
     np.testing.assert_allclose(ref[:8], want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rag, ref, rtol=1e-6, atol=1e-6)
     assert not ref[8:].any() and not rag[8:].any()  # padding rows stay zero with biases
-    # gradients flow through the op (the JVP follows ffn_ragged): d sum / d b_down[e] = rows of expert e
+    # gradients flow through the op (the JVP follows ffn_blocks): d sum / d b_down[e] = rows of expert e
     np.testing.assert_allclose(grad, np.asarray(sizes)[:, None] * np.ones((1, 8)), rtol=1e-6)
 
 

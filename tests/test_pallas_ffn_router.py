@@ -112,7 +112,7 @@ def test_sparse_moe_with_pallas_route_and_ffn_matches_einsum_reference():
 
 
 def test_ffn_pallas_gradients_match_reference_through_the_primitive():
-    """Kernels give the value; the JVP (and so grad) follows ffn_ragged."""
+    """Kernels give the value; the JVP (and so grad) follows ffn_blocks."""
     def loss(x, w, impl):
         return jnp.sum(jnp.sin(dialect.moe_expert_ffn(x, GS, w, activation="swiglu", impl=impl)))
 
