@@ -19,6 +19,8 @@ Run::
         --no-plot --out benchmarks/results/compression_quality_distill_500.json  # longer, on more text; every weight
     python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.35" --no-plot \
         --out benchmarks/results/compression_quality_gating_distill.json
+    python benchmarks/compression_quality.py --models fine-grained --only "50% naee, distill all 1000" --no-plot \
+        --out benchmarks/results/compression_quality_distill_50_all.json  # half the experts, every weight distilled
     python benchmarks/compression_quality.py --only "quantize 3 bits" "quantize mixed" --no-plot \
         --out benchmarks/results/compression_quality_mixed.json  # mixed precision, measured allocator
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
@@ -98,6 +100,8 @@ SETTINGS: dict[str, str] = {
     "prune 50% reap global": "prune(keep=0.5,method=reap,budget=global)",
     "prune 50% naee + recal logits": "prune(keep=0.5,method=naee),recalibrate-router(target=logits,steps=200)",
     "prune 50% naee + distill": "prune(keep=0.5,method=naee),distill(calibration_bytes=262144)",
+    "prune 50% naee, distill all 1000 steps 512K": "prune(keep=0.5,method=naee),"
+                                                   "distill(steps=1000,calibration_bytes=524288,train=all)",
     "merge 50% refit": "merge(keep=0.5,refit=true)",
     "quantize 4 bits g64": "quantize(bits=4,group_size=64)",
     "quantize 3 bits": "quantize(bits=3,group_size=64)",
