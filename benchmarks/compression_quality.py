@@ -15,6 +15,8 @@ Run::
         --out benchmarks/results/compression_quality_distill_50.json
     python benchmarks/compression_quality.py --models default --only "75% refit + distill" --no-plot \
         --out benchmarks/results/compression_quality_distill_merge.json
+    python benchmarks/compression_quality.py --models fine-grained --only "75% refit + distill" --no-plot \
+        --out benchmarks/results/compression_quality_distill_merge_fine_grained.json
     python benchmarks/compression_quality.py --models fine-grained --only "distill 500 steps" "distill all 500 steps" \
         --no-plot --out benchmarks/results/compression_quality_distill_500.json  # longer, on more text; every weight
     python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.35" --no-plot \

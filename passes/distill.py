@@ -36,7 +36,7 @@ from moejax.passes.prune import find_moe_layers
 from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_note
 from moejax.program import Program
 
-__all__ = ["Distill", "distill_to_source", "log_probs", "HELD_BATCHES"]
+__all__ = ["Distill", "distill_to_source", "log_probs", "masked_kl", "HELD_BATCHES"]
 
 HELD_BATCHES = 8  # held-out batches checked: enough to pick a step, few enough to check often
 
@@ -44,6 +44,12 @@ HELD_BATCHES = 8  # held-out batches checked: enough to pick a step, few enough 
 def log_probs(outputs) -> jax.Array:
     """Float32 log-probabilities of a forward program's first output (its logits)."""
     return jax.nn.log_softmax(jnp.asarray(outputs[0], jnp.float32), axis=-1)
+
+
+def masked_kl(target: jax.Array, log_p: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean KL (nats per token) from log-probabilities ``target`` to ``log_p`` over the tokens in ``mask``."""
+    per_token = jnp.sum(jnp.exp(target) * (target - log_p), axis=-1)
+    return jnp.sum(jnp.where(mask, per_token, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def distill_to_source(program: Program, source: Program, names: Sequence[str], batches: Sequence[Any], *,
@@ -75,8 +81,7 @@ def distill_to_source(program: Program, source: Program, names: Sequence[str], b
         all_leaves = list(leaves)
         for j, p in zip(trained, params):
             all_leaves[j] = p.astype(leaves[j].dtype)
-        per_token = jnp.sum(jnp.exp(target) * (target - log_probs(run(all_leaves, tok))), axis=-1)
-        return jnp.sum(jnp.where(mask, per_token, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+        return masked_kl(target, log_probs(run(all_leaves, tok)), mask)
 
     params = [jnp.asarray(leaves[j], jnp.float32) for j in trained]
     tx = optimizer(params)

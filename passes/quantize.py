@@ -454,7 +454,7 @@ class QuantizeExperts(Pass):
         return weight_change_kl(program, batches)
 
     def _allocation_inputs(self, program: Program, layer: str, paths: list[str],
-                           kl: Callable[[Mapping[str, Any]], float] | None = None):
+                           kl: Callable[..., float] | None = None):
         """((importance [S,E], error [S,E,C], weights per expert), {bits: measured KL}) of one MoE layer.
 
         The error of expert ``e`` at width ``b`` is its importance (share of the

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.passes.distill import log_probs
+from moejax.passes.distill import log_probs, masked_kl
 from moejax.passes.profile import windows
 from moejax.pipeline import PassError
 from moejax.program import Program
@@ -70,9 +70,7 @@ def weight_change_kl(program: Program, batches: Sequence[Any]) -> Callable[..., 
         total = 0.0
         for i in used:
             tokens, mask = wins[i]
-            r = ref(i)
-            per_token = jnp.sum(jnp.exp(r) * (r - log_probs(run(leaves, jnp.asarray(tokens)))), axis=-1)
-            total += float(jnp.sum(jnp.where(mask, per_token, 0.0))) / max(int(mask.sum()), 1)
+            total += float(masked_kl(ref(i), log_probs(run(leaves, jnp.asarray(tokens))), jnp.asarray(mask)))
         return total / len(used)
 
     return kl
