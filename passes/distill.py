@@ -31,6 +31,7 @@ import optax
 
 from moejax import numerics
 from moejax.analysis import DistilledWeights
+from moejax.passes.gating import with_remeasured_profile
 from moejax.passes.profile import calibration_batches, token_input_shape, windows
 from moejax.passes.prune import find_moe_layers
 from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_note
@@ -187,8 +188,9 @@ class Distill(Pass):
                 program, ctx.analysis.source_of(program), self._trained(program), self._batches(program, ctx),
                 steps=self.steps, optimizer=relative_adam(self.lr, self.steps), who=self.name))
         new = program.rewrite(weights=result.weights)
+        meta = with_remeasured_profile(new, ctx, step)  # the routers were trained: routing is measured again
         return new.replace(metadata=with_note(
-            new.metadata, str(self), f"KL divergence to the source's next-token distribution on held-out "
+            meta, str(self), f"KL divergence to the source's next-token distribution on held-out "
             f"calibration windows: {result.error_before:.4g} -> {result.error_after:.4g} nats per token"))
 
     def _moe_weights(self, program: Program) -> list[str]:

@@ -29,7 +29,7 @@ from moejax import analysis, dialect
 from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_note
 from moejax.program import Program
 
-__all__ = ["DynamicGating", "refresh_profile", "mean_active_experts"]
+__all__ = ["DynamicGating", "refresh_profile", "with_remeasured_profile", "mean_active_experts"]
 
 PROFILE_KEY = analysis.RoutingProfile.key
 
@@ -58,6 +58,23 @@ def refresh_profile(program: Program, ctx: PassContext, step: str) -> analysis.R
     except PassError:
         return None
     return ctx.analysis.put(step, measure_routing(program, batches))
+
+
+def with_remeasured_profile(program: Program, ctx: PassContext, step: str) -> dict[str, Any]:
+    """``program.metadata`` after a pass changed routing (pipeline ``step``): the routing profile re-measured.
+
+    A profile that cannot be re-measured is dropped: it would describe the old
+    routing (experts that are gone, routers that were retrained). Metadata without
+    a profile is returned as it is.
+    """
+    meta = dict(program.metadata)
+    if PROFILE_KEY not in meta:
+        return meta
+    profile = refresh_profile(program, ctx, step)
+    if profile is None:
+        meta.pop(PROFILE_KEY)
+        return meta
+    return analysis.write(meta, profile)
 
 
 def mean_active_experts(profile: analysis.RoutingProfile | Mapping[str, Any]) -> float:

@@ -45,7 +45,7 @@ import numpy as np
 
 from moejax import analysis, dataflow, dialect
 from moejax import weight_formats as wf
-from moejax.passes.gating import PROFILE_KEY, refresh_profile
+from moejax.passes.gating import PROFILE_KEY, with_remeasured_profile
 from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_note
 from moejax.program import Program
 
@@ -306,12 +306,7 @@ def _check_target(layer: MoELayer, target: int, who: str) -> None:
 def _with_profile(new: Program, ctx: PassContext, step: str, note_key: str, note: str,
                   plan: analysis.AnalysisResult) -> Program:
     """``new`` with ``plan`` and the re-measured profile in its metadata, and a note."""
-    profile = refresh_profile(new, ctx, step)
-    meta = analysis.write(new.metadata, plan)
-    if profile is not None:
-        meta = analysis.write(meta, profile)
-    else:  # the old profile describes experts that no longer exist
-        meta.pop(PROFILE_KEY, None)
+    meta = analysis.write(with_remeasured_profile(new, ctx, step), plan)
     return new.replace(metadata=with_note(meta, note_key, note))
 
 

@@ -42,6 +42,7 @@ import optax
 from moejax import analysis, dialect
 from moejax.analysis import RouterCalibration
 from moejax.passes.distill import distill_to_source
+from moejax.passes.gating import with_remeasured_profile
 from moejax.passes.profile import calibration_batches
 from moejax.passes.prune import MoELayer, _row, expert_outputs, find_moe_layers, layer_output, layer_profile
 from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_note
@@ -118,7 +119,7 @@ class RecalibrateRouter(Pass):
                 f"{result.error_before:.4g} -> {result.error_after:.4g} nats per token" if self.target == "logits" else
                 f"relative MoE-layer output error vs the source on held-out sampled tokens: "
                 f"{result.error_before:.4g} -> {result.error_after:.4g} (mean over layers)")
-        return new.replace(metadata=with_note(new.metadata, str(self), note))
+        return new.replace(metadata=with_note(with_remeasured_profile(new, ctx, step), str(self), note))
 
     def _train(self, program: Program, source: Program, layers: Mapping[str, MoELayer]) -> RouterCalibration:
         source_layers = find_moe_layers(source, self.name)

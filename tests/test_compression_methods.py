@@ -267,6 +267,29 @@ def test_distillation_repairs_damaged_experts_end_to_end_and_leaves_perfect_ones
         Distill(train="attention")
 
 
+@pytest.mark.parametrize("pass_", ["distill(steps=20,lr=0.05)", "recalibrate-router(target=logits,steps=20,lr=0.05)"])
+def test_passes_that_retrain_routers_measure_routing_again(pass_):
+    """The routing profile after a pass that trains the routers is the new routers' (stats read it)."""
+    from moejax import analysis
+    from moejax.passes.profile import ProfileRouting, measure_routing
+
+    rs = np.random.RandomState(10)
+    source = _tiny_decoder_program()
+    calibration = [rs.randint(0, 64, (16, 16))]
+    routers = [layer.router for layer in find_moe_layers(source, "t").values()]
+    damaged = source.rewrite(weights={r: source.weights[r] + 0.5 * jnp.asarray(rs.randn(*source.weights[r].shape),
+                                                                               jnp.float32) for r in routers})
+    ctx = PassContext(calibration=calibration)
+    ctx.analysis.keep_source(source)
+    profiled = ProfileRouting().run(damaged, ctx)
+    trained = moejax.parse_pipeline(pass_)[0].run(profiled, ctx)
+    before, after = (analysis.read(p.metadata, analysis.RoutingProfile) for p in (profiled, trained))
+    fresh = measure_routing(trained, calibration)
+    assert any((before[n].counts != after[n].counts).any() for n in after)  # the routers moved
+    for n in after:
+        np.testing.assert_array_equal(after[n].counts, fresh[n].counts)
+
+
 def test_distillation_of_every_weight_repairs_what_the_experts_cannot():
     """``train=all``: damage outside the experts (attention) is repaired; ``train=experts`` can only work around it."""
     from moejax.passes.distill import Distill
