@@ -19,6 +19,8 @@ Run::
         --out benchmarks/results/compression_quality_distill_merge_fine_grained.json
     python benchmarks/compression_quality.py --models fine-grained --only "distill 500 steps" "distill all 500 steps" \
         --no-plot --out benchmarks/results/compression_quality_distill_500.json  # longer, on more text; every weight
+    python benchmarks/compression_quality.py --models fine-grained --only "75% reap global, distill all 1000" \
+        --no-plot --out benchmarks/results/compression_quality_distill_1000.json  # 1000 steps, every weight
     python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.35" --no-plot \
         --out benchmarks/results/compression_quality_gating_distill.json
     python benchmarks/compression_quality.py --models fine-grained --only "50% naee, distill all 1000" --no-plot \
@@ -93,6 +95,8 @@ SETTINGS: dict[str, str] = {
                                                      "distill(steps=500,calibration_bytes=524288)",
     "prune 75% reap global, distill all 500 steps 512K": "prune(keep=0.75,method=reap,budget=global),"
                                                          "distill(steps=500,calibration_bytes=524288,train=all)",
+    "prune 75% reap global, distill all 1000 steps 512K": "prune(keep=0.75,method=reap,budget=global),"
+                                                          "distill(steps=1000,calibration_bytes=524288,train=all)",
     "merge 75%": "merge(keep=0.75)",
     "merge 75% refit": "merge(keep=0.75,refit=true)",
     "merge 75% refit + recal": "merge(keep=0.75,refit=true),recalibrate-router",
