@@ -498,6 +498,16 @@ def ffn_ragged(grouped, group_sizes, weights, *, activation: str, ragged_dot: Ca
     return expert_ffn_math(grouped, mats, activation, matmul=mm, add_bias=add_bias).astype(dtype)
 
 
+def _block_rows(n_rows: int, num_experts: int) -> int:
+    """About half the mean group (a power of two in [8, 128]): padding adds at most ~half the rows."""
+    return max(8, min(128, 1 << max(0, (n_rows // (2 * num_experts)).bit_length() - 1)))
+
+
+def _num_blocks(n_rows: int, num_experts: int, block: int) -> int:
+    """Blocks the most uneven routing of ``n_rows`` rows over ``num_experts`` needs (static)."""
+    return -(-(n_rows + num_experts * (block - 1)) // block)
+
+
 def ffn_blocks(grouped, group_sizes, weights, *, activation: str, block: int | None = None):
     """Sorted rows in blocks of ``block`` rows, each block one expert's, every block's weights gathered.
 
@@ -515,15 +525,14 @@ def ffn_blocks(grouped, group_sizes, weights, *, activation: str, block: int | N
     num_experts = group_sizes.shape[0]
     if n_rows == 0:
         return grouped
-    if block is None:  # about half the mean group: padding adds at most ~half the rows when balanced
-        block = max(8, min(128, 1 << max(0, (n_rows // (2 * num_experts)).bit_length() - 1)))
+    block = block or _block_rows(n_rows, num_experts)
     mats = [materialize(w, dtype) for w in weights]
     sizes = jnp.asarray(group_sizes, jnp.int32)
     starts = jnp.cumsum(sizes) - sizes
     padded = -(-sizes // block) * block
     padded_ends = jnp.cumsum(padded)
     padded_starts = padded_ends - padded
-    num_blocks = -(-(n_rows + num_experts * (block - 1)) // block)  # static: the most any routing needs
+    num_blocks = _num_blocks(n_rows, num_experts, block)
     expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks, dtype=jnp.int32) * block, side="right")
     e = jnp.minimum(expert, num_experts - 1)  # blocks past every group: masked below
     offset = jnp.arange(num_blocks, dtype=jnp.int32)[:, None] * block + jnp.arange(block, dtype=jnp.int32)[None, :] \
@@ -905,11 +914,24 @@ def _ffn_batch(args, dims, **params):
     return out.reshape(b, n, d), 0
 
 
+_MAX_GATHERED_BYTES = 1 << 30  # per expert op: above it the tangent takes ragged_dot (slow on CPU, no copies)
+
+
 def _ffn_tangent(grouped, group_sizes, *leaves, activation, weights_tree, impl="reference",
                  weight_format="float", name=""):
-    """Tangents of every impl follow ``ffn_blocks``: plain JAX like ``ffn_reference`` without its E-fold cost."""
+    """Tangents of every impl: plain JAX like ``ffn_reference`` without its E-fold cost.
+
+    ``ffn_blocks`` on CPU while its gathered weights stay small; ``ffn_ragged``
+    elsewhere: GPUs and TPUs run ``ragged_dot`` as a grouped matmul, and the blocks'
+    gathered copies (one expert's weights per block) grow with the experts' size.
+    """
     weights = jax.tree_util.tree_unflatten(weights_tree, leaves)
-    return ffn_blocks(grouped, group_sizes, weights, activation=activation)
+    n_rows, num_experts = grouped.shape[0], group_sizes.shape[0]
+    expert_bytes = sum(math.prod(w.shape[1:]) * 4 for w in weights)  # what one block gathers (f32 at most)
+    gathered = _num_blocks(n_rows, num_experts, _block_rows(n_rows, num_experts)) * expert_bytes
+    if jax.default_backend() == "cpu" and gathered <= _MAX_GATHERED_BYTES:
+        return ffn_blocks(grouped, group_sizes, weights, activation=activation)
+    return ffn_ragged(grouped, group_sizes, weights, activation=activation)
 
 
 expert_ffn_p = _make_primitive("moe_expert_ffn", expert_ffn_apply, _ffn_abstract, False,

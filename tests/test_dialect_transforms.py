@@ -194,6 +194,15 @@ def test_ffn_blocks_the_tangent_computes_the_reference_and_its_gradient(sizes, b
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,ragged", [("cpu", False), ("gpu", True), ("tpu", True)])
+def test_expert_tangent_uses_ragged_dot_only_where_it_is_a_grouped_matmul(monkeypatch, backend, ragged):
+    x, _, ws = _data(5, b=1, t=12)
+    gs = jnp.asarray([3, 0, 7, 2], jnp.int32)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    grad = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(D.moe_expert_ffn(x[0], gs, w, activation="swiglu"))))(ws)
+    assert ("ragged_dot" in str(grad)) == ragged
+
+
 def test_jvp_keeps_ops_and_integer_outputs_have_zero_tangents():
     x, wr, ws = _data()
     x, tx = x[0], x[1]
