@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.passes.distill import log_probs, masked_kl
-from moejax.passes.profile import windows
+from moejax.passes.profile import token_input_shape, windows
 from moejax.pipeline import PassError
 from moejax.program import Program
 
@@ -37,15 +37,13 @@ def weight_change_kl(program: Program, batches: Sequence[Any]) -> Callable[..., 
     the program is not a token -> logits program (one int ``[B, S]`` input, first
     output ``[B, S, vocab]``): there is no next-token distribution to compare.
     """
-    avals = program.in_avals
-    if (len(avals) != 1 or len(avals[0].shape) != 2 or not jnp.issubdtype(avals[0].dtype, jnp.integer)
-            or not program.jaxpr.out_avals or program.jaxpr.out_avals[0].shape[:2] != avals[0].shape):
-        return None
-    batch, seq_len = avals[0].shape
     try:
+        batch, seq_len = token_input_shape(program)
         wins = windows(batches, batch, seq_len)[:MAX_BATCHES]
-    except PassError:  # calibration batches that are not tokens: nothing to measure on
+    except PassError:  # not a token program, or calibration batches that are not tokens: nothing to measure on
         return None
+    if not program.jaxpr.out_avals or program.jaxpr.out_avals[0].shape[:2] != (batch, seq_len):
+        return None  # no per-token logits
     if not wins:
         return None
     run = jax.jit(program.as_function())
