@@ -114,17 +114,37 @@ def test_quantize_speed_smoke(tmp_path):
     assert not speed["int4-g64"]["exact"] and len(speed["int4-g64"]["times_s"]) == 1
 
 
-def test_kernels_smoke(tmp_path):
-    import kernels
+def test_kernel_speed_smoke(tmp_path):
+    import kernel_speed
 
-    out = tmp_path / "kernels.json"
-    assert kernels.main(["--smoke", "--out", str(out)]) == 0
+    out = tmp_path / "kernel_speed.json"
+    assert kernel_speed.main(["--smoke", "--out", str(out)]) == 0
     result = _load(out)
     assert result["level"] == "kernel" and result["rows"]
     for r in result["rows"]:
         assert r["level"] == "kernel"
         if r["kind"] == "cpu_correctness":  # CPU: the Pallas interpreter against ragged_dot
             assert r["max_abs_err_vs_ragged_dot"] < EXACT_ATOL
+
+
+def test_benchmark_module_names_shadow_no_package_a_dependency_probes():
+    """The tests import the benchmark scripts by their bare names (``benchmarks/`` on ``sys.path``),
+    and a test worker then runs other test files. A script named like a package that a dependency
+    imports when present takes that package's place: ``benchmarks/kernels.py`` broke every
+    transformers test after it once transformers 5.25 began importing the hub's ``kernels``
+    package. In a fresh interpreter, every script is imported first, then transformers."""
+    if not HAS_TORCH:
+        pytest.skip("transformers is not installed")
+    names = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py"))
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+            f"for name in {names!r}: __import__(name)\n"
+            "import transformers\n"
+            "config = transformers.MixtralConfig(vocab_size=16, hidden_size=8, intermediate_size=8, "
+            "num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)\n"
+            "transformers.MixtralForCausalLM(config)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_ep_overlap_smoke(tmp_path):

@@ -2,9 +2,9 @@
 
 Run::
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels.json          # GPU/TPU: speed; CPU: correctness
-    python benchmarks/kernels.py --quick --repeats 5
-    python benchmarks/kernels.py --smoke                                         # tiny shapes, 1 repeat (tests)
+    python benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed.json          # GPU/TPU: speed; CPU: correctness
+    python benchmarks/kernel_speed.py --quick --repeats 5
+    python benchmarks/kernel_speed.py --smoke                                         # tiny shapes, 1 repeat (tests)
 
 These rows are *kernel level* (``level="kernel"``): the kernels are called directly on
 a grouped problem, not through ``moejax.optimize`` (the layer and end-to-end
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None,
-                    help="JSON path (default benchmarks/results/kernels.json; --smoke: a temp file)")
+                    help="JSON path (default benchmarks/results/kernel_speed.json; --smoke: a temp file)")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--smoke", action="store_true", help="one tiny shape, 1 repeat (CPU: one correctness case)")
     ap.add_argument("--repeats", type=int, default=None,
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                          "for results)")
     add_threads_argument(ap)
     args = ap.parse_args(argv)
-    args.out = args.out or default_out("kernels", args.smoke)
+    args.out = args.out or default_out("kernel_speed", args.smoke)
     repeats = args.repeats or (1 if args.smoke else 10)
     if repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
         return 1
-    path = write_json(args.out, result_payload("kernels", args, threads, rows, level="kernel", backend=platform,
+    path = write_json(args.out, result_payload("kernel_speed", args, threads, rows, level="kernel", backend=platform,
                                                device=device, repeats=repeats,
                                                speed_measured=platform != "cpu"))
     print(f"wrote {path}")
