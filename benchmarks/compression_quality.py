@@ -27,6 +27,10 @@ Run::
         --out benchmarks/results/compression_quality_distill_50_all.json  # half the experts, every weight distilled
     python benchmarks/compression_quality.py --only "quantize 3 bits" "quantize mixed" --no-plot \
         --out benchmarks/results/compression_quality_mixed.json  # mixed precision, measured allocator
+    python benchmarks/compression_quality.py --only "merge 75% dominant refit" --no-plot \
+        --out benchmarks/results/compression_quality_merge_dominant.json  # merged experts start from the dominant
+    python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.27" --no-plot \
+        --out benchmarks/results/compression_quality_gating_distill_027.json
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
@@ -83,6 +87,8 @@ SETTINGS: dict[str, str] = {
     "gating(skip_ratio=0.35)": "gating(skip_ratio=0.35)",
     "gating(skip_ratio=0.35), distill all": "gating(skip_ratio=0.35),distill(steps=300,calibration_bytes=262144,"
                                             "train=all)",
+    "gating(skip_ratio=0.27), distill all": "gating(skip_ratio=0.27),distill(steps=300,calibration_bytes=262144,"
+                                            "train=all)",
     "prune 75% frequency": "prune(keep=0.75,method=frequency)",
     "prune 75% naee": "prune(keep=0.75,method=naee)",
     "prune 75% reap": "prune(keep=0.75,method=reap)",
@@ -102,6 +108,9 @@ SETTINGS: dict[str, str] = {
     "merge 75% refit + recal": "merge(keep=0.75,refit=true),recalibrate-router",
     "merge 75% refit + recal logits": "merge(keep=0.75,refit=true),recalibrate-router(target=logits,steps=200)",
     "merge 75% refit + distill": "merge(keep=0.75,refit=true),distill(calibration_bytes=262144)",
+    "merge 75% dominant refit": "merge(keep=0.75,refit=true,weights=dominant)",
+    "merge 75% dominant refit + distill": "merge(keep=0.75,refit=true,weights=dominant),"
+                                          "distill(calibration_bytes=262144)",
     "prune 50% naee": "prune(keep=0.5,method=naee)",
     "prune 50% reap global": "prune(keep=0.5,method=reap,budget=global)",
     "prune 50% naee + recal logits": "prune(keep=0.5,method=naee),recalibrate-router(target=logits,steps=200)",
@@ -238,6 +247,8 @@ def goals(rows: list[dict]) -> str:
         say("best prune 75% (no repair)", best(lambda r: r["setting"].startswith("prune 75") and not repaired(r)))
         say("best prune 75% + recal", best(lambda r: r["setting"].startswith("prune 75") and "recal" in r["setting"]))
         say("best prune 75% + distill", best(lambda r: r["setting"].startswith("prune 75")
+                                              and "distill" in r["setting"]))
+        say("best merge 75% + distill", best(lambda r: r["setting"].startswith("merge 75")
                                               and "distill" in r["setting"]))
         say("gating, active expert FLOPs <= -25%", best(lambda r: r["family"] == "gating" and
                                                         _rel(r, base, "active_expert_flops_per_token") <= -25))

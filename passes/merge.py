@@ -11,7 +11,9 @@ three similarities (cosine distance between):
 Each cluster becomes one expert whose weights are the routing-frequency-weighted
 average of its members' weights, after their hidden units are permuted to line
 up with the cluster's most used member (MC-SMoE's alignment; ``align=false``
-averages as is). The router keeps all its columns; the route
+averages as is), or with ``weights=dominant`` that most used member's own weights
+(M-SMoE's dominant expert): the refit then folds the others' outputs into it
+without first blurring it with weights trained for other tokens. The router keeps all its columns; the route
 op's ``Routing.expert_map`` maps every old expert to its merged expert, and the
 weights of two selected experts that land in the same merged expert add up.
 
@@ -47,6 +49,7 @@ __all__ = ["MergeExperts", "average_linkage", "cosine_distances", "merge_weights
            "align_hidden_units", "refit_output_matrix"]
 
 SIMILARITIES = ("output", "router", "weight")
+STARTS = ("average", "dominant")  # what a merged expert's weights start from
 
 
 def cosine_distances(features: np.ndarray) -> np.ndarray:
@@ -138,7 +141,8 @@ def _units(mats: list[np.ndarray]) -> np.ndarray:
 
 
 def merge_expert_weights(mats: list[np.ndarray], clusters: list[list[int]], freq: np.ndarray,
-                         align: bool = True, n_matrices: int | None = None) -> list[np.ndarray]:
+                         align: bool = True, n_matrices: int | None = None,
+                         start: str = "average") -> list[np.ndarray]:
     """Merge stacked expert weights ``[E, ...]`` per cluster into ``[M, ...]``.
 
     ``mats`` are the expert op's weights: ``n_matrices`` matrices (all of them when
@@ -146,7 +150,11 @@ def merge_expert_weights(mats: list[np.ndarray], clusters: list[list[int]], freq
     member's hidden units are first permuted to match the cluster's most frequently
     routed member (the input matrices' biases move with their units); then
     everything is averaged with :func:`merge_weights` (routing-frequency weights).
+    ``start="dominant"`` takes the most frequently routed member's weights as they are.
     """
+    if start == "dominant":
+        dominant = [members[int(np.argmax(np.asarray(freq)[members]))] for members in clusters]
+        return [np.asarray(m)[dominant] for m in mats]
     if not align:
         return [merge_weights(m, clusters, freq) for m in mats]
     n = len(mats) if n_matrices is None else n_matrices
@@ -218,6 +226,10 @@ class MergeExperts(Pass):
       align: before averaging, permute each member's hidden units to match the
         cluster's most used expert (MC-SMoE); experts trained from different
         initialisations have unrelated hidden-unit orders.
+      weights: what a merged expert starts from: ``average`` (its members'
+        frequency-weighted average) or ``dominant`` (its most used member's
+        weights; with ``refit=true`` the output matrix is then fitted to all
+        members' outputs).
       refit: after averaging, refit each merged expert's output matrix by least
         squares so that, on the profile's tokens, it reproduces what the experts it
         replaces produced for the tokens that picked them (see
@@ -238,6 +250,7 @@ class MergeExperts(Pass):
         "similarity": "output, router or weight",
         "balanced": "true or false",
         "align": "true or false",
+        "weights": "average or dominant",
         "keep": "number in (0, 1]: fraction of each layer's experts left",
         "refit": "true or false",
     }
@@ -248,6 +261,7 @@ class MergeExperts(Pass):
     align: bool = True
     keep: float | None = None
     refit: bool = False
+    weights: str = "average"
 
     def __post_init__(self):
         if (self.num_experts is None) == (self.keep is None):
@@ -261,6 +275,8 @@ class MergeExperts(Pass):
             raise ValueError(f"merge: keep must be a fraction in (0, 1], got {self.keep!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"merge: similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.weights not in STARTS:
+            raise ValueError(f"merge: weights must be one of {STARTS}, got {self.weights!r}")
 
     def target(self, layer: MoELayer) -> int:
         """Merged experts ``layer`` ends with."""
@@ -349,7 +365,7 @@ class MergeExperts(Pass):
             mats = [np.asarray(program.weights[p]) for p in layer.experts]
             n_matrices = 3 if dialect.is_gated(layer.activation) else 2
             per_row = [merge_expert_weights([m[s] if layer.stacked else m for m in mats], rows[s], freq[s],
-                                            self.align, n_matrices) for s in range(len(rows))]
+                                            self.align, n_matrices, self.weights) for s in range(len(rows))]
             if self.refit:
                 per_row = [self._refit(program, layer, s, rows[s], per_row[s]) for s in range(len(rows))]
             for i, p in enumerate(layer.experts):

@@ -136,18 +136,20 @@ def test_duplicated_experts_merge_exactly_with_and_without_refit():
     rs = np.random.RandomState(4)
     program, x = _profiled({"moe": _weights(rs, dup_pairs=True)}, dialect.Routing(k=2))
     ref = _layer_out(program, x)
-    for spec in ("merge(num_experts=2)", "merge(num_experts=2,refit=true)", "merge(keep=0.5,refit=true)"):
+    for spec in ("merge(num_experts=2)", "merge(num_experts=2,refit=true)", "merge(keep=0.5,refit=true)",
+                 "merge(num_experts=2,weights=dominant)", "merge(num_experts=2,refit=true,weights=dominant)"):
         merged = _run([spec], program, x)[-1].program
         np.testing.assert_allclose(_layer_out(merged, x), ref, atol=2e-5, err_msg=spec)
 
 
-def test_refit_beats_averaging_on_the_calibration_tokens():
+@pytest.mark.parametrize("start", ["average", "dominant"])
+def test_refit_beats_the_unrefitted_merge_on_the_calibration_tokens(start):
     rs = np.random.RandomState(5)
     program, x = _profiled({"moe": _weights(rs)}, dialect.Routing(k=2))
     ref = _layer_out(program, x)
     err = {}
     for refit in (False, True):
-        merged = _run([f"merge(num_experts=2,refit={str(refit).lower()})"], program, x)[-1].program
+        merged = _run([f"merge(num_experts=2,refit={str(refit).lower()},weights={start})"], program, x)[-1].program
         err[refit] = float(np.sum((_layer_out(merged, x) - ref) ** 2))
     assert err[True] < 0.8 * err[False], err
 

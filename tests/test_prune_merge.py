@@ -127,6 +127,14 @@ def test_alignment_recovers_permuted_hidden_units_so_merging_a_permuted_copy_is_
     assert not np.allclose(unaligned[0][0], anchor[0])
 
 
+def test_dominant_merge_starts_from_each_clusters_most_used_member():
+    rs = np.random.RandomState(5)
+    mats = [rs.randn(3, D, F), rs.randn(3, D, F), rs.randn(3, F, D)]
+    merged = merge_expert_weights(mats, [[0, 1], [2]], np.array([0.2, 0.5, 0.3]), start="dominant")
+    for m, w in zip(merged, mats):
+        np.testing.assert_array_equal(m, w[[1, 2]])
+
+
 # ---- pruning: exact answers --------------------------------------------------------
 def test_pruning_a_never_routed_expert_is_exact():
     program, x = _moe_program(_weights(dead_expert=2))
