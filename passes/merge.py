@@ -13,9 +13,10 @@ average of its members' weights, after their hidden units are permuted to line
 up with the cluster's most used member (MC-SMoE's alignment; ``align=false``
 averages as is), or with ``weights=dominant`` that most used member's own weights
 (M-SMoE's dominant expert): the refit then folds the others' outputs into it
-without first blurring it with weights trained for other tokens. The router keeps all its columns; the route
-op's ``Routing.expert_map`` maps every old expert to its merged expert, and the
-weights of two selected experts that land in the same merged expert add up.
+without first blurring it with weights trained for other tokens. The router keeps
+all its columns; the route op's ``Routing.expert_map`` maps every old expert to
+its merged expert, and the weights of two selected experts that land in the same
+merged expert add up.
 
 With ``refit=true`` each merged expert's output matrix is then refitted by least
 squares on the profile's hidden-state sample, so that the merged expert reproduces,
@@ -230,7 +231,7 @@ class MergeExperts(Pass):
         frequency-weighted average) or ``dominant`` (its most used member's
         weights; with ``refit=true`` the output matrix is then fitted to all
         members' outputs).
-      refit: after averaging, refit each merged expert's output matrix by least
+      refit: after merging, refit each merged expert's output matrix by least
         squares so that, on the profile's tokens, it reproduces what the experts it
         replaces produced for the tokens that picked them (see
         :func:`refit_output_matrix`).
