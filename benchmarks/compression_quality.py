@@ -31,6 +31,8 @@ Run::
         --out benchmarks/results/compression_quality_merge_dominant.json  # merged experts start from the dominant
     python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.27" --no-plot \
         --out benchmarks/results/compression_quality_gating_distill_027.json
+    python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.3), distill" --no-plot \
+        --out benchmarks/results/compression_quality_gating_distill_1000.json
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
@@ -89,6 +91,8 @@ SETTINGS: dict[str, str] = {
                                             "train=all)",
     "gating(skip_ratio=0.27), distill all": "gating(skip_ratio=0.27),distill(steps=300,calibration_bytes=262144,"
                                             "train=all)",
+    "gating(skip_ratio=0.3), distill all 1000 steps 512K": "gating(skip_ratio=0.3),distill(steps=1000,"
+                                                           "calibration_bytes=524288,train=all)",
     "prune 75% frequency": "prune(keep=0.75,method=frequency)",
     "prune 75% naee": "prune(keep=0.75,method=naee)",
     "prune 75% reap": "prune(keep=0.75,method=reap)",
