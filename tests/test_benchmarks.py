@@ -127,7 +127,7 @@ def test_kernel_speed_smoke(tmp_path):
             assert r["max_abs_err_vs_ragged_dot"] < EXACT_ATOL
 
 
-def test_benchmark_module_names_shadow_no_package_a_dependency_probes():
+def test_benchmark_scripts_shadow_no_package_that_transformers_imports():
     """The tests import the benchmark scripts by their bare names (``benchmarks/`` on ``sys.path``),
     and a test worker then runs other test files. A script named like a package that a dependency
     imports when present takes that package's place: ``benchmarks/kernels.py`` broke every
