@@ -141,6 +141,11 @@ def _units(mats: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([m.T for m in mats[:-1]] + [mats[-1]], axis=1)
 
 
+def _most_used(members: list[int], freq: np.ndarray) -> int:
+    """The cluster member routed to most often (the first on a tie): the alignment anchor and dominant expert."""
+    return members[int(np.argmax(np.asarray(freq)[members]))]
+
+
 def merge_expert_weights(mats: list[np.ndarray], clusters: list[list[int]], freq: np.ndarray,
                          align: bool = True, n_matrices: int | None = None,
                          start: str = "average") -> list[np.ndarray]:
@@ -154,7 +159,7 @@ def merge_expert_weights(mats: list[np.ndarray], clusters: list[list[int]], freq
     ``start="dominant"`` takes the most frequently routed member's weights as they are.
     """
     if start == "dominant":
-        dominant = [members[int(np.argmax(np.asarray(freq)[members]))] for members in clusters]
+        dominant = [_most_used(members, freq) for members in clusters]
         return [np.asarray(m)[dominant] for m in mats]
     if not align:
         return [merge_weights(m, clusters, freq) for m in mats]
@@ -169,7 +174,7 @@ def merge_expert_weights(mats: list[np.ndarray], clusters: list[list[int]], freq
 
     merged = [[] for _ in mats]
     for members in clusters:
-        anchor = members[int(np.argmax(np.asarray(freq)[members]))]
+        anchor = _most_used(members, freq)
         ref = [np.asarray(m[anchor], np.float64) for m in mats]
         aligned = [ref if e == anchor else aligned_member(ref, e) for e in members]
         for i, m in enumerate(mats):
