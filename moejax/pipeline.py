@@ -175,7 +175,8 @@ class Pass:
       exact: outputs stay the same, bit for bit on the same backend (or within ``tolerance``).
       tolerance: for an exact pass that cannot be bit-exact, how far and why.
       lossy_options: options that make an exact pass lossy when set away from their default.
-      needs / provides: metadata keys read from earlier passes / added by this one.
+      needs / provides: metadata keys read from earlier passes / added by this one
+        (a pass whose needs depend on its options overrides :meth:`required`).
       changes_signature: the pass may change the program's inputs or outputs.
       needs_weight_values: the pass reads weight values (calibration, pruning ...); it is
         refused on an abstract program (shapes only, :mod:`moejax.abstract`). Passes that
@@ -202,6 +203,10 @@ class Pass:
 
     def run(self, program: Program, ctx: PassContext) -> Program:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def required(self) -> tuple[str, ...]:
+        """Metadata keys this pass, with its options, reads from earlier passes (default: ``needs``)."""
+        return self.needs
 
     def check(self, program: Program, ctx: PassContext) -> None:
         """Raise :class:`PassError` if this pass cannot apply to ``program`` (default: no check)."""
@@ -758,7 +763,7 @@ class PassManager:
             raise PassError(f"pass {p} (#{index}) needs stacked expert weights, but an earlier select-impl stored "
                             f"them one buffer per expert (the CPU layout); run {p.name} before select-impl, or "
                             f"use select-impl(layout=stacked)")
-        for need in p.needs:
+        for need in p.required():
             if need not in program.metadata:
                 providers = [name for name, cls in registered_passes().items() if need in cls.provides]
                 fix = f"add {' or '.join(providers)} before it" if providers else "run a pass that provides it first"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, ClassVar
 
@@ -38,6 +39,8 @@ from moejax.pipeline import Pass, PassContext, PassError, register_pass, with_no
 from moejax.program import Program
 
 __all__ = ["Distill", "distill_to_source", "log_probs", "masked_kl", "HELD_BATCHES"]
+
+log = logging.getLogger(__name__)
 
 HELD_BATCHES = 8  # held-out batches checked: enough to pick a step, few enough to check often
 
@@ -182,16 +185,17 @@ class Distill(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         step = ctx.step(self)
+        batches, text = self._batches(program, ctx)
         result = ctx.analysis.get(DistilledWeights, step)  # made by the first program of this optimize call
         if result is None:
             result = ctx.analysis.put(step, distill_to_source(
-                program, ctx.analysis.source_of(program), self._trained(program), self._batches(program, ctx),
+                program, ctx.analysis.source_of(program), self._trained(program), batches,
                 steps=self.steps, optimizer=relative_adam(self.lr, self.steps), who=self.name))
         new = program.rewrite(weights=result.weights)
         meta = with_remeasured_profile(new, ctx, step)  # the routers were trained: routing is measured again
         return new.replace(metadata=with_note(
             meta, str(self), f"KL divergence to the source's next-token distribution on held-out "
-            f"calibration windows: {result.error_before:.4g} -> {result.error_after:.4g} nats per token"))
+            f"calibration windows of {text}: {result.error_before:.4g} -> {result.error_after:.4g} nats per token"))
 
     def _moe_weights(self, program: Program) -> list[str]:
         """The routers and routed experts: what ``train=experts`` trains (and what must be float)."""
@@ -204,12 +208,18 @@ class Distill(Pass):
         return [n for n, w in program.weights.items()
                 if all(numerics.is_float(leaf) for leaf in jax.tree_util.tree_leaves(w))]
 
-    def _batches(self, program: Program, ctx: PassContext) -> list[Any]:
+    def _batches(self, program: Program, ctx: PassContext) -> tuple[list[Any], str]:
+        """The token batches to distil on, and what they are (for the pass's note)."""
         if not self.calibration_bytes:
-            return calibration_batches(program, ctx, 262144, who=self.name)[0]
+            return calibration_batches(program, ctx, 262144, who=self.name)
         vocab = int(program.jaxpr.out_avals[0].shape[-1])
         if vocab < 256:
             raise PassError(f"distill: calibration_bytes needs a byte-level model (vocabulary {vocab} < 256); "
                             "pass calibration=[token batches] to optimize instead")
+        if ctx.calibration is not None:  # an explicit option wins, but never silently over the user's text
+            log.warning("distill: calibration_bytes=%d distils on the bundled training text, not on the "
+                        "calibration batches given to optimize; drop calibration_bytes to use those",
+                        self.calibration_bytes)
         from moejax import data
-        return [data.calibration_tokens(self.calibration_bytes, token_input_shape(program)[1])]
+        tokens = data.calibration_tokens(self.calibration_bytes, token_input_shape(program)[1])
+        return [tokens], f"train_bytes[:{tokens.size}]"

@@ -66,8 +66,9 @@ class RecalibrateRouter(Pass):
         sampled tokens; in all for ``logits``, one batch of windows per step).
       lr: Adam learning rate, relative to the router's RMS weight.
 
-    Needs a routing profile of the current program (``prune`` and ``merge`` leave a
-    fresh one) and the pipeline's source program (kept by the pass manager).
+    ``target=layer`` needs a routing profile of the current program (``prune`` and
+    ``merge`` leave a fresh one); both targets need the pipeline's source program
+    (kept by the pass manager).
     Pipeline spelling: ``prune(keep=0.75,method=reap),recalibrate-router`` or
     ``...,recalibrate-router(target=logits,steps=200)`` (minutes on a CPU for the bundled models).
     """
@@ -104,7 +105,12 @@ class RecalibrateRouter(Pass):
                 raise PassError(f"recalibrate-router: layer {name!r} routes with "
                                 f"{'input-weighted' if layer.routing.weight_on == 'input' else 'SparseMixer'} "
                                 "routing, which this layer-output fit does not model; drop recalibrate-router here")
-            layer_profile(program, layer, self.name, ("inputs",))
+            if self.target == "layer":
+                layer_profile(program, layer, self.name, ("inputs",))
+
+    def required(self) -> tuple[str, ...]:
+        """``target=logits`` trains on calibration windows end to end and reads no routing profile."""
+        return self.needs if self.target == "layer" else ()
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         layers = find_moe_layers(program, self.name)

@@ -312,3 +312,34 @@ def test_distillation_of_every_weight_repairs_what_the_experts_cannot():
     _assert_repairs_and_keeps_perfect(distill("all"), source, damaged, tok, list(source.weights), steps=300)
     # measured: 0.319 damaged, 0.142 after train=all, 0.278 after train=experts
     assert _kl(source, distill("experts")(damaged, 300), tok) > 0.75 * _kl(source, damaged, tok)
+
+
+def test_logit_recalibration_needs_no_routing_profile_but_layer_recalibration_does():
+    """``target=logits`` trains on calibration windows end to end; only ``target=layer`` reads the profile."""
+    rs = np.random.RandomState(11)
+    source = _tiny_decoder_program()
+    assert "routing_profile" not in source.metadata
+    ctx = PassContext(calibration=[rs.randint(0, 64, (8, 16))])
+    stages = PassManager(["recalibrate-router(target=logits,steps=2)"], check_exact=False).run(source, ctx)
+    assert "KL divergence" in str(stages[-1].program.metadata["notes"])
+    with pytest.raises(PassError, match="needs 'routing_profile', which no earlier pass provided"):
+        PassManager(["recalibrate-router"], check_exact=False).run(source, PassContext(calibration=ctx.calibration))
+
+
+def test_distillation_on_bundled_text_says_so_when_the_user_gave_calibration_batches(caplog):
+    """``distill(calibration_bytes=N)`` reads the bundled training text: never silently over the user's batches."""
+    from flax import nnx
+
+    from moejax.models import MoEDecoder, tiny_mixtral
+    from moejax.passes.distill import Distill
+
+    source = moejax.trace(MoEDecoder(tiny_mixtral(vocab_size=256), rngs=nnx.Rngs(0)), jnp.zeros((2, 16), jnp.int32))
+    own = [np.random.RandomState(12).randint(0, 256, (8, 16))]
+    with caplog.at_level("WARNING", logger="moejax.passes.distill"):
+        bundled = _repair(Distill(steps=1, calibration_bytes=2048), source, source, own)
+    assert "not on the calibration batches given to optimize" in caplog.text
+    assert "calibration windows of train_bytes[:2048]" in str(bundled.metadata["notes"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moejax.passes.distill"):
+        users = _repair(Distill(steps=1), source, source, own)
+    assert not caplog.text and "calibration windows of calibration:" in str(users.metadata["notes"])
