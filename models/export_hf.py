@@ -10,7 +10,9 @@ the new expert count, and the weights through the inverse of the loading rules.
   Hugging Face config has one count).
 * **merge** keeps every router column and maps several to one merged expert
   (``Routing.expert_map``); transformers has no such map, so each column gets
-  its own copy of its merged expert: exact, but no smaller on disk.
+  its own copy of its merged expert: exact, but no smaller on disk. A merge with
+  ``distinct=true`` (``Routing.distinct_merged``) is refused: transformers' top-k
+  would pick columns, not distinct merged experts.
 * **quantized experts**: FP8 block-scaled experts of a DeepSeek-V3-family model are
   written as FP8 with ``weight_scale_inv`` and ``quantization_config``, as released;
   MXFP4 experts of a gpt-oss model are written as ``*_blocks`` / ``*_scales`` with
@@ -171,6 +173,10 @@ def _program_weights(program: Any) -> tuple[dict[str, Any], int | None]:
     counts = {}
     for layer in layers.values():
         counts[layer.name] = layer.num_router
+        if layer.routing.distinct_merged:
+            raise ExportError(f"export_hf: layer {layer.name!r} was merged with distinct=true, which routes each "
+                              "token to k distinct merged experts; transformers' top-k picks router columns, so the "
+                              "export would not compute the same model. Merge without distinct=true to export")
         if layer.routing.expert_map is not None:  # merged: one copy of its expert per router column
             index = np.asarray(layer.routing.expert_map)
             for p in layer.experts:

@@ -116,6 +116,10 @@ class Routing:
       max_k: the cap on experts per token for dynamic modes (defaults to k).
       expert_map: after selection, expert ``e`` is replaced by
         ``expert_map[e]`` (merging); slots landing on the same expert add up.
+      distinct_merged: with an ``expert_map``, select ``k`` distinct merged
+        experts: only each merged expert's best-scoring column competes in the
+        top-k, so a token that picked two members of one cluster gets its next
+        choice instead of one expert with their summed weight.
       norm_min: with ``norm_topk``, the weights' sum is clamped to at least
         this before dividing (ERNIE 4.5's ``moe_norm_min``).
       jitter_eps: ``"sparsemixer"``'s threshold (PhiMoE's
@@ -152,6 +156,7 @@ class Routing:
     skip_ratio: float = 0.0
     max_k: int | None = None
     expert_map: tuple[int, ...] | None = None
+    distinct_merged: bool = False
     norm_min: float = 1e-20
     jitter_eps: float = 0.0
     weight_on: str = "output"
@@ -185,6 +190,11 @@ class Routing:
             raise ValueError(f"Routing(weight_on='input') keeps k={self.k} slots per token (the layer's traced shapes "
                              f"follow them); got gating={self.gating!r} with max_k={self.max_k}: use max_k={self.k} "
                              "or gating 'topk'/'skip'")
+        if self.distinct_merged and (self.expert_map is None or max(self.expert_map) + 1 < self.slots
+                                     or self.score == "sparsemixer"):
+            raise ValueError(f"Routing(distinct_merged=True) selects {self.slots} distinct merged experts: it needs an "
+                             f"expert_map naming at least that many (got {self.expert_map}) and a score other than "
+                             "sparsemixer")
         if self.weight_on == "input" and self.expert_map is not None and self.slots > 1:
             raise ValueError(f"Routing(weight_on='input') with k={self.k} slots cannot take an expert_map (merged "
                              "experts): two slots landing on one merged expert would need E(w1 x) + E(w2 x), not "
@@ -272,6 +282,8 @@ def route_reference(x, w_router, *bias, routing: Routing, name: str = "", impl: 
         probs = _scores(logits, r.score)
         sel = probs + bias[0].astype(jnp.float32) if bias else probs
         sel = _group_limit(sel, r)
+        if r.distinct_merged:
+            sel = _best_column_per_merged_expert(sel, r.expert_map)
         _, ids = jax.lax.top_k(sel, kk)
         w = jnp.take_along_axis(probs, ids, axis=-1)
     keep = jnp.ones_like(w, dtype=bool)
@@ -297,6 +309,19 @@ def route_reference(x, w_router, *bias, routing: Routing, name: str = "", impl: 
         ids = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         w = jnp.pad(w, ((0, 0), (0, pad)))
     return w.astype(jnp.float32), ids
+
+
+def _best_column_per_merged_expert(sel, expert_map):
+    """``sel [T, columns]`` with every column but each merged expert's best (the first on a tie) set to -inf."""
+    table = jnp.asarray(expert_map, jnp.int32)
+    n_merged = max(expert_map) + 1
+    best = jax.ops.segment_max(sel.T, table, num_segments=n_merged).T  # [T, M]
+    is_best = sel >= best[:, table]
+    # On a tie keep the first column: a column is shadowed when an earlier column of its expert is also best.
+    same = table[:, None] == table[None, :]  # [c, c']
+    earlier = jnp.tril(jnp.ones_like(same), -1)  # c' < c
+    shadowed = jnp.einsum("tb,cb->tc", is_best.astype(jnp.int32), (same & earlier).astype(jnp.int32)) > 0
+    return jnp.where(is_best & ~shadowed, sel, -jnp.inf)
 
 
 def _apply_expert_map(ids, w, expert_map):

@@ -185,14 +185,15 @@ def route_pallas(x: jax.Array, w_router: jax.Array, *bias: jax.Array, routing: A
     The fused kernel handles ``gating="topk"`` with softmax or sigmoid scores;
     other gating modes and scores (``"sparsemixer"``, PhiMoE), and a router bias
     on the logits (``bias_on_logits``, gpt-oss; the kernel adds its bias to the
-    selection scores only), use the reference.
+    selection scores only), and selection over distinct merged experts
+    (``distinct_merged``), use the reference.
     ``expert_map`` (merged experts) and ``k > E`` padding are applied to the
     kernel's output exactly as the reference does.
     """
     from moejax import dialect
 
     r = routing
-    if r.gating != "topk" or r.score not in ("softmax", "sigmoid") or r.bias_on_logits:
+    if r.gating != "topk" or r.score not in ("softmax", "sigmoid") or r.bias_on_logits or r.distinct_merged:
         return dialect.route_reference(x, w_router, *bias, routing=r)
     e = w_router.shape[1]
     kk = min(r.slots, e)

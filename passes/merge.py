@@ -8,6 +8,14 @@ three similarities (cosine distance between):
 * ``router``: the experts' router probabilities on that sample (MC-SMoE's router-logit similarity);
 * ``weight``: the experts' flattened weights.
 
+``method=reap`` chooses clusters differently: experts are absorbed one at a time
+into the expert whose output best stands in for theirs, cheapest first, where the
+cost is REAP's router-weighted saliency of the output difference
+(:func:`absorption_costs`, :func:`absorb_clusters`). Average linkage joins the
+most similar experts even when both carry many tokens; absorption merges away
+the experts that matter least, as REAP pruning drops them, but keeps their tokens
+served by a near neighbour instead of by the router's next choice.
+
 Each cluster becomes one expert whose weights are the routing-frequency-weighted
 average of its members' weights, after their hidden units are permuted to line
 up with the cluster's most used member (MC-SMoE's alignment; ``align=false``
@@ -16,13 +24,21 @@ averages as is), or with ``weights=dominant`` that most used member's own weight
 without first blurring it with weights trained for other tokens. The router keeps
 all its columns; the route op's ``Routing.expert_map`` maps every old expert to
 its merged expert, and the weights of two selected experts that land in the same
-merged expert add up.
+merged expert add up. With ``distinct=true`` a token selects k distinct merged
+experts instead (``Routing.distinct_merged``: each merged expert competes with
+its best column), so it keeps k experts' worth of compute.
 
 With ``refit=true`` each merged expert's output matrix is then refitted by least
 squares on the profile's hidden-state sample, so that the merged expert reproduces,
 for the tokens that picked its members, what those members produced
 (:func:`refit_output_matrix`; MergeMoE / NAEE-style repair). ``keep=FRACTION`` merges
 to that fraction of each layer's experts.
+
+``budget=global`` keeps the same total of merged experts but spreads it over the
+layers by measured sensitivity, as ``prune(budget=global)`` does: each next merge
+is taken from the layer whose output on the profile's sample moves least
+(relative squared error of the merged layer, refit and routing included;
+unrolled layers only).
 
 Layers stacked under ``scan`` share one static ``expert_map``: per layer the
 router columns (and selection bias) are permuted so that each layer's clusters
@@ -34,22 +50,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
 
 from moejax import analysis, dialect
-from moejax.passes.prune import (MoELayer, _check_target, _with_profile, layer_gates, apply_expert_rewrite,
-                                 check_float_experts, expert_outputs, find_moe_layers, layer_profile)
+from moejax.passes.prune import (BUDGETS, MoELayer, _check_target, _with_profile, allocate_global,
+                                 apply_expert_rewrite, check_float_experts, dense_gates, expert_outputs,
+                                 find_moe_layers, layer_gates, layer_profile)
 from moejax.pipeline import Pass, PassContext, PassError, register_pass
 from moejax.program import Program
 
-__all__ = ["MergeExperts", "average_linkage", "cosine_distances", "merge_weights", "merge_expert_weights",
-           "align_hidden_units", "refit_output_matrix"]
+__all__ = ["MergeExperts", "average_linkage", "absorption_costs", "absorb_clusters", "cosine_distances",
+           "merge_weights", "merge_expert_weights", "align_hidden_units", "refit_output_matrix"]
 
 SIMILARITIES = ("output", "router", "weight")
+METHODS = ("linkage", "reap")  # how clusters are chosen
 STARTS = ("average", "dominant")  # what a merged expert's weights start from
 
 
@@ -91,6 +109,60 @@ def average_linkage(dist: np.ndarray, n_clusters: int, max_size: int | None = No
         clusters[a] = sorted(clusters[a] + clusters[b])
         del clusters[b]
     return sorted(clusters, key=lambda c: c[0])
+
+
+def absorption_costs(gates: np.ndarray, picked: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """REAP-style cost ``[E, E]`` of serving expert ``i``'s tokens with expert ``j``'s output.
+
+    ``cost[i, j]`` is the mean over the tokens routed to ``i`` of ``g_i * |E_i(x) - E_j(x)|``:
+    REAP's saliency (arXiv 2510.13999) of the difference instead of the output, so
+    it is below REAP's saliency of ``i`` (what pruning it loses, before the router
+    renormalises) where ``E_j`` is nearer ``E_i`` than zero is.
+    ``gates``/``picked`` ``[n, E]`` as :func:`~moejax.passes.prune.dense_gates`
+    returns them; ``outputs [E, n, d]`` every expert's output. An expert no token
+    routes to costs 0 to absorb anywhere.
+    """
+    e = outputs.shape[0]
+    cost = np.zeros((e, e))
+    for i in range(e):
+        rows = np.flatnonzero(picked[:, i])
+        if rows.size:
+            diff = np.linalg.norm(outputs[:, rows] - outputs[i, rows], axis=-1)  # [E, routed]
+            cost[i] = diff @ gates[rows, i] / rows.size
+    return cost
+
+
+def absorb_clusters(cost: np.ndarray, n_clusters: int, max_size: int | None = None) -> list[list[int]]:
+    """Greedily absorb experts into others until ``n_clusters`` remain (REAP-guided merging).
+
+    Every cluster is served by one of its members, its centre; the merge cost is
+    the sum over experts of ``cost[expert, its centre]`` (:func:`absorption_costs`).
+    Each step joins the two clusters, under the centre of one of them, that raise
+    that sum least (a single expert joins at ``cost[i, centre]``); clusters never
+    exceed ``max_size``. So the experts merged away are those whose router-weighted
+    output the rest can best stand in for, and the experts that matter most stay
+    whole. Returns clusters as sorted id lists, ordered by their smallest member.
+    """
+    e = cost.shape[0]
+    if not 1 <= n_clusters <= e:
+        raise ValueError(f"absorb_clusters: n_clusters must be in [1, {e}], got {n_clusters}")
+    clusters = {i: [i] for i in range(e)}  # centre -> members
+    while len(clusters) > n_clusters:
+        best = None
+        for a, members in clusters.items():
+            now = cost[members, a].sum()
+            for b in clusters:
+                if b == a or (max_size is not None and len(members) + len(clusters[b]) > max_size):
+                    continue
+                rise = float(cost[members, b].sum() - now)  # cluster a moves under centre b
+                if best is None or rise < best[0] - 1e-12:
+                    best = (rise, a, b)
+        if best is None:
+            raise ValueError(f"absorb_clusters: cannot reach {n_clusters} clusters with clusters of at most "
+                             f"{max_size} members")
+        _, a, b = best
+        clusters[b] = sorted(clusters[b] + clusters.pop(a))
+    return sorted(clusters.values(), key=lambda c: c[0])
 
 
 def merge_weights(weights: np.ndarray, clusters: list[list[int]], freq: np.ndarray) -> np.ndarray:
@@ -205,15 +277,30 @@ def refit_output_matrix(x: np.ndarray, gates: np.ndarray, member_outputs: np.nda
     w_avg = np.asarray(merged[-1], np.float64)
     if not used.any():
         return merged[-1]
-    xs = jnp.asarray(x[used], jnp.float32)
+    xs = jnp.asarray(x, jnp.float32)  # every token, so that one compiled shape serves every cluster
     act = dialect.activation_fn(activation)
-    h = np.asarray(act(*(xs @ jnp.asarray(m, jnp.float32) for m in merged[:-1])), np.float64)  # [n_used, f]
+    h = np.asarray(act(*(xs @ jnp.asarray(m, jnp.float32) for m in merged[:-1])), np.float64)[used]  # [n_used, f]
     a = s[used, None] * h
     target = np.einsum("tm,mtd->td", gates[used], np.asarray(member_outputs, np.float64)[:, used])
     normal = a.T @ a
     lam = ridge * max(float(np.mean(np.diag(normal))), 1e-12)
     delta = np.linalg.solve(normal + lam * np.eye(normal.shape[0]), a.T @ (target - a @ w_avg))
     return (w_avg + delta).astype(np.asarray(merged[-1]).dtype)
+
+
+class _LazyCurve(Sequence):
+    """A layer's error per expert count (:func:`allocate_global`), measured when first asked for."""
+
+    def __init__(self, size: int, measure: Callable[[int], float]):
+        self._size, self._measure, self._known = size, measure, {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, count: int) -> float:
+        if count not in self._known:
+            self._known[count] = self._measure(count)
+        return self._known[count]
 
 
 @register_pass
@@ -224,7 +311,10 @@ class MergeExperts(Pass):
     Options:
       num_experts: merged experts per layer (same for every layer); or
       keep: the fraction of each layer's experts left after merging (rounded).
-      similarity: what clusters experts (cosine distance): their outputs on the
+      method: ``linkage`` (hierarchical clustering with average linkage on
+        ``similarity``) or ``reap`` (absorb the experts whose router-weighted
+        output a neighbour stands in for best; see the module doc).
+      similarity: what clusters experts with ``method=linkage`` (cosine distance): their outputs on the
         profile's sample (``output``), their router probabilities (``router``) or
         their weights (``weight``); see the module doc.
       balanced: cap cluster sizes at ceil(E / num_experts) (keeps scanned layers
@@ -236,6 +326,12 @@ class MergeExperts(Pass):
         frequency-weighted average) or ``dominant`` (its most used member's
         weights; with ``refit=true`` the output matrix is then fitted to all
         members' outputs).
+      distinct: route every token to k distinct merged experts (each by its
+        best column's score) instead of adding up the weights of selected columns
+        that land in one merged expert.
+      budget: ``uniform`` (every layer merges to the same count) or ``global``
+        (the same total, spread over layers by measured sensitivity; unrolled
+        layers only).
       refit: after merging, refit each merged expert's output matrix by least
         squares so that, on the profile's tokens, it reproduces what the experts it
         replaces produced for the tokens that picked them (see
@@ -253,21 +349,27 @@ class MergeExperts(Pass):
     # What __post_init__ and check accept; shown by `moejax passes`.
     option_ranges: ClassVar[Mapping[str, str]] = {
         "num_experts": "integer >= 1, at most the layer's experts",
-        "similarity": "output, router or weight",
+        "method": "linkage or reap",
+        "similarity": "output, router or weight (method=linkage)",
         "balanced": "true or false",
         "align": "true or false",
         "weights": "average or dominant",
         "keep": "number in (0, 1]: fraction of each layer's experts left",
         "refit": "true or false",
+        "distinct": "true or false",
+        "budget": "uniform or global",
     }
 
     num_experts: int | None = None
     similarity: str = "output"
+    method: str = "linkage"
     balanced: bool = False
     align: bool = True
     keep: float | None = None
     refit: bool = False
     weights: str = "average"
+    distinct: bool = False
+    budget: str = "uniform"
 
     def __post_init__(self):
         if (self.num_experts is None) == (self.keep is None):
@@ -281,6 +383,13 @@ class MergeExperts(Pass):
             raise ValueError(f"merge: keep must be a fraction in (0, 1], got {self.keep!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"merge: similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"merge: method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "reap" and self.similarity != "output":
+            raise ValueError("merge: method=reap scores experts by their outputs; similarity= applies to "
+                             "method=linkage only, so drop it")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"merge: budget must be one of {BUDGETS}, got {self.budget!r}")
         if self.weights not in STARTS:
             raise ValueError(f"merge: weights must be one of {STARTS}, got {self.weights!r}")
 
@@ -291,7 +400,9 @@ class MergeExperts(Pass):
         return max(1, min(layer.num_experts, round(self.keep * layer.num_experts)))
 
     def _needed_keys(self) -> tuple[str, ...]:
-        return ("frequency", "inputs") if self.similarity in ("output", "router") or self.refit else ("frequency",)
+        if self.similarity in ("output", "router") or self.refit or self.method == "reap" or self.budget == "global":
+            return ("frequency", "inputs")
+        return ("frequency",)
 
     def check(self, program: Program, ctx: PassContext) -> None:
         layers = find_moe_layers(program, self.name)
@@ -302,6 +413,17 @@ class MergeExperts(Pass):
                 raise PassError(f"merge: layer {layer.name!r} is stacked under scan and already merged; merging it "
                                 "again needs a per-layer expert_map. Merge once to the final count, or unroll the "
                                 "layers (scan_layers=False)")
+            if layer.stacked and self.budget == "global":
+                raise PassError(f"merge: budget=global gives layers different expert counts, but layer "
+                                f"{layer.name!r} is stacked under scan (one count for all); use budget=uniform "
+                                "or unroll the layers (scan_layers=False)")
+            if self.distinct and self.target(layer) < layer.routing.slots:
+                raise PassError(f"merge: distinct=true routes each token to {layer.routing.slots} distinct merged "
+                                f"experts, but layer {layer.name!r} would keep only {self.target(layer)}; merge to at "
+                                f"least {layer.routing.slots} experts or drop distinct=true")
+            if self.distinct and layer.routing.score == "sparsemixer":
+                raise PassError(f"merge: distinct=true needs per-expert scores, but layer {layer.name!r} routes with "
+                                "SparseMixer; drop distinct=true there")
             if self.refit and layer.routing.weight_on == "input":
                 raise PassError(f"merge: refit=true fits on unscaled calibration tokens, but layer {layer.name!r} "
                                 "applies routing weights to the expert input (Llama 4); use merge(refit=false) there")
@@ -335,23 +457,106 @@ class MergeExperts(Pass):
             probs = probs @ table
         return cosine_distances(probs.T)
 
-    def clusters(self, program: Program, layer: MoELayer) -> list[list[list[int]]]:
-        """Clusters of the current experts, per stack row."""
+    def clusters(self, program: Program, layer: MoELayer, n: int | None = None) -> list[list[list[int]]]:
+        """Clusters of the current experts, per stack row, ``n`` of them (default: the target count)."""
+        n = self.target(layer) if n is None else n
+        return [self._cluster(self._scores(program, layer, s), layer, n) for s in range(layer.stack_size(program))]
+
+    def _scores(self, program: Program, layer: MoELayer, s: int) -> np.ndarray:
+        """What clustering stack row ``s`` reads: absorption costs (``method=reap``) or distances."""
         entry = layer_profile(program, layer, self.name, self._needed_keys())
-        n = self.target(layer)
+        if self.method == "reap":
+            return self.absorption_costs(program, layer, s, entry)
+        return self.distances(program, layer, s, entry)
+
+    def _cluster(self, scores: np.ndarray, layer: MoELayer, n: int) -> list[list[int]]:
         cap = math.ceil(layer.num_experts / n) if self.balanced else None
-        return [average_linkage(self.distances(program, layer, s, entry), n, cap)
-                for s in range(layer.stack_size(program))]
+        return (absorb_clusters if self.method == "reap" else average_linkage)(scores, n, cap)
+
+    def _smallest(self, layer: MoELayer) -> int:
+        """The fewest merged experts a layer may keep under a global budget."""
+        return layer.routing.slots if self.distinct else 1
+
+    def global_counts(self, program: Program, layers: Mapping[str, MoELayer]) -> dict[str, int]:
+        """Merged experts per layer under ``budget=global``: the uniform total, spread by measured sensitivity.
+
+        A layer's curve is the relative squared change of its output on the
+        profile's sample at a count it could merge to, under the merged routing;
+        it is measured only at the counts the allocation reaches (with
+        ``distinct=true`` each is one more compiled route).
+        """
+        curves = {name: _LazyCurve(layer.num_experts + 1, self._merge_error(program, layer))
+                  for name, layer in layers.items()}
+        total = sum(self.target(layer) for layer in layers.values())
+        return allocate_global(curves, total, {n: self._smallest(l) for n, l in layers.items()}, who=self.name)
+
+    def _merge_error(self, program: Program, layer: MoELayer) -> Callable[[int], float]:
+        """``error(n)``: the relative squared change of an unrolled layer's output when merged to ``n`` experts."""
+        x = np.asarray(layer_profile(program, layer, self.name, ("inputs",)).inputs[0], np.float32)
+        gates, _ = layer_gates(program, layer, 0, x)
+        outputs = expert_outputs(program, layer, 0, x)
+        router = np.asarray(program.weights[layer.router], np.float32)
+        bias = np.asarray(program.weights[layer.bias], np.float32) if layer.bias else None
+        full = np.einsum("ne,end->nd", gates, outputs)
+        scores = self._scores(program, layer, 0)
+
+        def error(n: int) -> float:
+            if n == layer.num_experts:
+                return 0.0
+            clusters = self._cluster(scores, layer, n)
+            if self.distinct:
+                routing = dataclasses.replace(layer.routing, expert_map=self._expert_map(layer, clusters),
+                                              distinct_merged=True)
+                merged_gates = dense_gates(x, router, bias, routing, n)[0]
+            else:  # the selected experts' weights add up where they land in one merged expert
+                table = np.zeros((layer.num_experts, n))
+                for j, members in enumerate(clusters):
+                    table[members, j] = 1.0
+                merged_gates = gates @ table
+            y = np.einsum("nm,mnd->nd", merged_gates,
+                          self._merged_outputs(program, layer, clusters, (x, gates, outputs)))
+            return float(np.sum((y - full) ** 2)) / max(float(np.sum(full ** 2)), 1e-30)
+
+        return error
+
+    def _merged_outputs(self, program: Program, layer: MoELayer, clusters: list[list[int]],
+                        sample: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """Each merged expert's output ``[M, n, d]`` on the sample's tokens, for an unrolled layer."""
+        freq = np.asarray(layer_profile(program, layer, self.name, ("frequency",)).frequency, np.float64)[0]
+        n_matrices = 3 if dialect.is_gated(layer.activation) else 2
+        merged = merge_expert_weights([np.asarray(program.weights[p]) for p in layer.experts], clusters, freq,
+                                      self.align, n_matrices, self.weights)
+        if self.refit:
+            merged = self._refit(program, layer, 0, clusters, merged, sample)
+        return np.asarray(dialect.expert_ffn_math(jnp.asarray(sample[0]),
+                                                  [jnp.asarray(m, jnp.float32) for m in merged], layer.activation))
+
+    @staticmethod
+    def _expert_map(layer: MoELayer, clusters: list[list[int]]) -> tuple[int, ...]:
+        """Router column -> merged expert, for an unrolled layer (through any earlier merge's map)."""
+        owner = {e: j for j, members in enumerate(clusters) for e in members}
+        old_map = layer.routing.expert_map or tuple(range(layer.num_router))
+        return tuple(owner[old_map[c]] for c in range(layer.num_router))
+
+    @staticmethod
+    def absorption_costs(program: Program, layer: MoELayer, s: int, entry: analysis.LayerRouting) -> np.ndarray:
+        """:func:`absorption_costs` of the current experts of stack row ``s`` on the profile's sample."""
+        x = np.asarray(entry.inputs[s], np.float32)
+        gates, picked = layer_gates(program, layer, s, x)
+        return absorption_costs(gates, picked, expert_outputs(program, layer, s, x))
 
     # ---- rewriting -------------------------------------------------------------
     def run(self, program: Program, ctx: PassContext) -> Program:
         layers = find_moe_layers(program, self.name)
         step = ctx.step(self)
         shared = ctx.analysis.get(analysis.MergePlan, step)  # made by the first program of this optimize call
+        targets = (self.global_counts(program, layers) if shared is None and self.budget == "global"
+                   else {name: None for name in layers})
         plans = {name: (shared.layers.get(name) if shared is not None else None)
-                 or analysis.MergePlan.clusters_of(self.clusters(program, layer)) for name, layer in layers.items()}
-        plan = ctx.analysis.put(step, analysis.MergePlan(self.similarity, sum(len(r[0]) for r in plans.values()),
-                                                         plans))
+                 or analysis.MergePlan.clusters_of(self.clusters(program, layer, targets[name]))
+                 for name, layer in layers.items()}
+        chosen_by = self.similarity if self.method == "linkage" else "reap"
+        plan = ctx.analysis.put(step, analysis.MergePlan(chosen_by, sum(len(r[0]) for r in plans.values()), plans))
         new_weights: dict[str, Any] = {}
         routings, counts, notes = {}, {}, {}
         for name, layer in layers.items():
@@ -365,9 +570,7 @@ class MergeExperts(Pass):
                     new_weights[layer.bias] = jnp.asarray(
                         np.stack([np.asarray(program.weights[layer.bias][s])[p] for s, p in enumerate(perms)]))
             else:
-                owner = {e: j for j, members in enumerate(rows[0]) for e in members}
-                old_map = layer.routing.expert_map or tuple(range(layer.num_router))
-                expert_map = tuple(owner[old_map[c]] for c in range(layer.num_router))
+                expert_map = self._expert_map(layer, rows[0])
             mats = [np.asarray(program.weights[p]) for p in layer.experts]
             n_matrices = 3 if dialect.is_gated(layer.activation) else 2
             per_row = [merge_expert_weights([m[s] if layer.stacked else m for m in mats], rows[s], freq[s],
@@ -376,18 +579,24 @@ class MergeExperts(Pass):
                 per_row = [self._refit(program, layer, s, rows[s], per_row[s]) for s in range(len(rows))]
             for i, p in enumerate(layer.experts):
                 new_weights[p] = jnp.asarray(np.stack([r[i] for r in per_row]) if layer.stacked else per_row[0][i])
-            routings[name] = dataclasses.replace(layer.routing, expert_map=expert_map)
+            routings[name] = dataclasses.replace(layer.routing, expert_map=expert_map, distinct_merged=self.distinct)
             counts[name] = len(rows[0])
             notes[name] = rows if layer.stacked else rows[0]
         new = apply_expert_rewrite(program, layers, new_weights, routings, counts)
         return _with_profile(new, ctx, step, str(self), f"clusters per layer: {notes}", plan)
 
     def _refit(self, program: Program, layer: MoELayer, s: int, clusters: list[list[int]],
-               merged: list[np.ndarray]) -> list[np.ndarray]:
-        """``merged`` (one stack row, clusters in order) with every cluster's output matrix refitted."""
-        x = np.asarray(layer_profile(program, layer, self.name, ("inputs",)).inputs[s], np.float32)
-        gates, _ = layer_gates(program, layer, s, x)
-        outputs = expert_outputs(program, layer, s, x)  # [E, n, d]: the experts being replaced
+               merged: list[np.ndarray], sample: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+               ) -> list[np.ndarray]:
+        """``merged`` (one stack row, clusters in order) with every cluster's output matrix refitted.
+
+        ``sample``: the profile's tokens of row ``s``, their gates and the current
+        experts' outputs on them, when the caller has them already.
+        """
+        if sample is None:
+            x = np.asarray(layer_profile(program, layer, self.name, ("inputs",)).inputs[s], np.float32)
+            sample = (x, layer_gates(program, layer, s, x)[0], expert_outputs(program, layer, s, x))
+        x, gates, outputs = sample  # outputs [E, n, d]: the experts being replaced
         out = np.array(merged[-1])
         for j, members in enumerate(clusters):
             if len(members) > 1:

@@ -349,17 +349,19 @@ def removal_errors(program: Program, layer: MoELayer, s: int, x: np.ndarray, ord
     return err
 
 
-def allocate_global(curves: Mapping[str, np.ndarray], total: int, smallest: Mapping[str, int]) -> dict[str, int]:
+def allocate_global(curves: Mapping[str, Sequence[float]], total: int, smallest: Mapping[str, int],
+                    who: str = "prune") -> dict[str, int]:
     """Experts per layer summing to ``total``: greedily take away the expert whose loss moves a layer least.
 
     ``curves[name][k]`` is the layer's error when it keeps ``k`` experts (see
-    :func:`removal_errors`); no layer goes below ``smallest[name]``.
+    :func:`removal_errors`); no layer goes below ``smallest[name]``. ``who`` names
+    the calling pass in the error.
     """
     counts = {name: len(c) - 1 for name, c in curves.items()}
     while sum(counts.values()) > total:
         options = [(curves[n][counts[n] - 1] - curves[n][counts[n]], n) for n in counts if counts[n] > smallest[n]]
         if not options:
-            raise PassError(f"prune: a global budget of {total} experts is below what the layers must keep "
+            raise PassError(f"{who}: a global budget of {total} experts is below what the layers must keep "
                             f"({sum(smallest.values())}: each layer keeps at least its experts per token)")
         counts[min(options)[1]] -= 1
     return counts

@@ -1,4 +1,6 @@
 """The moe_* dialect against a plain einsum MoE: jit, vmap, grad, edge cases."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,6 +122,25 @@ def test_expert_map_sums_colliding_slots():
     probs = jax.nn.softmax(jnp.array([2.0, 1.0, 0.0]))
     assert list(np.asarray(ids[0])) == [0, -1]
     np.testing.assert_allclose(w[0, 0], probs[0] + probs[1], rtol=1e-6)
+
+
+def test_distinct_merged_routing_picks_the_next_merged_expert_instead_of_summing():
+    x = jnp.ones((1, 2))
+    wr = jnp.array([[3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # probs ordered e0 > e1 > e2 > e3
+    probs = np.asarray(jax.nn.softmax(jnp.array([3.0, 2.0, 1.0, 0.0])))
+    r = D.Routing(k=2, norm_topk=False, expert_map=(0, 0, 1, 2), distinct_merged=True)  # e0 and e1 merge
+    w, ids = D.route_reference(x, wr, routing=r)
+    assert list(np.asarray(ids[0])) == [0, 1]  # merged expert 0 (by e0), then e2's merged expert 1
+    np.testing.assert_allclose(np.asarray(w[0]), probs[[0, 2]], rtol=1e-6)
+    # a tie inside a cluster yields one pick, by its first column
+    tied = jnp.array([[1.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    w, ids = D.route_reference(x, tied, routing=dataclasses.replace(r, norm_topk=True))
+    assert list(np.asarray(ids[0])) == [0, 1]
+    np.testing.assert_allclose(float(w[0].sum()), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="distinct merged experts: it needs an expert_map"):
+        D.Routing(k=2, distinct_merged=True)
+    with pytest.raises(ValueError, match="naming at least that many"):
+        D.Routing(k=3, expert_map=(0, 0, 1, 1), distinct_merged=True)
 
 
 def test_bad_arguments_raise_clear_errors():

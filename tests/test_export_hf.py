@@ -129,3 +129,11 @@ def test_models_built_in_code_and_bad_exports_are_refused(tmp_path):
     config = json.load(open(tmp_path / "c" / "config.json"))
     assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["dtype"] == "bfloat16"
     assert str(Checkpoint(str(tmp_path / "c")).dtype("model.layers.1.mlp.experts.0.up_proj.weight")) == "bfloat16"
+
+
+def test_merge_with_distinct_routing_is_refused_with_the_fix(tmp_path):
+    """transformers' top-k picks router columns; a ``merge(distinct=true)`` model would not export exactly."""
+    model = from_pretrained(_saved(tmp_path, "mixtral"), dtype=jnp.float32)
+    opt = moejax.optimize(model, (jnp.asarray(TOKENS, jnp.int32),), "profile,merge(num_experts=6,distinct=true)")
+    with pytest.raises(ExportError, match="merged with distinct=true.*Merge without distinct=true to export"):
+        export_hf(opt, str(tmp_path / "export"))

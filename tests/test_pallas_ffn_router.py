@@ -65,6 +65,8 @@ ROUTINGS = {
     "grouped-max-no-norm": (dialect.Routing(k=2, n_group=2, topk_group=1, norm_topk=False), True),
     "k-above-E": (dialect.Routing(k=10), False),
     "merged-experts": (dialect.Routing(k=3, expert_map=(0, 0, 1, 1, 2, 2, 3, 3)), False),
+    "distinct-merged-falls-back": (dialect.Routing(k=3, expert_map=(0, 0, 1, 1, 2, 2, 3, 3), distinct_merged=True),
+                                   False),
     "top_p-falls-back": (dialect.Routing(k=2, gating="top_p", top_p=0.5, max_k=3), False),
 }
 

@@ -13,8 +13,8 @@ import moejax
 from moejax import weight_formats as wf
 from moejax import dialect, rewrite
 from moejax.models import MoEDecoder, tiny_mixtral
-from moejax.passes.merge import (MergeExperts, align_hidden_units, average_linkage, cosine_distances,
-                                 merge_expert_weights, merge_weights)
+from moejax.passes.merge import (MergeExperts, absorb_clusters, absorption_costs, align_hidden_units,
+                                 average_linkage, cosine_distances, merge_expert_weights, merge_weights)
 from moejax.passes.profile import ProfileRouting
 from moejax.passes.prune import PruneExperts, find_moe_layers
 from moejax.pipeline import PassContext, PassError, PassManager
@@ -68,6 +68,56 @@ def test_average_linkage_known_clusters_and_size_cap():
         average_linkage(dist, 7)
     np.testing.assert_allclose(cosine_distances(np.array([[1.0, 0], [2.0, 0], [0, 1.0]])),
                                [[0, 0, 1], [0, 0, 1], [1, 1, 0]], atol=1e-12)
+
+
+def test_absorption_costs_match_their_definition():
+    rs = np.random.RandomState(2)
+    n, e, d = 10, 3, 4
+    picked = rs.rand(n, e) < 0.5
+    picked[:, 2] = False  # expert 2 is never routed to: absorbing it costs nothing
+    gates = np.where(picked, rs.rand(n, e), 0.0)
+    outputs = rs.randn(e, n, d)
+    cost = absorption_costs(gates, picked, outputs)
+    for i in range(e):
+        rows = np.flatnonzero(picked[:, i])
+        for j in range(e):
+            terms = [gates[t, i] * np.linalg.norm(outputs[i, t] - outputs[j, t]) for t in rows]
+            np.testing.assert_allclose(cost[i, j], np.mean(terms) if rows.size else 0.0, rtol=1e-12)
+    assert np.all(np.diag(cost) == 0) and np.all(cost[2] == 0)
+
+
+def test_absorb_clusters_merges_the_cheapest_experts_and_keeps_absorbers_whole():
+    inf = 9.0
+    cost = np.array([[0, 1, inf, inf],  # 0 is cheap to serve by 1
+                     [5, 0, 4, inf],
+                     [inf, 0.5, 0, 3],  # 2 is cheapest of all, by 1
+                     [inf, inf, 2, 0]])
+    assert absorb_clusters(cost, 3) == [[0], [1, 2], [3]]
+    # then 0 joins 1's cluster (cost 1; moving {1, 2} under 0 or 3 costs more)
+    assert absorb_clusters(cost, 2) == [[0, 1, 2], [3]]
+    assert absorb_clusters(cost, 1) == [[0, 1, 2, 3]]  # whole clusters move too: {3} joins under centre 1
+    # with clusters of at most 2, 0 cannot join 1 and goes to its next cheapest target, 3
+    assert absorb_clusters(cost, 2, max_size=2) == [[0, 3], [1, 2]]
+    with pytest.raises(ValueError, match="cannot reach 1 clusters"):
+        absorb_clusters(cost, 1, max_size=2)
+
+
+def test_reap_merging_absorbs_duplicates_exactly_and_distinct_routing_keeps_k_experts():
+    program, x = _moe_program(_weights(dup_pairs=True))
+    merged = MergeExperts(num_experts=2, method="reap").run(program, _ctx(x))
+    assert _routing_of(merged).expert_map == (0, 0, 1, 1)
+    np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(program(x)), rtol=1e-5, atol=1e-5)
+    # distinct=true: a token that picked both members of a pair now also gets the other pair
+    distinct = MergeExperts(num_experts=2, method="reap", distinct=True).run(program, _ctx(x))
+    assert _routing_of(distinct).distinct_merged
+    _, ids = dialect.route_reference(x, distinct.weights["router"], routing=_routing_of(distinct))
+    assert np.all(np.sort(np.asarray(ids), axis=1) == [0, 1])
+    with pytest.raises(PassError, match="would keep only 1; merge to at least 2"):
+        MergeExperts(num_experts=1, distinct=True).check(program, _ctx(x))
+    with pytest.raises(ValueError, match="similarity= applies to method=linkage only"):
+        MergeExperts(num_experts=2, method="reap", similarity="weight")
+    with pytest.raises(ValueError, match="method must be one of"):
+        MergeExperts(num_experts=2, method="hc")
 
 
 def test_merge_weights_is_frequency_weighted():
@@ -255,3 +305,28 @@ def test_scanned_layers_prune_and_merge_per_layer():
     out = np.asarray(merged(tokens))
     assert out.shape == (2, 8, 64) and np.isfinite(out).all()
     assert merged.metadata["routing_profile"]["layers/*/mlp"]["mean_active"] <= 2.0
+
+
+def test_global_merge_budget_merges_where_it_costs_least():
+    """``budget=global``: the same total, taken first from the layer whose experts merge for free."""
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 8)), jnp.int32)
+    program = moejax.trace(MoEDecoder(tiny_mixtral(), rngs=nnx.Rngs(0)), tokens)
+    layers = find_moe_layers(program, "t")
+    first = next(iter(layers.values()))
+    dup = {}
+    for p in first.experts:  # layer 0: experts 1 == 0 and 3 == 2, so merging it to 2 changes nothing
+        w = np.asarray(program.weights[p]).copy()
+        w[1], w[3] = w[0], w[2]
+        dup[p] = jnp.asarray(w)
+    ctx = PassContext(example_args=(tokens,), calibration=[np.random.RandomState(1).randint(0, 64, (4, 16))])
+    program = ProfileRouting().run(program.rewrite(weights=dup), ctx)
+    for method in ("linkage", "reap"):
+        merge = MergeExperts(num_experts=3, method=method, budget="global")
+        assert list(merge.global_counts(program, layers).values()) == [2, 4]
+        merged = merge.run(program, ctx)
+        np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(program(tokens)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        MergeExperts(num_experts=3, budget="layerwise")
+    scanned = moejax.trace(MoEDecoder(tiny_mixtral(scan_layers=True), rngs=nnx.Rngs(0)), tokens)
+    with pytest.raises(PassError, match="budget=global gives layers different expert counts"):
+        MergeExperts(num_experts=3, budget="global").check(ProfileRouting().run(scanned, ctx), ctx)
