@@ -33,6 +33,10 @@ Run::
         --out benchmarks/results/compression_quality_gating_distill_027.json
     python benchmarks/compression_quality.py --models fine-grained --only "skip_ratio=0.3), distill" --no-plot \
         --out benchmarks/results/compression_quality_gating_distill_1000.json
+    python benchmarks/compression_quality.py --models default --only "merge 75% dominant refit distinct" \
+        --no-plot --out benchmarks/results/compression_quality_merge_distinct.json  # k distinct merged experts
+    python benchmarks/compression_quality.py --only "merge 75% reap global" --no-plot \
+        --out benchmarks/results/compression_quality_merge_reap_global.json  # REAP-guided merging, global budget
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
@@ -115,6 +119,14 @@ SETTINGS: dict[str, str] = {
     "merge 75% dominant refit": "merge(keep=0.75,refit=true,weights=dominant)",
     "merge 75% dominant refit + distill": "merge(keep=0.75,refit=true,weights=dominant),"
                                           "distill(calibration_bytes=262144)",
+    "merge 75% dominant refit distinct": "merge(keep=0.75,refit=true,weights=dominant,distinct=true)",
+    "merge 75% dominant refit distinct + distill": "merge(keep=0.75,refit=true,weights=dominant,distinct=true),"
+                                                   "distill(calibration_bytes=262144)",
+    "merge 75% reap global dominant refit distinct": "merge(keep=0.75,method=reap,budget=global,refit=true,"
+                                                     "weights=dominant,distinct=true)",
+    "merge 75% reap global dominant refit distinct + distill": "merge(keep=0.75,method=reap,budget=global,"
+                                                               "refit=true,weights=dominant,distinct=true),"
+                                                               "distill(calibration_bytes=262144)",
     "prune 50% naee": "prune(keep=0.5,method=naee)",
     "prune 50% reap global": "prune(keep=0.5,method=reap,budget=global)",
     "prune 50% naee + recal logits": "prune(keep=0.5,method=naee),recalibrate-router(target=logits,steps=200)",

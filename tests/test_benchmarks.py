@@ -252,3 +252,11 @@ def test_sharded_load_memory_stays_within_the_bound(tmp_path):
     two = [r for (mode, _), r in rows.items() if mode.startswith("2 processes")]
     one = rows[("one process, mesh expert=8", 0)]
     assert all(r["device_bytes_mb"] < 0.6 * one["device_bytes_mb"] for r in two)  # each holds about half
+
+
+def test_merge_vs_drop_prints_one_ratio_line_per_layer(capsys):
+    import merge_vs_drop
+
+    assert merge_vs_drop.main(["--smoke", "--calib-bytes", "512", "--seq-len", "64", "--batch", "2"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if "absorbing is cheaper than dropping" in l]
+    assert len(lines) == 2 and all("of 8 experts" in l and "median" in l for l in lines)
