@@ -81,6 +81,38 @@ def cosine_distances(features: np.ndarray) -> np.ndarray:
     return np.clip(dist, 0.0, 2.0)
 
 
+def _join_greedily(n: int, n_clusters: int, max_size: int | None, cost: Callable[[int, int, dict], float],
+                   symmetric: bool, who: str) -> list[list[int]]:
+    """Join ``n`` singletons, the cheapest join first, until ``n_clusters`` clusters remain.
+
+    Clusters are kept by key (a member); ``cost(a, b, clusters)`` prices moving cluster
+    ``a`` into cluster ``b``, which keeps its key. ``symmetric``: the cost is the same
+    both ways, so each pair is priced once and the smaller key is kept (a cluster's
+    key stays its smallest member, and ties go to the pair with the smallest members).
+    No cluster grows past ``max_size``.
+    Returns clusters as sorted id lists, ordered by their smallest member.
+    """
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"{who}: n_clusters must be in [1, {n}], got {n_clusters}")
+    clusters = {i: [i] for i in range(n)}
+    while len(clusters) > n_clusters:
+        best = None
+        for a in clusters:
+            for b in clusters:
+                if b == a or (symmetric and b < a) or (max_size is not None
+                                                        and len(clusters[a]) + len(clusters[b]) > max_size):
+                    continue
+                c = cost(a, b, clusters)
+                if best is None or c < best[0] - 1e-12:
+                    best = (c, a, b)
+        if best is None:
+            raise ValueError(f"{who}: cannot reach {n_clusters} clusters with clusters of at most {max_size} members")
+        _, a, b = best
+        keep, gone = (a, b) if symmetric else (b, a)
+        clusters[keep] = sorted(clusters[keep] + clusters.pop(gone))
+    return sorted(clusters.values(), key=lambda c: c[0])
+
+
 def average_linkage(dist: np.ndarray, n_clusters: int, max_size: int | None = None) -> list[list[int]]:
     """Agglomerative clustering with average linkage down to ``n_clusters`` clusters.
 
@@ -89,26 +121,8 @@ def average_linkage(dist: np.ndarray, n_clusters: int, max_size: int | None = No
     cluster larger than ``max_size``. Returns clusters as sorted id lists,
     ordered by their smallest member.
     """
-    e = dist.shape[0]
-    if not 1 <= n_clusters <= e:
-        raise ValueError(f"average_linkage: n_clusters must be in [1, {e}], got {n_clusters}")
-    clusters = [[i] for i in range(e)]
-    while len(clusters) > n_clusters:
-        best = None
-        for a in range(len(clusters)):
-            for b in range(a + 1, len(clusters)):
-                if max_size is not None and len(clusters[a]) + len(clusters[b]) > max_size:
-                    continue
-                d = float(dist[np.ix_(clusters[a], clusters[b])].mean())
-                if best is None or d < best[0] - 1e-12:
-                    best = (d, a, b)
-        if best is None:
-            raise ValueError(f"average_linkage: cannot reach {n_clusters} clusters with clusters of at most "
-                             f"{max_size} members")
-        _, a, b = best
-        clusters[a] = sorted(clusters[a] + clusters[b])
-        del clusters[b]
-    return sorted(clusters, key=lambda c: c[0])
+    return _join_greedily(dist.shape[0], n_clusters, max_size,
+                          lambda a, b, cl: float(dist[np.ix_(cl[a], cl[b])].mean()), True, "average_linkage")
 
 
 def absorption_costs(gates: np.ndarray, picked: np.ndarray, outputs: np.ndarray) -> np.ndarray:
@@ -143,26 +157,10 @@ def absorb_clusters(cost: np.ndarray, n_clusters: int, max_size: int | None = No
     output the rest can best stand in for, and the experts that matter most stay
     whole. Returns clusters as sorted id lists, ordered by their smallest member.
     """
-    e = cost.shape[0]
-    if not 1 <= n_clusters <= e:
-        raise ValueError(f"absorb_clusters: n_clusters must be in [1, {e}], got {n_clusters}")
-    clusters = {i: [i] for i in range(e)}  # centre -> members
-    while len(clusters) > n_clusters:
-        best = None
-        for a, members in clusters.items():
-            now = cost[members, a].sum()
-            for b in clusters:
-                if b == a or (max_size is not None and len(members) + len(clusters[b]) > max_size):
-                    continue
-                rise = float(cost[members, b].sum() - now)  # cluster a moves under centre b
-                if best is None or rise < best[0] - 1e-12:
-                    best = (rise, a, b)
-        if best is None:
-            raise ValueError(f"absorb_clusters: cannot reach {n_clusters} clusters with clusters of at most "
-                             f"{max_size} members")
-        _, a, b = best
-        clusters[b] = sorted(clusters[b] + clusters.pop(a))
-    return sorted(clusters.values(), key=lambda c: c[0])
+    def rise(a: int, b: int, clusters: dict) -> float:  # cluster a moves under centre b
+        return float(cost[clusters[a], b].sum() - cost[clusters[a], a].sum())
+
+    return _join_greedily(cost.shape[0], n_clusters, max_size, rise, False, "absorb_clusters")
 
 
 def merge_weights(weights: np.ndarray, clusters: list[list[int]], freq: np.ndarray) -> np.ndarray:
