@@ -20,8 +20,8 @@ started with).
 from __future__ import annotations
 
 import dataclasses
-import math
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, ClassVar
 
