@@ -398,7 +398,7 @@ class MergeExperts(Pass):
         return max(1, min(layer.num_experts, round(self.keep * layer.num_experts)))
 
     def _needed_keys(self) -> tuple[str, ...]:
-        if self.similarity in ("output", "router") or self.refit or self.method == "reap" or self.budget == "global":
+        if self.similarity in ("output", "router") or self.refit or self.budget == "global":  # (reap: output)
             return ("frequency", "inputs")
         return ("frequency",)
 
@@ -490,9 +490,12 @@ class MergeExperts(Pass):
 
     def _merge_error(self, program: Program, layer: MoELayer) -> Callable[[int], float]:
         """``error(n)``: the relative squared change of an unrolled layer's output when merged to ``n`` experts."""
-        x = np.asarray(layer_profile(program, layer, self.name, ("inputs",)).inputs[0], np.float32)
+        entry = layer_profile(program, layer, self.name, ("inputs", "frequency"))
+        x = np.asarray(entry.inputs[0], np.float32)
         gates, _ = layer_gates(program, layer, 0, x)
         outputs = expert_outputs(program, layer, 0, x)
+        mats = [np.asarray(program.weights[p]) for p in layer.experts]
+        freq = np.asarray(entry.frequency, np.float64)
         router = np.asarray(program.weights[layer.router], np.float32)
         bias = np.asarray(program.weights[layer.bias], np.float32) if layer.bias else None
         full = np.einsum("ne,end->nd", gates, outputs)
@@ -511,23 +514,26 @@ class MergeExperts(Pass):
                 for j, members in enumerate(clusters):
                     table[members, j] = 1.0
                 merged_gates = gates @ table
-            y = np.einsum("nm,mnd->nd", merged_gates,
-                          self._merged_outputs(program, layer, clusters, (x, gates, outputs)))
+            merged = self._merged_row(program, layer, 0, clusters, mats, freq, (x, gates, outputs))
+            merged_outputs = dialect.expert_ffn_math(jnp.asarray(x), [jnp.asarray(m, jnp.float32) for m in merged],
+                                                     layer.activation)
+            y = np.einsum("nm,mnd->nd", merged_gates, np.asarray(merged_outputs))
             return float(np.sum((y - full) ** 2)) / max(float(np.sum(full ** 2)), 1e-30)
 
         return error
 
-    def _merged_outputs(self, program: Program, layer: MoELayer, clusters: list[list[int]],
-                        sample: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-        """Each merged expert's output ``[M, n, d]`` on the sample's tokens, for an unrolled layer."""
-        freq = np.asarray(layer_profile(program, layer, self.name, ("frequency",)).frequency, np.float64)[0]
+    def _merged_row(self, program: Program, layer: MoELayer, s: int, clusters: list[list[int]],
+                    mats: list[np.ndarray], freq: np.ndarray,
+                    sample: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Stack row ``s``'s merged weights, one per cluster in order (refitted with ``refit=true``).
+
+        ``mats``: the layer's expert weights; ``freq [S, E]``: the profile's routing
+        frequencies; ``sample``: as :meth:`_refit` takes it.
+        """
         n_matrices = 3 if dialect.is_gated(layer.activation) else 2
-        merged = merge_expert_weights([np.asarray(program.weights[p]) for p in layer.experts], clusters, freq,
-                                      self.align, n_matrices, self.weights)
-        if self.refit:
-            merged = self._refit(program, layer, 0, clusters, merged, sample)
-        return np.asarray(dialect.expert_ffn_math(jnp.asarray(sample[0]),
-                                                  [jnp.asarray(m, jnp.float32) for m in merged], layer.activation))
+        merged = merge_expert_weights([m[s] if layer.stacked else m for m in mats], clusters, freq[s], self.align,
+                                      n_matrices, self.weights)
+        return self._refit(program, layer, s, clusters, merged, sample) if self.refit else merged
 
     @staticmethod
     def _expert_map(layer: MoELayer, clusters: list[list[int]]) -> tuple[int, ...]:
@@ -570,11 +576,7 @@ class MergeExperts(Pass):
             else:
                 expert_map = self._expert_map(layer, rows[0])
             mats = [np.asarray(program.weights[p]) for p in layer.experts]
-            n_matrices = 3 if dialect.is_gated(layer.activation) else 2
-            per_row = [merge_expert_weights([m[s] if layer.stacked else m for m in mats], rows[s], freq[s],
-                                            self.align, n_matrices, self.weights) for s in range(len(rows))]
-            if self.refit:
-                per_row = [self._refit(program, layer, s, rows[s], per_row[s]) for s in range(len(rows))]
+            per_row = [self._merged_row(program, layer, s, rows[s], mats, freq) for s in range(len(rows))]
             for i, p in enumerate(layer.experts):
                 new_weights[p] = jnp.asarray(np.stack([r[i] for r in per_row]) if layer.stacked else per_row[0][i])
             routings[name] = dataclasses.replace(layer.routing, expert_map=expert_map, distinct_merged=self.distinct)
