@@ -354,7 +354,8 @@ class BitAllocation(_LayerMap, AnalysisResult):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DistilledWeights(AnalysisResult):
-    """What ``distill`` trained: weights by path, and the held-out KL to the source before/after (nats per token).
+    """What ``distill`` trained: weights by path, the held-out KL to the source before/after (nats per token),
+    and which calibration text it trained on.
 
     Shared by the programs of one optimize call (they get the same weights); the
     metadata form keeps only the figures.
@@ -364,13 +365,15 @@ class DistilledWeights(AnalysisResult):
     weights: dict[str, Any]
     error_before: float
     error_after: float
+    calibration: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"error_before": self.error_before, "error_after": self.error_after, "weights": sorted(self.weights)}
+        return {"error_before": self.error_before, "error_after": self.error_after, "weights": sorted(self.weights),
+                "calibration": self.calibration}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DistilledWeights":
-        return cls({}, float(data["error_before"]), float(data["error_after"]))
+        return cls({}, float(data["error_before"]), float(data["error_after"]), str(data.get("calibration", "")))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -185,17 +185,17 @@ class Distill(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> Program:
         step = ctx.step(self)
-        batches, text = self._batches(program, ctx)
         result = ctx.analysis.get(DistilledWeights, step)  # made by the first program of this optimize call
         if result is None:
-            result = ctx.analysis.put(step, distill_to_source(
+            batches, text = self._batches(program, ctx)
+            result = ctx.analysis.put(step, dataclasses.replace(distill_to_source(
                 program, ctx.analysis.source_of(program), self._trained(program), batches,
-                steps=self.steps, optimizer=relative_adam(self.lr, self.steps), who=self.name))
+                steps=self.steps, optimizer=relative_adam(self.lr, self.steps), who=self.name), calibration=text))
         new = program.rewrite(weights=result.weights)
         meta = with_remeasured_profile(new, ctx, step)  # the routers were trained: routing is measured again
         return new.replace(metadata=with_note(
             meta, str(self), f"KL divergence to the source's next-token distribution on held-out "
-            f"calibration windows of {text}: {result.error_before:.4g} -> {result.error_after:.4g} nats per token"))
+            f"calibration windows of {result.calibration}: {result.error_before:.4g} -> {result.error_after:.4g} nats per token"))
 
     def _moe_weights(self, program: Program) -> list[str]:
         """The routers and routed experts: what ``train=experts`` trains (and what must be float)."""
