@@ -28,7 +28,8 @@ from common import smoke_model  # noqa: E402
 import moejax  # noqa: E402
 from moejax import data  # noqa: E402
 from moejax.passes.merge import absorption_costs  # noqa: E402
-from moejax.passes.prune import expert_outputs, find_moe_layers, layer_gates, layer_profile  # noqa: E402
+from moejax.passes.prune import (expert_outputs, find_moe_layers, layer_gates, layer_profile,  # noqa: E402
+                                 reap_saliency)
 from moejax.pipeline import PassContext, PassManager  # noqa: E402
 
 
@@ -41,9 +42,8 @@ def absorb_to_drop_ratios(program: moejax.Program) -> dict[str, np.ndarray]:
         outputs = expert_outputs(program, layer, 0, x)
         cost = absorption_costs(gates, picked, outputs)
         np.fill_diagonal(cost, np.inf)
-        routed = picked.sum(0)
-        saliency = (gates * np.linalg.norm(outputs, axis=-1).T).sum(0) / np.maximum(routed, 1)
-        out[name] = cost.min(1)[routed > 0] / saliency[routed > 0]
+        routed = picked.any(0)
+        out[name] = cost.min(1)[routed] / reap_saliency(program, layer, 0, x)[routed]
     return out
 
 
