@@ -405,6 +405,12 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
                 if type(part) is not dict or any(type(k) is not str or k.startswith("__") for k in part):
                     raise self._refuse(f"sets a {type(inst).__qualname__} from malformed state")
         super().load_build()
+        post_init = getattr(type(inst), "__post_init__", None)
+        if dataclasses.is_dataclass(inst) and post_init is not None:  # BUILD skips the constructor's checks
+            try:
+                post_init(inst)
+            except (ValueError, TypeError) as e:
+                raise self._refuse(f"holds an invalid {type(inst).__qualname__} ({e})") from None
 
     def _refuse_opcode(self, opcode: str) -> None:
         raise self._refuse(f"uses the {opcode} opcode (protocol 0/1 instantiation)")

@@ -1,6 +1,7 @@
 """Saving, restoring and exporting programs: no code runs on load, tampering is caught, round trips are exact."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -443,3 +444,18 @@ def test_exported_artifact_loads_without_moejax(model, tokens, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_a_routing_that_its_own_checks_refuse_is_refused_at_restore(saved):
+    """BUILD sets a Routing's fields without its constructor: restore re-runs its checks (one line, no traceback)."""
+    prog, d = saved
+    bad = object.__new__(dialect.Routing)
+    bad.__dict__.update({**dataclasses.asdict(dialect.Routing(k=2)), "distinct_merged": True})  # no expert_map
+    jaxpr = prog.jaxpr.jaxpr
+    eqns = [e.replace(params={**e.params, "routing": bad}) if e.primitive.name == "moe_route" else e
+            for e in jaxpr.eqns]
+    assert any(e.params.get("routing") is bad for e in eqns)
+    edited = prog.replace(jaxpr=jax.extend.core.ClosedJaxpr(jaxpr.replace(eqns=eqns), prog.jaxpr.consts))
+    (d / "structure.pkl").write_bytes(serialization._dump_structure(edited))
+    msg = _restore_error(d)
+    assert "holds an invalid Routing" in msg and "distinct merged experts: it needs an expert_map" in msg
