@@ -13,6 +13,8 @@ the new expert count, and the weights through the inverse of the loading rules.
   its own copy of its merged expert: exact, but no smaller on disk. A merge with
   ``distinct=true`` (``Routing.distinct_merged``) is refused: transformers' top-k
   would pick columns, not distinct merged experts.
+* **gating** (top-p, threshold, skipping) is refused: it is routing, not weights,
+  and transformers routes a fixed top-k.
 * **quantized experts**: FP8 block-scaled experts of a DeepSeek-V3-family model are
   written as FP8 with ``weight_scale_inv`` and ``quantization_config``, as released;
   MXFP4 experts of a gpt-oss model are written as ``*_blocks`` / ``*_scales`` with
@@ -177,6 +179,10 @@ def _program_weights(program: Any) -> tuple[dict[str, Any], int | None]:
             raise ExportError(f"export_hf: layer {layer.name!r} was merged with distinct=true, which routes each "
                               "token to k distinct merged experts; transformers' top-k picks router columns, so the "
                               "export would not compute the same model. Merge without distinct=true to export")
+        if layer.routing.gating != "topk":
+            raise ExportError(f"export_hf: layer {layer.name!r} routes with adaptive gating "
+                              f"({layer.routing.gating!r}); transformers routes every token to a fixed top-k, so "
+                              "the export would not compute the same model. Export the stage before 'gating'")
         if layer.routing.expert_map is not None:  # merged: one copy of its expert per router column
             index = np.asarray(layer.routing.expert_map)
             for p in layer.experts:

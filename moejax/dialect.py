@@ -120,6 +120,12 @@ class Routing:
         experts: only each merged expert's best-scoring column competes in the
         top-k, so a token that picked two members of one cluster gets its next
         choice instead of one expert with their summed weight.
+      renormalize_kept: with ``norm_topk`` and an adaptive ``gating`` mode, the
+        weights are normalised over the experts gating keeps (True: the dropped
+        experts' share goes to the kept ones) or over every expert picked
+        before gating (False: each kept expert keeps the weight the full top-k
+        gave it and the dropped share is left out, which moves the layer's
+        output far less when the dropped experts are the weak ones).
       norm_min: with ``norm_topk``, the weights' sum is clamped to at least
         this before dividing (ERNIE 4.5's ``moe_norm_min``).
       jitter_eps: ``"sparsemixer"``'s threshold (PhiMoE's
@@ -157,6 +163,7 @@ class Routing:
     max_k: int | None = None
     expert_map: tuple[int, ...] | None = None
     distinct_merged: bool = False
+    renormalize_kept: bool = True
     norm_min: float = 1e-20
     jitter_eps: float = 0.0
     weight_on: str = "output"
@@ -297,9 +304,10 @@ def route_reference(x, w_router, *bias, routing: Routing, name: str = "", impl: 
     elif r.gating == "skip":
         keep = w >= r.skip_ratio * w[:, :1]
     keep = keep.at[:, 0].set(True)  # every token keeps its best expert
+    picked_sum = w.sum(-1, keepdims=True)
     w = jnp.where(keep, w, 0.0)
     if r.norm_topk:
-        w = w / jnp.maximum(w.sum(-1, keepdims=True), r.norm_min)
+        w = w / jnp.maximum(w.sum(-1, keepdims=True) if r.renormalize_kept else picked_sum, r.norm_min)
     w = w * r.scale
     ids = jnp.where(keep, ids, -1).astype(jnp.int32)
     if r.expert_map is not None:

@@ -97,8 +97,12 @@ class DynamicGating(Pass):
         times the top expert's weight.
       max_k: the cap on experts per token for ``top_p``/``threshold`` (default: the
         model's k). Every token keeps at least its best expert.
-      renormalize: renormalise the kept weights to sum to 1 (default: keep the
-        model's own ``norm_topk``).
+      renormalize: ``true``: the kept weights are renormalised to sum to 1, so the
+        dropped experts' share goes to the kept ones; ``false``: each kept expert
+        keeps the weight the model's full top-k gives it and the dropped share is
+        left out (``Routing.renormalize_kept``; on the fine-grained model this moves
+        each layer's output 4-6x less at the same active experts). Default: the
+        model's own ``norm_topk``, renormalising what is kept.
 
     Pipeline spelling: ``gating(top_p=0.6,max_k=2)``.
     """
@@ -111,7 +115,7 @@ class DynamicGating(Pass):
         "threshold": "number in [0, 1), or none; exactly one of top_p, threshold, skip_ratio",
         "skip_ratio": "number in (0, 1], or none; exactly one of top_p, threshold, skip_ratio",
         "max_k": "integer >= 1, at most the layer's experts, or none; not with skip_ratio",
-        "renormalize": "true, false or none (none: the model's norm_topk)",
+        "renormalize": "true, false or none (none: the model's norm_topk, renormalised over the kept experts)",
     }
 
     top_p: float | None = None
@@ -160,8 +164,10 @@ class DynamicGating(Pass):
             changes.update(threshold=float(self.threshold), max_k=max_k)
         else:
             changes.update(skip_ratio=float(self.skip_ratio))
-        if self.renormalize is not None:
-            changes["norm_topk"] = self.renormalize
+        if self.renormalize:
+            changes.update(norm_topk=True, renormalize_kept=True)
+        elif self.renormalize is not None:  # false: the model's own normalisation over its full top-k
+            changes["renormalize_kept"] = False
         return dataclasses.replace(routing, **changes)
 
     def check(self, program: Program, ctx: PassContext) -> None:

@@ -137,3 +137,12 @@ def test_merge_with_distinct_routing_is_refused_with_the_fix(tmp_path):
     opt = moejax.optimize(model, (jnp.asarray(TOKENS, jnp.int32),), "profile,merge(num_experts=6,distinct=true)")
     with pytest.raises(ExportError, match="merged with distinct=true.*Merge without distinct=true to export"):
         export_hf(opt, str(tmp_path / "export"))
+
+
+def test_adaptive_gating_is_refused_with_the_fix(tmp_path):
+    """Gating changes routing, not weights: an export would silently route a fixed top-k again."""
+    model = from_pretrained(_saved(tmp_path, "mixtral"), dtype=jnp.float32)
+    opt = moejax.optimize(model, (jnp.asarray(TOKENS, jnp.int32),), "gating(skip_ratio=0.5)")
+    with pytest.raises(ExportError, match="adaptive gating \\('skip'\\).*Export the stage before 'gating'"):
+        export_hf(opt, str(tmp_path / "export"))
+    export_hf(opt.at_stage(0), str(tmp_path / "export"))  # the stage before it exports

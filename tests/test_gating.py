@@ -127,3 +127,21 @@ def test_skip_mode_keeps_top_expert_and_renormalizes():
     np.testing.assert_array_equal(np.asarray(ids), [[0, -1], [0, 1]])
     np.testing.assert_allclose(np.asarray(w), [[1.0, 0.0], [0.4 / 0.75, 0.35 / 0.75]], rtol=1e-5)
     assert dataclasses.replace(routing, skip_ratio=0.0).gating == "skip"
+
+
+def test_skip_without_renormalizing_keeps_each_kept_experts_full_top_k_weight():
+    routing = DynamicGating(skip_ratio=0.6, renormalize=False).new_routing(dialect.Routing(k=2), 4, "l")
+    assert routing.norm_topk and not routing.renormalize_kept
+    x = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1], [0.4, 0.35, 0.15, 0.1]], jnp.float32))
+    w, ids = dialect.route_reference(x, jnp.eye(4, dtype=jnp.float32), routing=routing)
+    np.testing.assert_array_equal(np.asarray(ids), [[0, -1], [0, 1]])
+    # normalised over the top-2 picked before skipping: token 0 keeps 0.5 / 0.75, not 1
+    np.testing.assert_allclose(np.asarray(w), [[0.5 / 0.75, 0.0], [0.4 / 0.75, 0.35 / 0.75]], rtol=1e-5)
+    # a model without norm_topk has nothing to renormalise: false keeps its raw weights
+    raw = DynamicGating(skip_ratio=0.6, renormalize=False).new_routing(dialect.Routing(k=2, norm_topk=False), 4, "l")
+    w, _ = dialect.route_reference(x, jnp.eye(4, dtype=jnp.float32), routing=raw)
+    np.testing.assert_allclose(np.asarray(w), [[0.5, 0.0], [0.4, 0.35]], rtol=1e-5)
+    # static top-k is untouched by the field
+    top2 = dataclasses.replace(dialect.Routing(k=2), renormalize_kept=False)
+    w, _ = dialect.route_reference(x, jnp.eye(4, dtype=jnp.float32), routing=top2)
+    np.testing.assert_allclose(np.asarray(w).sum(-1), [1.0, 1.0], rtol=1e-6)
