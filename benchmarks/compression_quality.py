@@ -37,6 +37,8 @@ Run::
         --no-plot --out benchmarks/results/compression_quality_merge_distinct.json  # k distinct merged experts
     python benchmarks/compression_quality.py --only "merge 75% reap global" --no-plot \
         --out benchmarks/results/compression_quality_merge_reap_global.json  # REAP-guided merging, global budget
+    python benchmarks/compression_quality.py --only "renormalize=false" --no-plot \
+        --out benchmarks/results/compression_quality_gating_kept_weights.json  # skipped experts' share left out
     python benchmarks/compression_quality.py --smoke --no-plot        # a tiny random model, 4 settings (tests)
 
 Every row is one pipeline run by ``moejax.optimize`` and labelled with it in full
@@ -91,6 +93,9 @@ SETTINGS: dict[str, str] = {
     "gating(top_p=0.8)": "gating(top_p=0.8)",
     "gating(skip_ratio=0.3)": "gating(skip_ratio=0.3)",
     "gating(skip_ratio=0.35)": "gating(skip_ratio=0.35)",
+    "gating(skip_ratio=0.3,renormalize=false)": "gating(skip_ratio=0.3,renormalize=false)",
+    "gating(min_weight=0.145,renormalize=false)": "gating(min_weight=0.145,renormalize=false)",
+    "gating(min_weight=0.15,renormalize=false)": "gating(min_weight=0.15,renormalize=false)",
     "gating(skip_ratio=0.35), distill all": "gating(skip_ratio=0.35),distill(steps=300,calibration_bytes=262144,"
                                             "train=all)",
     "gating(skip_ratio=0.27), distill all": "gating(skip_ratio=0.27),distill(steps=300,calibration_bytes=262144,"

@@ -75,10 +75,10 @@ __all__ = [
     "ffn_impl_refusal",
 ]
 
-GATING_MODES = ("topk", "top_p", "threshold", "skip")
+GATING_MODES = ("topk", "top_p", "threshold", "skip", "min_weight")
 SCORE_FNS = ("softmax", "sigmoid", "sparsemixer")
 # Gating modes defined on sparsemixer's two weights (top_p needs one distribution over all experts).
-SPARSEMIXER_GATING = ("topk", "threshold", "skip")
+SPARSEMIXER_GATING = ("topk", "threshold", "skip", "min_weight")
 # Where a slot's routing weight is applied: to the expert's output (default) or to its input (Llama 4).
 WEIGHT_ON = ("output", "input")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu", "clamped_swiglu")
@@ -111,8 +111,10 @@ class Routing:
       group_score: how a group is scored: ``"max"`` (V2) or ``"top2_sum"`` (V3).
       gating: ``"topk"`` (static), ``"top_p"`` (smallest set reaching mass
         ``top_p``), ``"threshold"`` (experts whose probability reaches
-        ``threshold``) or ``"skip"`` (top-k, then drop experts whose weight is
-        below ``skip_ratio`` times the top weight).
+        ``threshold``), ``"skip"`` (top-k, then drop experts whose weight is
+        below ``skip_ratio`` times the top weight) or ``"min_weight"`` (top-k,
+        then drop experts whose share of the token's top-k weight, normalised
+        over the picked experts when ``norm_topk``, is below ``min_weight``).
       max_k: the cap on experts per token for dynamic modes (defaults to k).
       expert_map: after selection, expert ``e`` is replaced by
         ``expert_map[e]`` (merging); slots landing on the same expert add up.
@@ -160,6 +162,7 @@ class Routing:
     top_p: float = 1.0
     threshold: float = 0.0
     skip_ratio: float = 0.0
+    min_weight: float = 0.0
     max_k: int | None = None
     expert_map: tuple[int, ...] | None = None
     distinct_merged: bool = False
@@ -180,6 +183,8 @@ class Routing:
             raise ValueError(f"Routing.group_score must be 'max' or 'top2_sum', got {self.group_score!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"Routing.top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_weight < 1.0:
+            raise ValueError(f"Routing.min_weight must be in [0, 1), got {self.min_weight}")
         if self.max_k is not None and self.max_k < 1:
             raise ValueError(f"Routing.max_k must be >= 1, got {self.max_k}")
         if not self.norm_min > 0:
@@ -294,6 +299,7 @@ def route_reference(x, w_router, *bias, routing: Routing, name: str = "", impl: 
         _, ids = jax.lax.top_k(sel, kk)
         w = jnp.take_along_axis(probs, ids, axis=-1)
     keep = jnp.ones_like(w, dtype=bool)
+    picked_sum = w.sum(-1, keepdims=True)
     if r.gating == "top_p":
         # Smallest prefix (by descending weight) whose mass reaches top_p.
         total = probs.sum(-1, keepdims=True)
@@ -303,8 +309,10 @@ def route_reference(x, w_router, *bias, routing: Routing, name: str = "", impl: 
         keep = w >= r.threshold
     elif r.gating == "skip":
         keep = w >= r.skip_ratio * w[:, :1]
+    elif r.gating == "min_weight":
+        share = w / jnp.maximum(picked_sum, r.norm_min) if r.norm_topk else w
+        keep = share >= r.min_weight
     keep = keep.at[:, 0].set(True)  # every token keeps its best expert
-    picked_sum = w.sum(-1, keepdims=True)
     w = jnp.where(keep, w, 0.0)
     if r.norm_topk:
         w = w / jnp.maximum(w.sum(-1, keepdims=True) if r.renormalize_kept else picked_sum, r.norm_min)

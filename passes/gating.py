@@ -8,6 +8,11 @@ of the dialect's adaptive modes:
 * ``threshold``: experts whose probability reaches ``t`` (XMoE), capped at ``max_k``;
 * ``skip_ratio``: top-k, then secondary experts whose weight is below
   ``skip_ratio`` times the top weight are skipped (NAEE dynamic skipping).
+* ``min_weight``: top-k, then experts whose share of the token's top-k weight is
+  below ``min_weight`` are skipped.
+
+``renormalize=false`` leaves each kept expert the weight the full top-k gave it,
+so a skipped expert costs only what it would have added.
 
 Dropped slots carry expert id -1, which dispatch leaves out of the group sizes,
 so they cost no expert FLOPs. After rewriting, the pass re-measures routing on
@@ -90,11 +95,14 @@ def mean_active_experts(profile: analysis.RoutingProfile | Mapping[str, Any]) ->
 class DynamicGating(Pass):
     """Adaptive post-training routing: top-p, threshold, or skipping low-weight experts.
 
-    Options (exactly one of the first three):
+    Options (exactly one of the first four):
       top_p: keep the smallest set of experts whose probability mass reaches ``top_p``.
       threshold: keep the experts whose routing probability reaches ``threshold``.
       skip_ratio: keep top-k, but skip experts whose weight is below ``skip_ratio``
         times the top expert's weight.
+      min_weight: keep top-k, but skip experts whose share of the token's top-k
+        weight is below ``min_weight`` (what a skipped expert would have added
+        scales with its weight, not with its ratio to the top one).
       max_k: the cap on experts per token for ``top_p``/``threshold`` (default: the
         model's k). Every token keeps at least its best expert.
       renormalize: ``true``: the kept weights are renormalised to sum to 1, so the
@@ -104,31 +112,33 @@ class DynamicGating(Pass):
         each layer's output 4-6x less at the same active experts). Default: the
         model's own ``norm_topk``, renormalising what is kept.
 
-    Pipeline spelling: ``gating(top_p=0.6,max_k=2)``.
+    Pipeline spelling: ``gating(top_p=0.6,max_k=2)``, ``gating(min_weight=0.14,renormalize=false)``.
     """
 
     name: ClassVar[str] = "gating"
     exact: ClassVar[bool] = False
     # What __post_init__ (and new_routing, for max_k) accepts; shown by `moejax passes`.
     option_ranges: ClassVar[Mapping[str, str]] = {
-        "top_p": "number in (0, 1], or none; exactly one of top_p, threshold, skip_ratio",
-        "threshold": "number in [0, 1), or none; exactly one of top_p, threshold, skip_ratio",
-        "skip_ratio": "number in (0, 1], or none; exactly one of top_p, threshold, skip_ratio",
-        "max_k": "integer >= 1, at most the layer's experts, or none; not with skip_ratio",
+        "top_p": "number in (0, 1], or none; exactly one of top_p, threshold, skip_ratio, min_weight",
+        "threshold": "number in [0, 1), or none; exactly one of top_p, threshold, skip_ratio, min_weight",
+        "skip_ratio": "number in (0, 1], or none; exactly one of top_p, threshold, skip_ratio, min_weight",
+        "min_weight": "number in (0, 1), or none; exactly one of top_p, threshold, skip_ratio, min_weight",
+        "max_k": "integer >= 1, at most the layer's experts, or none; not with skip_ratio or min_weight",
         "renormalize": "true, false or none (none: the model's norm_topk, renormalised over the kept experts)",
     }
 
     top_p: float | None = None
     threshold: float | None = None
     skip_ratio: float | None = None
+    min_weight: float | None = None
     max_k: int | None = None
     renormalize: bool | None = None
 
     def __post_init__(self):
-        modes = [m for m in ("top_p", "threshold", "skip_ratio") if getattr(self, m) is not None]
+        modes = [m for m in ("top_p", "threshold", "skip_ratio", "min_weight") if getattr(self, m) is not None]
         if len(modes) != 1:
             got = ", ".join(f"{m}={getattr(self, m)}" for m in modes) or "none"
-            raise ValueError(f"gating needs exactly one of top_p, threshold, skip_ratio (got {got}); "
+            raise ValueError(f"gating needs exactly one of top_p, threshold, skip_ratio, min_weight (got {got}); "
                              "e.g. gating(top_p=0.6)")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"gating: top_p must be in (0, 1], got {self.top_p}")
@@ -136,20 +146,25 @@ class DynamicGating(Pass):
             raise ValueError(f"gating: threshold must be in [0, 1), got {self.threshold}")
         if self.skip_ratio is not None and not 0.0 < self.skip_ratio <= 1.0:
             raise ValueError(f"gating: skip_ratio must be in (0, 1], got {self.skip_ratio}")
+        if self.min_weight is not None and not 0.0 < self.min_weight < 1.0:
+            raise ValueError(f"gating: min_weight must be in (0, 1), got {self.min_weight}")
         if self.max_k is not None:
             if isinstance(self.max_k, bool) or not isinstance(self.max_k, int) or self.max_k < 1:
                 raise ValueError(f"gating: max_k must be an integer >= 1, got {self.max_k!r}")
-            if self.skip_ratio is not None:
-                raise ValueError("gating: max_k caps top_p/threshold gating; skip_ratio keeps at most the "
+            if self.mode in ("skip", "min_weight"):
+                raise ValueError(f"gating: max_k caps top_p/threshold gating; {modes[0]} keeps at most the "
                                  "model's k experts, so drop max_k")
         if self.renormalize is not None and not isinstance(self.renormalize, bool):
             raise ValueError(f"gating: renormalize must be true or false, got {self.renormalize!r}")
 
     @property
     def mode(self) -> str:
+        """The ``Routing.gating`` mode this pass sets."""
         if self.top_p is not None:
             return "top_p"
-        return "threshold" if self.threshold is not None else "skip"
+        if self.threshold is not None:
+            return "threshold"
+        return "skip" if self.skip_ratio is not None else "min_weight"
 
     def new_routing(self, routing: dialect.Routing, num_router_experts: int, layer: str) -> dialect.Routing:
         """The routing param after this pass, for one layer."""
@@ -162,8 +177,10 @@ class DynamicGating(Pass):
             changes.update(top_p=float(self.top_p), max_k=max_k)
         elif self.mode == "threshold":
             changes.update(threshold=float(self.threshold), max_k=max_k)
-        else:
+        elif self.mode == "skip":
             changes.update(skip_ratio=float(self.skip_ratio))
+        else:
+            changes.update(min_weight=float(self.min_weight))
         if self.renormalize:
             changes.update(norm_topk=True, renormalize_kept=True)
         elif self.renormalize is not None:  # false: the model's own normalisation over its full top-k

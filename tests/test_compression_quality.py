@@ -27,6 +27,8 @@ PREFIX = ["select-impl(layout=stacked)", "profile"]
 BOUNDS = {
     "default": {
         "gating(top_p=0.5)": [0.03],
+        # Issue 15's gating goal (-25% active expert FLOPs at <= +1%): +0.49% on these windows
+        "gating(skip_ratio=0.3,renormalize=false)": [0.01],
         # Issue 15's goal for 25% fewer experts (<= +6%) is met only by the benchmark's longer run
         # (64 KB calibration, 200 steps: +5.61%); these 20 steps on 16 KB measured +7.78%.
         "prune(keep=0.75,method=reap,budget=global),recalibrate-router(target=logits,steps=20)": [0.10, 0.085],
@@ -35,6 +37,9 @@ BOUNDS = {
         "merge(keep=0.75,refit=true,weights=dominant)": [0.10],
     },
     "fine-grained": {
+        # Issue 15's gating goal here is <= +0.5% at -25%: +0.27% on these windows, +0.54% on the
+        # benchmark's 32 KB of held-out text (missed there by 0.04 points)
+        "gating(min_weight=0.145,renormalize=false)": [0.005],
         # Issue 15's goal here is <= +2%: the benchmark's distill (200 steps on 256 KB) measured +2.68%.
         # These 20 steps on 16 KB measured +12.63% after pruning and +9.70% after distilling.
         "prune(keep=0.75,method=reap,budget=global),distill(steps=20)": [0.14, 0.11],

@@ -145,3 +145,23 @@ def test_skip_without_renormalizing_keeps_each_kept_experts_full_top_k_weight():
     top2 = dataclasses.replace(dialect.Routing(k=2), renormalize_kept=False)
     w, _ = dialect.route_reference(x, jnp.eye(4, dtype=jnp.float32), routing=top2)
     np.testing.assert_allclose(np.asarray(w).sum(-1), [1.0, 1.0], rtol=1e-6)
+
+
+def test_min_weight_mode_drops_small_shares_of_the_top_k_weight():
+    """Known answer: probabilities [0.5, 0.25, 0.15, 0.1], top-3 shares 0.5/0.9, 0.25/0.9, 0.15/0.9."""
+    x = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]], jnp.float32))
+    base = dialect.Routing(k=3)
+    kept = DynamicGating(min_weight=0.2, renormalize=False).new_routing(base, 4, "l")
+    assert (kept.gating, kept.min_weight, kept.slots) == ("min_weight", 0.2, 3)
+    w, ids = dialect.route_reference(x, jnp.eye(4, dtype=jnp.float32), routing=kept)
+    np.testing.assert_array_equal(np.asarray(ids), [[0, 1, -1]])  # 0.167 < 0.2: dropped; 0.278 kept
+    np.testing.assert_allclose(np.asarray(w), [[0.5 / 0.9, 0.25 / 0.9, 0.0]], rtol=1e-5)
+    renorm = DynamicGating(min_weight=0.3).new_routing(base, 4, "l")  # the model's norm_topk: renormalised
+    w, ids = dialect.route_reference(x, jnp.eye(4, dtype=jnp.float32), routing=renorm)
+    np.testing.assert_array_equal(np.asarray(ids), [[0, -1, -1]])  # the best expert always stays
+    np.testing.assert_allclose(np.asarray(w), [[1.0, 0.0, 0.0]], rtol=1e-6)
+    with pytest.raises(ValueError, match="min_weight must be in"):
+        DynamicGating(min_weight=1.0)
+    with pytest.raises(ValueError, match="max_k caps top_p/threshold gating; min_weight"):
+        DynamicGating(min_weight=0.2, max_k=2)
+
